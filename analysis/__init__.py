@@ -1,0 +1,1 @@
+"""The central side: columnar decode, flows, reports, and later the analyzer service."""

@@ -1,0 +1,1 @@
+"""The host side: inventory discovery, capture sources, sessions, tagging, forwarding."""
