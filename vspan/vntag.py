@@ -237,22 +237,22 @@ class VnTagColumns:
     svif: npt.NDArray[np.uint16]
 
 
+def _field(words: U32, name: str) -> U32:
+    shift, mask = _VN[name]
+    return (words >> np.uint32(shift)) & np.uint32(mask)
+
+
 def decode_vntag_array(words: U32) -> VnTagColumns:
     """Split 32-bit tag words (host order, as read big-endian) into field columns."""
     w = np.asarray(words, dtype=np.uint32)
-
-    def col(name: str, dtype: type[np.generic]) -> npt.NDArray[np.generic]:
-        shift, mask = _VN[name]
-        return ((w >> np.uint32(shift)) & np.uint32(mask)).astype(dtype)
-
     return VnTagColumns(
-        d=col("d", np.uint8),
-        p=col("p", np.uint8),
-        dvif=col("dvif", np.uint16),  # type: ignore[arg-type]
-        l=col("l", np.uint8),
-        r=col("r", np.uint8),
-        version=col("version", np.uint8),  # type: ignore[arg-type]
-        svif=col("svif", np.uint16),  # type: ignore[arg-type]
+        d=_field(w, "d").astype(np.uint8),
+        p=_field(w, "p").astype(np.uint8),
+        dvif=_field(w, "dvif").astype(np.uint16),
+        l=_field(w, "l").astype(np.uint8),
+        r=_field(w, "r").astype(np.uint8),
+        version=_field(w, "version").astype(np.uint8),
+        svif=_field(w, "svif").astype(np.uint16),
     )
 
 
