@@ -1,0 +1,154 @@
+"""Endpoint identity of each frame's source and destination, vectorized.
+
+An endpoint is encoded in one ``uint64`` so that flow keys are plain integer columns:
+
+- ``NIC | index``: a vNIC of the inventory (so a VM, wherever it runs);
+- ``VIF | collector_id << 20 | vif``: a vif seen in tags on a host the inventory does not
+  describe (learned from the data plane);
+- ``MAC | mac``: anything else, by its MAC (the uplink's peers, gateways, unknown hosts).
+
+Resolution order per side: the tag's vif on the observing host (through the inventory, else
+as a VIF id), then the MAC (inventory, else MACs learned from tagged frames), then the MAC
+itself. Learning MAC → (host, vif) from tags is what puts the two copies of a cross-host
+packet — ``svif=a, dvif=0`` at host A and ``svif=0, dvif=b`` at host B — into one flow even
+without an inventory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from vspan.analysis.columns import Decoded, TagKind
+
+__all__ = [
+    "KIND_MAC",
+    "KIND_NIC",
+    "KIND_VIF",
+    "EndpointResolver",
+    "Endpoints",
+    "NicDirectory",
+    "endpoint_host_vif",
+]
+
+U64 = npt.NDArray[np.uint64]
+U32 = npt.NDArray[np.uint32]
+I32 = npt.NDArray[np.int32]
+
+KIND_SHIFT = np.uint64(62)
+KIND_MAC = np.uint64(0)
+KIND_VIF = np.uint64(1) << KIND_SHIFT
+KIND_NIC = np.uint64(2) << KIND_SHIFT
+_PAYLOAD = (np.uint64(1) << KIND_SHIFT) - np.uint64(1)
+_VIF_BITS = np.uint64(20)
+_VIF_MASK = (np.uint64(1) << _VIF_BITS) - np.uint64(1)
+_BROADCAST_BIT = np.uint64(1 << 40)
+"""The I/G bit of a MAC as a 48-bit integer: group (multicast/broadcast) addresses."""
+
+
+class NicDirectory(Protocol):
+    """What endpoint resolution needs from an inventory (a narrow getter interface)."""
+
+    def resolve_vifs(self, collector_id: npt.ArrayLike, vif: npt.ArrayLike) -> I32: ...
+
+    def resolve_macs(self, mac: npt.ArrayLike) -> I32: ...
+
+    def nic_host_vif(self) -> tuple[U32, U32]:
+        """collector_id and vif of each NIC, by NIC index."""
+        ...
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Endpoints:
+    """Per-frame endpoint ids (see module docstring)."""
+
+    src: U64
+    dst: U64
+
+
+def endpoint_host_vif(ep: U64, nic_host: U32 | None, nic_vif: U32 | None) -> tuple[U32, U32]:
+    """collector_id and vif of each endpoint (0, 0 for MAC endpoints)."""
+    kind = ep & ~_PAYLOAD
+    payload = ep & _PAYLOAD
+    host = np.zeros(ep.shape, dtype=np.uint32)
+    vif = np.zeros(ep.shape, dtype=np.uint32)
+    is_vif = kind == KIND_VIF
+    host[is_vif] = (payload[is_vif] >> _VIF_BITS).astype(np.uint32)
+    vif[is_vif] = (payload[is_vif] & _VIF_MASK).astype(np.uint32)
+    is_nic = kind == KIND_NIC
+    if nic_host is not None and nic_vif is not None and is_nic.any():
+        index = payload[is_nic].astype(np.int64)
+        host[is_nic] = nic_host[index]
+        vif[is_nic] = nic_vif[index]
+    return host, vif
+
+
+class EndpointResolver:
+    """Resolves frame endpoints; keeps the MAC → (host, vif) table learned from tags."""
+
+    def __init__(self, directory: NicDirectory | None = None) -> None:
+        self.directory = directory
+        self._learned_mac = np.zeros(0, dtype=np.uint64)
+        self._learned_ep = np.zeros(0, dtype=np.uint64)
+
+    @property
+    def learned(self) -> int:
+        """How many MACs the data plane has taught."""
+        return int(self._learned_mac.size)
+
+    def resolve(self, dec: Decoded) -> Endpoints:
+        """Endpoint ids of every frame of ``dec`` (learning from its tags first)."""
+        host = dec.host.astype(np.uint64)
+        tagged = dec.tag_kind != TagKind.NONE
+        src_local = tagged & (dec.svif != 0)
+        # A dvif with the pointer bit names a vif *list* (multicast), not one interface.
+        dst_local = tagged & (dec.dvif != 0) & (dec.tag_p == 0)
+        src_vif_ep = KIND_VIF | (host << _VIF_BITS) | dec.svif.astype(np.uint64)
+        dst_vif_ep = KIND_VIF | (host << _VIF_BITS) | dec.dvif.astype(np.uint64)
+        self._learn(
+            np.concatenate([dec.src_mac[src_local], dec.dst_mac[dst_local]]),
+            np.concatenate([src_vif_ep[src_local], dst_vif_ep[dst_local]]),
+        )
+        src = self._side(dec.src_mac, src_local, src_vif_ep, dec.host, dec.svif)
+        dst = self._side(dec.dst_mac, dst_local, dst_vif_ep, dec.host, dec.dvif)
+        return Endpoints(src=src, dst=dst)
+
+    def _side(
+        self, mac: U64, local: npt.NDArray[np.bool_], vif_ep: U64, host: U32, vif: U32
+    ) -> U64:
+        ep = mac.astype(np.uint64, copy=True)  # KIND_MAC is 0
+        learned = self._lookup_learned(mac)
+        known = learned != 0
+        ep[known] = learned[known]
+        ep[local] = vif_ep[local]
+        if self.directory is not None:
+            by_mac = self.directory.resolve_macs(mac)
+            by_vif = np.where(local, self.directory.resolve_vifs(host, vif), -1)
+            nic = np.where(by_vif >= 0, by_vif, by_mac)
+            hit = nic >= 0
+            ep[hit] = KIND_NIC | nic[hit].astype(np.uint64)
+        return ep
+
+    def _learn(self, macs: U64, eps: U64) -> None:
+        unicast = (macs & _BROADCAST_BIT) == 0
+        macs, eps = macs[unicast], eps[unicast]
+        if macs.size == 0:
+            return
+        # Newest wins: put the new pairs first and keep the first occurrence of each MAC.
+        all_mac = np.concatenate([macs[::-1], self._learned_mac])
+        all_ep = np.concatenate([eps[::-1], self._learned_ep])
+        uniq, first = np.unique(all_mac, return_index=True)
+        self._learned_mac, self._learned_ep = uniq, all_ep[first]
+
+    def _lookup_learned(self, mac: U64) -> U64:
+        out = np.zeros(mac.shape, dtype=np.uint64)
+        table = self._learned_mac
+        if table.size == 0:
+            return out
+        pos = np.minimum(np.searchsorted(table, mac), table.size - 1)
+        hit = table[pos] == mac
+        out[hit] = self._learned_ep[pos[hit]]
+        return out
