@@ -220,7 +220,7 @@ class FlowTable:
         keep_open = last_of_code & ~pseudo_only
         untouched = np.ones(len(self._open), dtype=np.bool_)
         untouched[slot[cont]] = False
-        finished_prior = self._open.iloc[slot[cont & pseudo_only]]
+        finished_prior: pd.DataFrame = self._open.iloc[slot[cont & pseudo_only]]
         ended: pd.DataFrame = segs[~last_of_code & ~pseudo_only]
         still_open: pd.DataFrame = segs[keep_open]
         self._open = pd.concat([self._open[untouched], still_open], ignore_index=True)
@@ -231,6 +231,6 @@ class FlowTable:
         if not len(self._open):
             return self._open.iloc[0:0]
         idle = self._now - self._open["last_ns"].to_numpy() > self._idle
-        done = self._open[idle]
+        done: pd.DataFrame = self._open[idle]
         self._open = self._open[~idle].reset_index(drop=True)
         return done.reset_index(drop=True)
