@@ -88,17 +88,23 @@ class Inventory:
         self._vm_by_uuid = {v.uuid: i for i, v in enumerate(vms)}
         vif_keys: list[int] = []
         mac_keys: list[int] = []
-        vif_vm: list[int] = []
-        mac_vm: list[int] = []
+        nic_vm: list[int] = []
+        nic_host: list[int] = []
+        nic_vif: list[int] = []
         for index, vm in enumerate(vms):
             cid = self._host_by_name[vm.host].collector_id
             for nic in vm.nics:
                 vif_keys.append((cid << 20) | nic.vif)
-                vif_vm.append(index)
                 mac_keys.append(nic.mac)
-                mac_vm.append(index)
-        self._vif_keys, self._vif_vm = _sorted_table(vif_keys, vif_vm)
-        self._mac_keys, self._mac_vm = _sorted_table(mac_keys, mac_vm)
+                nic_vm.append(index)
+                nic_host.append(cid)
+                nic_vif.append(nic.vif)
+        nic_ids = list(range(len(nic_vm)))
+        self._nic_vm = np.array(nic_vm, dtype=np.int32)
+        self._nic_host = np.array(nic_host, dtype=np.uint32)
+        self._nic_vif = np.array(nic_vif, dtype=np.uint32)
+        self._vif_keys, self._vif_nic = _sorted_table(vif_keys, nic_ids)
+        self._mac_keys, self._mac_nic = _sorted_table(mac_keys, nic_ids)
 
     # --- one at a time ----------------------------------------------------------------
 
@@ -117,34 +123,34 @@ class Inventory:
 
     def resolve_vif(self, collector_id: int, vif: int) -> Vm | None:
         """The VM behind ``vif`` on the host with ``collector_id``."""
-        index = int(self.resolve_vifs(np.array([collector_id]), np.array([vif]))[0])
-        return None if index < 0 else self.vms[index]
+        nic = int(self.resolve_vifs(np.array([collector_id]), np.array([vif]))[0])
+        return None if nic < 0 else self.vms[self._nic_vm[nic]]
 
     def resolve_mac(self, mac: int) -> Vm | None:
         """The VM owning ``mac``."""
-        index = int(self.resolve_macs(np.array([mac], dtype=np.uint64))[0])
-        return None if index < 0 else self.vms[index]
+        nic = int(self.resolve_macs(np.array([mac], dtype=np.uint64))[0])
+        return None if nic < 0 else self.vms[self._nic_vm[nic]]
 
-    # --- vectorized -------------------------------------------------------------------
+    # --- vectorized (vNIC indexes; see ``nic_vm``) ------------------------------------
 
-    def resolve_vifs(
-        self, collector_id: npt.ArrayLike, vif: npt.ArrayLike
-    ) -> npt.NDArray[np.int32]:
-        """VM index per (collector_id, vif) pair; -1 where none (vif 0 is never a VM)."""
+    def resolve_vifs(self, collector_id: npt.ArrayLike, vif: npt.ArrayLike) -> npt.NDArray[np.int32]:
+        """vNIC index per (collector_id, vif) pair; -1 where none (vif 0 is never a VM)."""
         keys = (np.asarray(collector_id, dtype=np.uint64) << np.uint64(20)) | np.asarray(
             vif, dtype=np.uint64
         )
-        return _lookup(self._vif_keys, self._vif_vm, keys)
+        return _lookup(self._vif_keys, self._vif_nic, keys)
 
     def resolve_macs(self, mac: npt.ArrayLike) -> npt.NDArray[np.int32]:
-        """VM index per MAC; -1 where none."""
-        return _lookup(self._mac_keys, self._mac_vm, np.asarray(mac, dtype=np.uint64))
+        """vNIC index per MAC; -1 where none."""
+        return _lookup(self._mac_keys, self._mac_nic, np.asarray(mac, dtype=np.uint64))
 
-    def vm_host_ids(self) -> npt.NDArray[np.uint32]:
-        """collector_id of each VM's host, by VM index."""
-        return np.array(
-            [self._host_by_name[v.host].collector_id for v in self.vms], dtype=np.uint32
-        )
+    def nic_vm(self) -> npt.NDArray[np.int32]:
+        """VM index of each vNIC."""
+        return self._nic_vm
+
+    def nic_host_vif(self) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]:
+        """collector_id and vif of each vNIC."""
+        return self._nic_host, self._nic_vif
 
     # --- loading ----------------------------------------------------------------------
 
