@@ -23,7 +23,7 @@ import pandas as pd
 from vspan.analysis.columns import Decoded, Layer, Status, TagKind
 from vspan.analysis.endpoints import Endpoints
 
-__all__ = ["KEY_COLUMNS", "FrameKeys", "frame_keys", "group_codes", "usable"]
+__all__ = ["ICMP_TYPE_CODE", "KEY_COLUMNS", "FrameKeys", "frame_keys", "group_codes", "usable"]
 
 U64 = npt.NDArray[np.uint64]
 B = npt.NDArray[np.bool_]
@@ -34,6 +34,9 @@ KEY_COLUMNS = (
 )  # fmt: skip
 """The columns that identify a flow, in hashing order."""
 
+ICMP_TYPE_CODE = np.uint64(1 << 16)
+"""Marks a key "port" that holds ICMP ``type << 8 | code`` (non-echo messages); echo
+messages hold the identifier (< 2^16) in both ports."""
 _ECHO = {1: (0, 8), 58: (128, 129)}
 """Echo reply and request types of ICMP (proto 1) and ICMPv6 (proto 58)."""
 _M1 = np.uint64(0x9E3779B97F4A7C15)
@@ -51,6 +54,8 @@ class FrameKeys:
     """1 when the frame went from side B to side A."""
     sender_copy: B
     """A copy taken where the sending VM is local (VN-Tag d = 0): always counted."""
+    tagged: B
+    """The frame carries a VN-Tag or E-TAG."""
     receiver_copy: B
     """A copy taken at the receiving host (d = 1): counted only when the flow direction has
     no sender copies (its sender is not observed)."""
@@ -75,7 +80,7 @@ def _mix(h: U64, col: U64) -> U64:
 def _ports(dec: Decoded) -> tuple[U64, U64]:
     sport = dec.src_port.astype(np.uint64)
     dport = dec.dst_port.astype(np.uint64)
-    icmp_tc = (dec.icmp_type.astype(np.uint64) << np.uint64(8)) | dec.icmp_code
+    icmp_tc = ICMP_TYPE_CODE | (dec.icmp_type.astype(np.uint64) << np.uint64(8)) | dec.icmp_code
     for proto, types in _ECHO.items():
         is_proto = (dec.ip_proto == proto) & (dec.ip_version != 0) & (dec.l4_offset >= 0)
         echo = is_proto & np.isin(dec.icmp_type, types)
@@ -123,6 +128,7 @@ def frame_keys(dec: Decoded, eps: Endpoints) -> FrameKeys:
         rev=gt.astype(np.uint8),
         sender_copy=vntag & (dec.tag_d == 0) & (dec.svif != 0),
         receiver_copy=vntag & (dec.tag_d == 1),
+        tagged=dec.tag_kind != TagKind.NONE,
     )
 
 

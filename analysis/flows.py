@@ -36,7 +36,7 @@ NS = 1_000_000_000
 _COUNTERS = ("packets", "bytes", "packets_rev", "bytes_rev", "copies")
 _STATE = (
     *KEY_COLUMNS, "hash", "start_ns", "last_ns", *_COUNTERS, "tcp_flags", "tcp_flags_rev",
-    "first_rev", "sender_fwd", "sender_rev", "observer", "observer_other",
+    "first_rev", "sender_fwd", "sender_rev", "observer", "observer_other", "tagged",
 )  # fmt: skip
 FLOW_COLUMNS = _STATE
 """Columns of the finished-flow frames ``update``/``flush`` return (A/B oriented: ``rev``
@@ -87,6 +87,7 @@ class FlowTable:
         rows["bytes"] = dec.wirelen.astype(np.int64)
         rows["flags"] = dec.tcp_flags.astype(np.int64)
         rows["host"] = dec.host.astype(np.int64)
+        rows["tagged"] = fk.tagged.astype(np.int64)
         self._now = max(self._now, int(rows["ts"].max()))
 
         # Open flows this batch touches come back as pseudo-rows.
@@ -97,7 +98,7 @@ class FlowTable:
         pseudo["hash"] = op["hash"].to_numpy()
         pseudo["ts"] = op["last_ns"].to_numpy()
         pseudo["slot"] = touched.astype(np.int64)
-        for c in ("rev", "sender", "receiver", "bytes", "flags", "host"):
+        for c in ("rev", "sender", "receiver", "bytes", "flags", "host", "tagged"):
             pseudo[c] = np.zeros(touched.size, dtype=np.int64)
         all_rows = {c: np.concatenate([pseudo[c], rows[c]]) for c in rows}
         start = np.concatenate([op["start_ns"].to_numpy(), rows["ts"]])
@@ -209,6 +210,8 @@ class FlowTable:
         out["last_ns"] = np.maximum.reduceat(r["ts"], bounds)
         out["sender_fwd"] = sender_dir[0].astype(np.int64)
         out["sender_rev"] = sender_dir[1].astype(np.int64)
+        tagged = np.bincount(seg[real], weights=r["tagged"][real], minlength=nseg) > 0
+        out["tagged"] = tagged.astype(np.int64) | prior_col("tagged")
 
         segs = pd.DataFrame(out, columns=list(_STATE))
         # A segment with no counted frame cannot occur (receivers count when no sender);
