@@ -21,6 +21,7 @@ from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
+import pandas as pd
 
 from vspan.analysis.columns import Decoded, TagKind
 
@@ -100,37 +101,56 @@ class EndpointResolver:
         return int(self._learned_mac.size)
 
     def resolve(self, dec: Decoded) -> Endpoints:
-        """Endpoint ids of every frame of ``dec`` (learning from its tags first)."""
-        host = dec.host.astype(np.uint64)
+        """Endpoint ids of every frame of ``dec`` (learning from its tags first).
+
+        Each side is factorized first — a frame's endpoint depends only on its (host, vif)
+        when the tag names a local vif, else on its MAC — so the lookups run once per
+        distinct value, not once per frame.
+        """
         tagged = dec.tag_kind != TagKind.NONE
         src_local = tagged & (dec.svif != 0)
         # A dvif with the pointer bit names a vif *list* (multicast), not one interface.
         dst_local = tagged & (dec.dvif != 0) & (dec.tag_p == 0)
-        src_vif_ep = KIND_VIF | (host << _VIF_BITS) | dec.svif.astype(np.uint64)
-        dst_vif_ep = KIND_VIF | (host << _VIF_BITS) | dec.dvif.astype(np.uint64)
-        self._learn(
-            np.concatenate([dec.src_mac[src_local], dec.dst_mac[dst_local]]),
-            np.concatenate([src_vif_ep[src_local], dst_vif_ep[dst_local]]),
+        src_codes, src_uniq = _factorize_side(dec.src_mac, src_local, dec.host, dec.svif)
+        dst_codes, dst_uniq = _factorize_side(dec.dst_mac, dst_local, dec.host, dec.dvif)
+        self._learn_pairs(dec.src_mac, src_local, src_codes, src_uniq)
+        self._learn_pairs(dec.dst_mac, dst_local, dst_codes, dst_uniq)
+        return Endpoints(
+            src=self._resolve_keys(src_uniq)[src_codes], dst=self._resolve_keys(dst_uniq)[dst_codes]
         )
-        src = self._side(dec.src_mac, src_local, src_vif_ep, dec.host, dec.svif)
-        dst = self._side(dec.dst_mac, dst_local, dst_vif_ep, dec.host, dec.dvif)
-        return Endpoints(src=src, dst=dst)
 
-    def _side(
-        self, mac: U64, local: npt.NDArray[np.bool_], vif_ep: U64, host: U32, vif: U32
-    ) -> U64:
-        ep = mac.astype(np.uint64, copy=True)  # KIND_MAC is 0
+    def _resolve_keys(self, keys: U64) -> U64:
+        """Endpoint id of each distinct side key (see ``_factorize_side``)."""
+        local = (keys & _LOCAL_KEY) != 0
+        hostvif = keys & ~_LOCAL_KEY
+        host = (hostvif >> _VIF_BITS).astype(np.uint32)
+        vif = (hostvif & _VIF_MASK).astype(np.uint32)
+        mac = np.where(local, np.uint64(0), keys)
+        ep = mac.copy()  # KIND_MAC is 0
         learned = self._lookup_learned(mac)
-        known = learned != 0
+        known = (learned != 0) & ~local
         ep[known] = learned[known]
-        ep[local] = vif_ep[local]
+        ep[local] = KIND_VIF | hostvif[local]
         if self.directory is not None:
-            by_mac = self.directory.resolve_macs(mac)
+            by_mac = np.where(local, -1, self.directory.resolve_macs(mac))
             by_vif = np.where(local, self.directory.resolve_vifs(host, vif), -1)
-            nic = np.where(by_vif >= 0, by_vif, by_mac)
+            nic = np.maximum(by_vif, by_mac)
             hit = nic >= 0
             ep[hit] = KIND_NIC | nic[hit].astype(np.uint64)
         return ep
+
+    def _learn_pairs(
+        self, mac: U64, local: npt.NDArray[np.bool_], codes: npt.NDArray[np.intp], uniq: U64
+    ) -> None:
+        """Learn MAC → (host, vif) from the frames whose tag names a local vif."""
+        rows = np.flatnonzero(local)
+        if rows.size == 0:
+            return
+        # The newest frame of each MAC wins: keep each MAC's last row.
+        mac_rows = mac[rows][::-1]
+        _, last = np.unique(mac_rows, return_index=True)
+        pick = rows[::-1][last]
+        self._learn(mac[pick], KIND_VIF | (uniq[codes[pick]] & ~_LOCAL_KEY))
 
     def _learn(self, macs: U64, eps: U64) -> None:
         unicast = (macs & _BROADCAST_BIT) == 0
@@ -138,8 +158,8 @@ class EndpointResolver:
         if macs.size == 0:
             return
         # Newest wins: put the new pairs first and keep the first occurrence of each MAC.
-        all_mac = np.concatenate([macs[::-1], self._learned_mac])
-        all_ep = np.concatenate([eps[::-1], self._learned_ep])
+        all_mac = np.concatenate([macs, self._learned_mac])
+        all_ep = np.concatenate([eps, self._learned_ep])
         uniq, first = np.unique(all_mac, return_index=True)
         self._learned_mac, self._learned_ep = uniq, all_ep[first]
 
@@ -152,3 +172,17 @@ class EndpointResolver:
         hit = table[pos] == mac
         out[hit] = self._learned_ep[pos[hit]]
         return out
+
+
+_LOCAL_KEY = np.uint64(1) << np.uint64(63)
+"""Marks a side key that is (host << 20 | vif) rather than a MAC."""
+
+
+def _factorize_side(
+    mac: U64, local: npt.NDArray[np.bool_], host: U32, vif: U32
+) -> tuple[npt.NDArray[np.intp], U64]:
+    """Codes and distinct keys of one side: (host, vif) for local vifs, else the MAC."""
+    hostvif = (host.astype(np.uint64) << _VIF_BITS) | vif.astype(np.uint64)
+    key = np.where(local, _LOCAL_KEY | hostvif, mac)
+    codes, uniq = pd.factorize(key)
+    return codes, np.asarray(uniq, dtype=np.uint64)

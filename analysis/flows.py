@@ -29,18 +29,59 @@ from vspan.analysis.columns import Decoded
 from vspan.analysis.endpoints import Endpoints
 from vspan.analysis.flowkeys import KEY_COLUMNS, frame_keys, group_codes
 
+U64 = npt.NDArray[np.uint64]
+
 __all__ = ["FLOW_COLUMNS", "FlowConfig", "FlowTable"]
 
 NS = 1_000_000_000
 
 _COUNTERS = ("packets", "bytes", "packets_rev", "bytes_rev", "copies")
 _STATE = (
-    *KEY_COLUMNS, "hash", "start_ns", "last_ns", *_COUNTERS, "tcp_flags", "tcp_flags_rev",
-    "first_rev", "sender_fwd", "sender_rev", "observer", "observer_other", "tagged",
-)  # fmt: skip
+    *KEY_COLUMNS,
+    "hash",
+    "start_ns",
+    "last_ns",
+    *_COUNTERS,
+    "tcp_flags",
+    "tcp_flags_rev",
+    "first_rev",
+    "sender_fwd",
+    "sender_rev",
+    "observer",
+    "observer_other",
+    "tagged",
+)
 FLOW_COLUMNS = _STATE
 """Columns of the finished-flow frames ``update``/``flush`` return (A/B oriented: ``rev``
 counters are B → A; ``first_rev`` says the first packet went B → A)."""
+
+
+def _sort_by_code_and_time(
+    codes: npt.NDArray[np.int64], ts: npt.NDArray[np.int64], npseudo: int
+) -> npt.NDArray[np.intp]:
+    """Order rows by (code, time), pseudo-rows first among equal times.
+
+    Batches usually arrive in time order, so a stable sort by code alone is enough; when
+    that leaves time going backwards inside a code, a full lexicographic sort is used.
+    """
+    order = np.argsort(codes, kind="stable")
+    c, t = codes[order], ts[order]
+    if not np.any((c[1:] == c[:-1]) & (t[1:] < t[:-1])):
+        return order
+    pseudo_last = np.arange(codes.size) >= npseudo
+    return np.lexsort((pseudo_last, ts, codes))
+
+
+def _or_by_segment(
+    seg: npt.NDArray[np.int64], values: npt.NDArray[np.int64], nseg: int
+) -> npt.NDArray[np.int64]:
+    """Bitwise OR of ``values`` per segment (``seg`` sorted ascending)."""
+    out = np.zeros(nseg, dtype=np.int64)
+    if seg.size == 0:
+        return out
+    starts = np.flatnonzero(np.diff(seg, prepend=-1))
+    out[seg[starts]] = np.bitwise_or.reduceat(values, starts)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,45 +114,49 @@ class FlowTable:
         if len(dec) == 0:
             return self._expire()
         fk = frame_keys(dec, eps)
-        n = len(dec)
-        rows: dict[str, npt.NDArray[np.int64]] = {
-            name: fk.keys[name].view(np.int64) for name in KEY_COLUMNS
-        }
-        rows["hash"] = fk.hash.view(np.int64)
-        rows["ts"] = dec.ts_ns.astype(np.int64)
-        rows["slot"] = np.full(n, -1, dtype=np.int64)
-        rev = fk.rev.astype(np.int64)
-        rows["rev"] = rev
-        rows["sender"] = fk.sender_copy.astype(np.int64)
-        rows["receiver"] = fk.receiver_copy.astype(np.int64)
-        rows["bytes"] = dec.wirelen.astype(np.int64)
-        rows["flags"] = dec.tcp_flags.astype(np.int64)
-        rows["host"] = dec.host.astype(np.int64)
-        rows["tagged"] = fk.tagged.astype(np.int64)
-        self._now = max(self._now, int(rows["ts"].max()))
+        codes, ngroups = group_codes(fk.hash, fk.keys)
+        first_row = np.full(ngroups, len(dec), dtype=np.int64)
+        np.minimum.at(first_row, codes, np.arange(len(dec), dtype=np.int64))
+        ts = dec.ts_ns.astype(np.int64)
+        self._now = max(self._now, int(ts.max()))
 
-        # Open flows this batch touches come back as pseudo-rows.
-        open_hash = self._open["hash"].to_numpy()
-        touched = np.flatnonzero(np.isin(open_hash, rows["hash"]))
+        # Open flows this batch continues come back as pseudo-rows (at their last-seen
+        # time, carrying their start). A hash match counts only if the whole key matches.
+        touched, touched_code = self._touched(fk.keys, fk.hash[first_row], first_row)
         op = self._open.iloc[touched]
-        pseudo: dict[str, npt.NDArray[np.int64]] = {c: op[c].to_numpy() for c in KEY_COLUMNS}
-        pseudo["hash"] = op["hash"].to_numpy()
-        pseudo["ts"] = op["last_ns"].to_numpy()
-        pseudo["slot"] = touched.astype(np.int64)
-        for c in ("rev", "sender", "receiver", "bytes", "flags", "host", "tagged"):
-            pseudo[c] = np.zeros(touched.size, dtype=np.int64)
-        all_rows = {c: np.concatenate([pseudo[c], rows[c]]) for c in rows}
-        start = np.concatenate([op["start_ns"].to_numpy(), rows["ts"]])
-        is_pseudo = all_rows["slot"] >= 0
+        npseudo = touched.size
 
-        codes, _ = group_codes(
-            all_rows["hash"].view(np.uint64), {c: all_rows[c].view(np.uint64) for c in KEY_COLUMNS}
-        )
-        order = np.lexsort((~is_pseudo, all_rows["ts"], codes))
-        r = {c: v[order] for c, v in all_rows.items()}
-        start, is_pseudo, codes = start[order], is_pseudo[order], codes[order]
-        seg = self._segments(codes, r["ts"], start)
-        return self._apply(r, seg, start, is_pseudo, codes)
+        def both(
+            pseudo: npt.NDArray[np.int64], real: npt.NDArray[np.int64]
+        ) -> npt.NDArray[np.int64]:
+            return np.concatenate([pseudo, real.astype(np.int64, copy=False)])
+
+        all_codes = both(touched_code, codes)
+        all_ts = both(op["last_ns"].to_numpy(), ts)
+        order = _sort_by_code_and_time(all_codes, all_ts, npseudo)
+        row = order - npseudo  # index into the batch; negative for pseudo-rows
+        r = {
+            "code": all_codes[order],
+            "ts": all_ts[order],
+            "start": both(op["start_ns"].to_numpy(), ts)[order],
+            "slot": both(touched.astype(np.int64), np.full(len(dec), -1, np.int64))[order],
+        }
+        real = row >= 0
+        take = np.where(real, row, 0)
+
+        def real_col(values: npt.NDArray[np.generic]) -> npt.NDArray[np.int64]:
+            return np.where(real, values.astype(np.int64)[take], 0)
+
+        r["rev"] = real_col(fk.rev)
+        r["sender"] = real_col(fk.sender_copy)
+        r["receiver"] = real_col(fk.receiver_copy)
+        r["bytes"] = real_col(dec.wirelen)
+        r["flags"] = real_col(dec.tcp_flags)
+        r["host"] = real_col(dec.host)
+        r["tagged"] = real_col(fk.tagged)
+        r["row"] = row
+        seg = self._segments(r["code"], r["ts"], r["start"])
+        return self._apply(r, seg, fk.keys, fk.hash)
 
     def flush(self) -> pd.DataFrame:
         """Finish every open flow (end of capture, shutdown)."""
@@ -119,6 +164,23 @@ class FlowTable:
         return done.reset_index(drop=True)
 
     # --- internals --------------------------------------------------------------------
+
+    def _touched(
+        self, keys: dict[str, U64], group_hash: U64, first_row: npt.NDArray[np.int64]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Open-flow slots the batch continues, and the batch group code of each."""
+        if not len(self._open):
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty
+        open_hash = self._open["hash"].to_numpy().view(np.uint64)
+        code = pd.Index(group_hash).get_indexer(pd.Index(open_hash)).astype(np.int64)
+        slot = np.flatnonzero(code >= 0)
+        code = code[slot]
+        same = np.ones(slot.size, dtype=np.bool_)
+        rows = first_row[code]
+        for name in KEY_COLUMNS:
+            same &= self._open[name].to_numpy()[slot].view(np.uint64) == keys[name][rows]
+        return slot[same], code[same]
 
     def _segments(
         self, codes: npt.NDArray[np.int64], ts: npt.NDArray[np.int64], start: npt.NDArray[np.int64]
@@ -145,12 +207,12 @@ class FlowTable:
         self,
         r: dict[str, npt.NDArray[np.int64]],
         seg: npt.NDArray[np.int64],
-        start: npt.NDArray[np.int64],
-        is_pseudo: npt.NDArray[np.bool_],
-        codes: npt.NDArray[np.int64],
+        keys: dict[str, U64],
+        hashes: U64,
     ) -> pd.DataFrame:
         nseg = int(seg[-1]) + 1
         bounds = np.flatnonzero(np.diff(seg, prepend=-1))
+        is_pseudo = r["slot"] >= 0
         real = ~is_pseudo
         slot = np.full(nseg, -1, dtype=np.int64)
         slot[seg[is_pseudo]] = r["slot"][is_pseudo]
@@ -171,20 +233,23 @@ class FlowTable:
         sender_dir[1] |= prior_col("sender_rev") > 0
         counted = real & ((r["receiver"] == 0) | ~sender_dir[rev, seg])
 
-        out: dict[str, npt.NDArray[np.int64]] = {c: r[c][bounds] for c in KEY_COLUMNS}
-        out["hash"] = r["hash"][bounds]
+        # Key columns come from the batch, through one real row of each segment.
+        key_row = np.maximum.reduceat(r["row"], bounds)
+        has_row = key_row >= 0
+        pick = np.where(has_row, key_row, 0)
+        out: dict[str, npt.NDArray[np.int64]] = {}
+        for name in KEY_COLUMNS:
+            out[name] = np.where(has_row, keys[name][pick].view(np.int64), prior_col(name))
+        out["hash"] = np.where(has_row, hashes[pick].view(np.int64), prior_col("hash"))
         cseg, crev = seg[counted], rev[counted]
+        cbytes, cflags = r["bytes"][counted], r["flags"][counted]
         for d, suffix in ((0, ""), (1, "_rev")):
             sel = crev == d
             out["packets" + suffix] = np.bincount(cseg[sel], minlength=nseg)
             out["bytes" + suffix] = np.bincount(
-                cseg[sel], weights=r["bytes"][counted][sel], minlength=nseg
+                cseg[sel], weights=cbytes[sel], minlength=nseg
             ).astype(np.int64)
-            flags = np.zeros(nseg, dtype=np.int64)
-            cflags = r["flags"][counted][sel]
-            for bit in range(9):
-                has = np.bincount(cseg[sel], weights=(cflags >> bit) & 1, minlength=nseg) > 0
-                flags |= has.astype(np.int64) << bit
+            flags = _or_by_segment(cseg[sel], cflags[sel], nseg)
             out["tcp_flags" + suffix] = flags | prior_col("tcp_flags" + suffix)
         out["copies"] = np.bincount(seg[real], minlength=nseg)
         for c in _COUNTERS:
@@ -201,29 +266,27 @@ class FlowTable:
         out["first_rev"][new] = rev[first_counted[new]]
         out["observer"] = prior_col("observer")
         out["observer"][new] = r["host"][first_counted[new]]
-        other = np.where(r["host"] != out["observer"][seg], r["host"], -1)
-        other_any = np.full(nseg, -1, dtype=np.int64)
-        np.maximum.at(other_any, seg[real], other[real])
-        out["observer_other"] = np.where(cont, np.maximum(prior_col("observer_other"), other_any),
-                                         other_any)  # fmt: skip
-        out["start_ns"] = np.minimum.reduceat(start, bounds)
+        other = np.where(real & (r["host"] != out["observer"][seg]), r["host"], -1)
+        other_any = np.maximum.reduceat(other, bounds)
+        out["observer_other"] = np.maximum(prior_col("observer_other"), other_any)
+        out["observer_other"][~cont] = other_any[~cont]
+        out["start_ns"] = np.minimum.reduceat(r["start"], bounds)
         out["last_ns"] = np.maximum.reduceat(r["ts"], bounds)
         out["sender_fwd"] = sender_dir[0].astype(np.int64)
         out["sender_rev"] = sender_dir[1].astype(np.int64)
-        tagged = np.bincount(seg[real], weights=r["tagged"][real], minlength=nseg) > 0
-        out["tagged"] = tagged.astype(np.int64) | prior_col("tagged")
+        tagged = _or_by_segment(seg[real], r["tagged"][real], nseg)
+        out["tagged"] = tagged | prior_col("tagged")
 
         segs = pd.DataFrame(out, columns=list(_STATE))
-        # A segment with no counted frame cannot occur (receivers count when no sender);
-        # a pseudo-only segment is an open flow that this batch's rows did not continue.
-        seg_code = codes[bounds]
+        # A pseudo-only segment is an open flow that this batch's rows did not continue.
+        seg_code = r["code"][bounds]
         last_of_code = np.ones(nseg, dtype=np.bool_)
         last_of_code[:-1] = seg_code[1:] != seg_code[:-1]
-        pseudo_only = cont & (out["copies"] == prior_col("copies"))
+        pseudo_only = cont & ~has_row
         keep_open = last_of_code & ~pseudo_only
         untouched = np.ones(len(self._open), dtype=np.bool_)
         untouched[slot[cont]] = False
-        finished_prior: pd.DataFrame = self._open.iloc[slot[cont & pseudo_only]]
+        finished_prior: pd.DataFrame = self._open.iloc[slot[pseudo_only]]
         ended: pd.DataFrame = segs[~last_of_code & ~pseudo_only]
         still_open: pd.DataFrame = segs[keep_open]
         self._open = pd.concat([self._open[untouched], still_open], ignore_index=True)

@@ -18,6 +18,9 @@ from vspan.errors import ConfigError
 
 __all__ = ["Node", "load", "load_file"]
 
+_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+"""libyaml's C parser when PyYAML was built with it (the wheels are), else pure Python."""
+
 
 @dataclass(frozen=True, slots=True)
 class Node:
@@ -119,8 +122,8 @@ class Node:
 def load(text: str, path: str) -> Node:
     """Parse one YAML document; syntax errors become ``ConfigError`` with the line."""
     try:
-        ynode = yaml.compose(text, Loader=yaml.SafeLoader)
-        value = yaml.safe_load(text)
+        ynode = yaml.compose(text, Loader=_LOADER)
+        value = None if ynode is None else _LOADER(text).construct_document(ynode)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         line = None if mark is None else mark.line + 1

@@ -1,0 +1,92 @@
+"""Render result tables for people (aligned text) and programs (CSV, JSON, Parquet)."""
+
+from __future__ import annotations
+
+import io
+import sys
+from typing import IO, Final
+
+import numpy as np
+import pandas as pd
+
+from vspan.analysis.options import FORMATS
+
+__all__ = ["FORMATS", "render", "tcp_flag_letters"]
+
+_FLAG_LETTERS: Final = "FSRPAUECN"
+"""TCP flag letters from bit 0 (FIN) to bit 8 (NS), as tcpdump and argus print them."""
+_TABLE_HIDE: Final = {
+    "flow_id",
+    "first_ns",
+    "last_ns",
+    "icmp_type",
+    "icmp_code",
+    "icmp_id",
+    "copies",
+    "ethertype",
+    "src_mac",
+    "dst_mac",
+    "observed_at",
+    "duration_s",
+    "first",
+}
+
+
+def tcp_flag_letters(flags: object) -> str:
+    """``0x12`` → ``"SA"``; empty for None."""
+    if flags is None or flags is pd.NA or (isinstance(flags, float) and np.isnan(flags)):
+        return ""
+    value = int(flags)  # type: ignore[call-overload]
+    return "".join(ch for bit, ch in enumerate(_FLAG_LETTERS) if value >> bit & 1)
+
+
+def _table(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "(no rows)\n"
+    shown = frame[[c for c in frame.columns if c not in _TABLE_HIDE]].copy()
+    for col in ("tcp_flags", "tcp_flags_rev"):
+        if col in shown:
+            shown[col] = shown[col].map(tcp_flag_letters, na_action=None)
+    if "last" in shown:
+        shown["last"] = shown["last"].dt.strftime("%H:%M:%S.%f").str[:-3]
+    shown = shown.astype(object).where(shown.notna(), "-")
+    for col in shown.columns:
+        if col in (
+            "packets",
+            "bytes",
+            "packets_rev",
+            "bytes_rev",
+            "flows",
+            "packets_sent",
+            "bytes_sent",
+            "packets_received",
+            "bytes_received",
+            "frames",
+        ):
+            shown[col] = shown[col].map(
+                lambda v: f"{v:,}" if isinstance(v, int | np.integer) else v
+            )
+    return shown.to_string(index=False) + "\n"
+
+
+def render(frame: pd.DataFrame, fmt: str, out: IO[bytes] | None = None) -> None:
+    """Write ``frame`` as ``fmt`` to ``out`` (standard output when None)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    sink = out if out is not None else sys.stdout.buffer
+    if fmt == "parquet":
+        buf = io.BytesIO()
+        frame.to_parquet(buf, index=False)
+        sink.write(buf.getvalue())
+        return
+    if fmt == "json":
+        text = frame.to_json(orient="records", date_format="iso", date_unit="us") + "\n"
+    elif fmt == "csv":
+        flat = frame.copy()
+        if "observed_at" in flat:
+            flat["observed_at"] = flat["observed_at"].map(";".join)
+        text = flat.to_csv(index=False, date_format="%Y-%m-%dT%H:%M:%S.%fZ")
+    else:
+        text = _table(frame)
+    sink.write(text.encode())
+    sink.flush()

@@ -1,0 +1,226 @@
+"""``vspan report``: per-VM flows and groupings over capture files.
+
+The pipeline per chunk of a file: read (one buffer + columns) → columnar decode → endpoint
+identity → flow table; flows are turned into records once, at the end. Frames that cannot
+be used are counted by reason, never dropped silently; a file that is corrupt part-way is
+reported as partial with the byte offset, and what was read before it is kept.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from vspan.analysis.columns import Decoded, Layer, Status
+from vspan.analysis.decode import decode_batch
+from vspan.analysis.endpoints import EndpointResolver
+from vspan.analysis.flowkeys import usable
+from vspan.analysis.flows import FlowConfig, FlowTable
+from vspan.analysis.records import HostNames, flow_records
+from vspan.batch import FrameBatch
+from vspan.inventory import Inventory
+from vspan.pcapfile import CaptureReader
+
+__all__ = ["CaptureReport", "FileStatus", "analyze_captures", "frame_summary", "prefetch"]
+
+Progress = Callable[[int, int], None]
+"""Called with (bytes done, bytes total) as files are read."""
+
+
+@dataclass
+class FileStatus:
+    """What was read from one capture file."""
+
+    path: str
+    format: str
+    frames: int
+    partial: bool
+    error: str | None
+
+
+@dataclass
+class CaptureReport:
+    """Flow records and the accounting of every frame."""
+
+    flows: pd.DataFrame
+    """One row per flow (``records.RECORD_COLUMNS``)."""
+    frames: int
+    """Frames read from all files."""
+    summary: pd.DataFrame
+    """Frames by outcome: ``category`` (flow / not decodable), ``reason``, ``frames``."""
+    files: list[FileStatus] = field(default_factory=list)
+
+    @property
+    def partial(self) -> bool:
+        """Whether any file could only be read in part."""
+        return any(f.partial for f in self.files)
+
+
+_NON_IP = {0x0806: "ARP", 0: "802.3/LLC"}
+_NON_IP_BASE = 0x10000
+_BAD_BASE = 0x20000
+
+
+def _describe(code: int) -> tuple[str, str]:
+    """(category, reason) of a summary code (see ``frame_summary``)."""
+    if code < _NON_IP_BASE:
+        return "flow", f"IPv{code}"
+    if code < _BAD_BASE:
+        et = code - _NON_IP_BASE
+        return "flow", _NON_IP.get(et, f"EtherType 0x{et:04x}")
+    status, layer = divmod(code - _BAD_BASE, 16)
+    reason = f"{Status(status).name.lower()} at {Layer(layer).name.replace('_', ' ')}"
+    return "not decodable", reason
+
+
+def frame_summary(dec: Decoded, ok: npt.NDArray[np.bool_]) -> pd.DataFrame:
+    """Frames by outcome: IP and non-IP frames in flows; the rest by status and layer."""
+    code = np.where(
+        ok,
+        np.where(
+            dec.ip_version != 0, dec.ip_version, _NON_IP_BASE + dec.ethertype.astype(np.int64)
+        ),
+        _BAD_BASE + dec.status.astype(np.int64) * 16 + dec.layer,
+    )
+    uniq, counts = np.unique(code, return_counts=True)
+    described = [_describe(int(c)) for c in uniq.tolist()]
+    return pd.DataFrame(
+        {
+            "category": [d[0] for d in described],
+            "reason": [d[1] for d in described],
+            "frames": counts.astype(np.int64),
+        }
+    )
+
+
+def _assign_hosts(batch: FrameBatch, hosts: HostNames, default_host: int) -> npt.NDArray[np.uint32]:
+    """Observing host per frame: the tunnel's collector, else the pcapng interface name."""
+    host = batch.host_column()
+    if host.any():
+        return host
+    if not batch.iface_names:
+        return np.full(len(batch), default_host, dtype=np.uint32)
+    ids = np.array(
+        [hosts.id_for(name.split("/")[0]) if name else default_host for name in batch.iface_names],
+        dtype=np.uint32,
+    )
+    iface = batch.iface_column()
+    return ids[np.clip(iface, 0, ids.size - 1)]
+
+
+def _with_host(dec: Decoded, host: npt.NDArray[np.uint32]) -> Decoded:
+    cols = dec.columns()
+    cols["host"] = host
+    return Decoded(**cols)
+
+
+_DONE = object()
+
+
+def prefetch(batches: Iterator[FrameBatch], depth: int = 2) -> Iterator[FrameBatch]:
+    """Yield ``batches`` while a thread reads ahead up to ``depth`` of them.
+
+    Reading (file I/O and the compiled record walk) releases the GIL, so on a machine with
+    two cores the next chunk is read while this one is decoded. Errors of the reader are
+    raised here, in the consumer, after the batches read before them.
+    """
+    slots: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        slots.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(_DONE)
+        except BaseException as exc:  # handed to the consumer, re-raised there
+            slots.put(exc)
+
+    thread = threading.Thread(target=work, name="vspan-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = slots.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, FrameBatch)
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def analyze_captures(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    inventory: Inventory | None = None,
+    host: str | None = None,
+    flow_config: FlowConfig | None = None,
+    chunk_bytes: int = 64 << 20,
+    progress: Progress | None = None,
+) -> CaptureReport:
+    """Read every capture, in order, into one flow table; return flows and accounting.
+
+    ``host`` names the hypervisor the captures were taken on when the files do not say
+    (a classic pcap has no interface names); it is looked up in the inventory.
+    """
+    hosts = HostNames.from_inventory(inventory)
+    default_host = hosts.id_for(host) if host else 0
+    resolver = EndpointResolver(inventory)
+    table = FlowTable(flow_config)
+    finished: list[pd.DataFrame] = []
+    summaries: list[pd.DataFrame] = []
+    files: list[FileStatus] = []
+    readers = [CaptureReader(p, chunk_bytes=chunk_bytes) for p in paths]
+    total = sum(os.path.getsize(p) for p in paths)
+    done_before = 0
+    frames = 0
+    for reader in readers:
+        for batch in prefetch(iter(reader)):
+            dec = _with_host(decode_batch(batch), _assign_hosts(batch, hosts, default_host))
+            ok = usable(dec)
+            summaries.append(frame_summary(dec, ok))
+            frames += len(dec)
+            good = dec.take(np.flatnonzero(ok)) if not ok.all() else dec
+            finished.append(table.update(good, resolver.resolve(good)))
+            if progress is not None:
+                progress(done_before + reader.bytes_read, total)
+        done_before += reader.size
+        error = reader.error
+        files.append(
+            FileStatus(
+                path=os.fspath(reader.path),
+                format=reader.format,
+                frames=reader.frames_read,
+                partial=reader.partial,
+                error=None if error is None else str(error),
+            )
+        )
+    finished.append(table.flush())
+    flows = pd.concat(finished, ignore_index=True).sort_values(
+        ["start_ns", "hash"], ignore_index=True, kind="stable"
+    )
+    records = flow_records(flows, inventory=inventory, hosts=hosts)
+    summary = pd.DataFrame({"category": [], "reason": [], "frames": []})
+    if summaries:
+        summary = (
+            pd.concat(summaries, ignore_index=True)
+            .groupby(["category", "reason"], as_index=False)
+            .agg(frames=("frames", "sum"))
+        )
+    return CaptureReport(flows=records, frames=frames, summary=summary, files=files)
