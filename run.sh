@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# vspan quick start: `./run.sh demo` (set up, then run the main job) and `./run.sh test`
+# (set up, then run every check CI runs). Both install what they need: Debian tools
+# (tshark, ...) through apt-get when missing, a virtual environment in .venv, and the
+# project with its Python dependencies. `./run.sh bench` also installs the peer tools.
+set -euo pipefail
+cd "$(dirname "$0")"
+HERE=$(pwd)
+VENV="$HERE/.venv"
+PY=${PYTHON:-python3}
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        say "need root to run: $*"; return 1; fi
+}
+
+apt_install() {  # apt_install CMD PACKAGE [CMD PACKAGE]...: install packages whose command is missing
+    local missing=()
+    while [ $# -gt 0 ]; do
+        command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || missing+=("$2")
+        shift 2
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    say "installing system packages: ${missing[*]}"
+    echo "wireshark-common wireshark-common/install-setuid boolean false" | as_root debconf-set-selections || true
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+setup_python() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "creating the virtual environment in .venv"
+        "$PY" -m venv "$VENV" || { apt_install python3-venv python3-venv; "$PY" -m venv "$VENV"; }
+    fi
+    say "installing vspan and its dependencies"
+    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+    # A regular (non-editable) install: what users get, and what the tests exercise.
+    "$VENV/bin/python" -m pip install -q "$HERE[dev]" 2>&1 | grep -v -E '^(WARNING: Location|$)' || true
+    "$VENV/bin/python" -c "import vspan.analysis.report" 
+}
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+    demo)
+        apt_install tshark tshark
+        setup_python
+        say "running the demo"
+        exec "$VENV/bin/vspan" demo "$@"
+        ;;
+    test)
+        apt_install tshark tshark ip iproute2
+        setup_python
+        say "ruff"
+        "$VENV/bin/ruff" check .
+        "$VENV/bin/ruff" format --check .
+        say "mypy --strict"
+        "$VENV/bin/mypy"
+        say "pytest"
+        cd "$HERE"
+        exec "$VENV/bin/pytest" -q "$@"
+        ;;
+    bench)
+        apt_install tshark tshark argus argus-server ra argus-client nfpcapd nfdump softflowd softflowd tcpdump tcpdump
+        setup_python
+        exec "$VENV/bin/python" bench/run.py "$@"
+        ;;
+    *)
+        echo "usage: ./run.sh demo|test|bench [ARGS...]" >&2
+        exit 2
+        ;;
+esac
