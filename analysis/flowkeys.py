@@ -29,9 +29,18 @@ U64 = npt.NDArray[np.uint64]
 B = npt.NDArray[np.bool_]
 
 KEY_COLUMNS = (
-    "ep_a", "ep_b", "ip_a_hi", "ip_a_lo", "ip_b_hi", "ip_b_lo",
-    "port_a", "port_b", "proto", "vlan", "ethertype",
-)  # fmt: skip
+    "ep_a",
+    "ep_b",
+    "ip_a_hi",
+    "ip_a_lo",
+    "ip_b_hi",
+    "ip_b_lo",
+    "port_a",
+    "port_b",
+    "proto",
+    "vlan",
+    "ethertype",
+)
 """The columns that identify a flow, in hashing order."""
 
 ICMP_TYPE_CODE = np.uint64(1 << 16)

@@ -133,7 +133,9 @@ class Inventory:
 
     # --- vectorized (vNIC indexes; see ``nic_vm``) ------------------------------------
 
-    def resolve_vifs(self, collector_id: npt.ArrayLike, vif: npt.ArrayLike) -> npt.NDArray[np.int32]:
+    def resolve_vifs(
+        self, collector_id: npt.ArrayLike, vif: npt.ArrayLike
+    ) -> npt.NDArray[np.int32]:
         """vNIC index per (collector_id, vif) pair; -1 where none (vif 0 is never a VM)."""
         keys = (np.asarray(collector_id, dtype=np.uint64) << np.uint64(20)) | np.asarray(
             vif, dtype=np.uint64

@@ -6,13 +6,13 @@ import itertools
 
 import numpy as np
 import pandas as pd
-from helpers.decoded import decoded
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vspan.analysis.columns import Decoded, TagKind
 from vspan.analysis.endpoints import EndpointResolver
 from vspan.analysis.flows import FlowConfig, FlowTable
+from vspan_testing.decoded import decoded
 
 S = 1_000_000_000
 SYN, ACK, FIN, PSH = 0x02, 0x10, 0x01, 0x08

@@ -73,24 +73,52 @@ def test_load_from_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ("vif: 2", "vif: 1", r"inv\.yaml:16: vms\[0\]\.nics\[1\]\.vif: vif 1 already used on host 'hv01'"),
-        ("vif: 2", "vif: 4096", r"inv\.yaml:16: vms\[0\]\.nics\[1\]\.vif: 4096 out of range 1\.\.4095"),
-        ('"52:54:00:00:01:01"', '"52:54:00:00:00:01"',
-         r"inv\.yaml:15: vms\[0\]\.nics\[1\]\.mac: MAC 52:54:00:00:00:01 already belongs to a VM"),
-        ('"52:54:00:00:01:01"', "nonsense",
-         r"inv\.yaml:15: vms\[0\]\.nics\[1\]\.mac: expected a MAC address like"),
+        (
+            "vif: 2",
+            "vif: 1",
+            r"inv\.yaml:16: vms\[0\]\.nics\[1\]\.vif: vif 1 already used on host 'hv01'",
+        ),
+        (
+            "vif: 2",
+            "vif: 4096",
+            r"inv\.yaml:16: vms\[0\]\.nics\[1\]\.vif: 4096 out of range 1\.\.4095",
+        ),
+        (
+            '"52:54:00:00:01:01"',
+            '"52:54:00:00:00:01"',
+            r"inv\.yaml:15: vms\[0\]\.nics\[1\]\.mac: MAC 52:54:00:00:00:01 already belongs to a VM",
+        ),
+        (
+            '"52:54:00:00:01:01"',
+            "nonsense",
+            r"inv\.yaml:15: vms\[0\]\.nics\[1\]\.mac: expected a MAC address like",
+        ),
         ("host: hv02", "host: hv09", r"inv\.yaml:19: vms\[1\]\.host: unknown host 'hv09'"),
-        ("collector_id: 2", "collector_id: 1", r"inv\.yaml:5: hosts\[1\]\.collector_id: duplicate collector_id 1"),
-        ("collector_id: 2", "collector_id: 0", r"inv\.yaml:5: hosts\[1\]\.collector_id: 0 out of range"),
-        ("uuid: 6f1c2d9e-0000-4000-8000-000000000002", "uuid: nope",
-         r"inv\.yaml:18: vms\[1\]\.uuid: expected a UUID, got 'nope'"),
+        (
+            "collector_id: 2",
+            "collector_id: 1",
+            r"inv\.yaml:5: hosts\[1\]\.collector_id: duplicate collector_id 1",
+        ),
+        (
+            "collector_id: 2",
+            "collector_id: 0",
+            r"inv\.yaml:5: hosts\[1\]\.collector_id: 0 out of range",
+        ),
+        (
+            "uuid: 6f1c2d9e-0000-4000-8000-000000000002",
+            "uuid: nope",
+            r"inv\.yaml:18: vms\[1\]\.uuid: expected a UUID, got 'nope'",
+        ),
         ("    profile: web", "    profil: web", r"inv\.yaml:10: vms\[0\]\.profil: unknown field"),
-        ('        ips: ["10.1.0.1"]', '        ips: ["10.1.0.300"]',
-         r"inv\.yaml:14: vms\[0\]\.nics\[0\]\.ips\[0\]: expected an IP address, got '10\.1\.0\.300'"),
+        (
+            '        ips: ["10.1.0.1"]',
+            '        ips: ["10.1.0.300"]',
+            r"inv\.yaml:14: vms\[0\]\.nics\[0\]\.ips\[0\]: expected an IP address, got '10\.1\.0\.300'",
+        ),
         ("  - name: db-01", "  - name: web-01", r"inv\.yaml:17: vms\[1\]\.name: duplicate VM name"),
         ("vms:", "vms: [", r"inv\.yaml:\d+: YAML syntax"),
     ],
-)  # fmt: skip
+)
 def test_errors_name_file_line_and_field(old: str, new: str, message: str) -> None:
     assert old in GOOD
     with pytest.raises(ConfigError, match=message):

@@ -28,16 +28,25 @@ from vspan.vntag import (
 
 vntags = st.builds(
     VnTag,
-    d=st.integers(0, 1), p=st.integers(0, 1), dvif=st.integers(0, 0x3FFF), l=st.integers(0, 1),
-    r=st.integers(0, 1), version=st.integers(0, 3), svif=st.integers(0, 0xFFF),
+    d=st.integers(0, 1),
+    p=st.integers(0, 1),
+    dvif=st.integers(0, 0x3FFF),
+    l=st.integers(0, 1),
+    r=st.integers(0, 1),
+    version=st.integers(0, 3),
+    svif=st.integers(0, 0xFFF),
     ethertype=st.integers(0, 0xFFFF),
-)  # fmt: skip
+)
 etags = st.builds(
     ETag,
-    pcp=st.integers(0, 7), dei=st.integers(0, 1), iecid=st.integers(0, 0xFFFFF),
-    resv=st.integers(0, 3), grp=st.integers(0, 3), ecid=st.integers(0, 0xFFFFF),
+    pcp=st.integers(0, 7),
+    dei=st.integers(0, 1),
+    iecid=st.integers(0, 0xFFFFF),
+    resv=st.integers(0, 3),
+    grp=st.integers(0, 3),
+    ecid=st.integers(0, 0xFFFFF),
     ethertype=st.integers(0, 0xFFFF),
-)  # fmt: skip
+)
 
 
 def test_worked_example_of_the_spec() -> None:
@@ -50,9 +59,16 @@ def test_worked_example_of_the_spec() -> None:
 
 @pytest.mark.parametrize(
     ("field", "mask"),
-    [("d", 0x80000000), ("p", 0x40000000), ("dvif", 0x3FFF0000), ("l", 0x00008000),
-     ("r", 0x00004000), ("version", 0x00003000), ("svif", 0x00000FFF)],
-)  # fmt: skip
+    [
+        ("d", 0x80000000),
+        ("p", 0x40000000),
+        ("dvif", 0x3FFF0000),
+        ("l", 0x00008000),
+        ("r", 0x00004000),
+        ("version", 0x00003000),
+        ("svif", 0x00000FFF),
+    ],
+)
 def test_each_field_sits_under_its_spec_mask(field: str, mask: int) -> None:
     top = mask >> (mask & -mask).bit_length() - 1
     word = struct.unpack("!I", encode_vntag(VnTag(**{field: top}))[:4])[0]
@@ -109,8 +125,9 @@ def test_vectorized_codec_equals_the_scalar_one(tags: list[VnTag]) -> None:
     cols = decode_vntag_array(words)
     for name in ("d", "p", "dvif", "l", "r", "version", "svif"):
         assert getattr(cols, name).tolist() == [getattr(t, name) for t in tags]
-    packed = encode_vntag_array(**{n: getattr(cols, n) for n in ("d", "p", "dvif", "l", "r",
-                                                                  "version", "svif")})  # fmt: skip
+    packed = encode_vntag_array(
+        **{n: getattr(cols, n) for n in ("d", "p", "dvif", "l", "r", "version", "svif")}
+    )
     assert packed.tolist() == words.tolist()
 
 
@@ -139,12 +156,21 @@ def test_tshark_reads_our_vntags_field_for_field(
     with path.open("wb") as fh:
         writer = dpkt.pcap.Writer(fh)
         for i, drawn in enumerate(tags):
-            tag = VnTag(d=drawn.d, p=drawn.p, dvif=drawn.dvif, l=drawn.l, r=drawn.r,
-                        version=drawn.version, svif=drawn.svif, ethertype=0x0800)  # fmt: skip
+            tag = VnTag(
+                d=drawn.d,
+                p=drawn.p,
+                dvif=drawn.dvif,
+                l=drawn.l,
+                r=drawn.r,
+                version=drawn.version,
+                svif=drawn.svif,
+                ethertype=0x0800,
+            )
             frame = b"\x02" * 6 + b"\x04" * 6 + b"\x89\x26" + encode_vntag(tag) + IPV4_UDP
             writer.writepkt(frame, ts=1700000000 + i)
-    rows = _tshark_fields(path, ["vntag.dir", "vntag.ptr", "vntag.dst", "vntag.looped",
-                                 "vntag.version", "vntag.src"])  # fmt: skip
+    rows = _tshark_fields(
+        path, ["vntag.dir", "vntag.ptr", "vntag.dst", "vntag.looped", "vntag.version", "vntag.src"]
+    )
     assert len(rows) == len(tags)
     for row, tag in zip(rows, tags, strict=True):
         got = [int(x, 0) if x not in ("True", "False") else int(x == "True") for x in row]
@@ -154,16 +180,35 @@ def test_tshark_reads_our_vntags_field_for_field(
 @pytest.mark.tshark
 @needs_tshark
 def test_tshark_reads_our_etags(tmp_path: Path) -> None:
-    tags = [ETag(pcp=5, dei=1, iecid=0x7F123, grp=1, ecid=0x9A456, ethertype=0x0800),
-            ETag(iecid=0xD3, ecid=0xD8, ethertype=0x0800)]  # fmt: skip
+    tags = [
+        ETag(pcp=5, dei=1, iecid=0x7F123, grp=1, ecid=0x9A456, ethertype=0x0800),
+        ETag(iecid=0xD3, ecid=0xD8, ethertype=0x0800),
+    ]
     path = tmp_path / "etag.pcap"
     with path.open("wb") as fh:
         writer = dpkt.pcap.Writer(fh)
         for tag in tags:
             writer.writepkt(b"\x02" * 6 + b"\x04" * 6 + b"\x89\x3f" + encode_etag(tag) + IPV4_UDP)
-    rows = _tshark_fields(path, ["etag.pcp", "etag.dei", "etag.iecid_base", "etag.group",
-                                 "etag.ecid_base", "etag.iecid_ext", "etag.ecid_ext"])  # fmt: skip
+    rows = _tshark_fields(
+        path,
+        [
+            "etag.pcp",
+            "etag.dei",
+            "etag.iecid_base",
+            "etag.group",
+            "etag.ecid_base",
+            "etag.iecid_ext",
+            "etag.ecid_ext",
+        ],
+    )
     for row, tag in zip(rows, tags, strict=True):
         got = [int(x, 0) if x not in ("True", "False") else int(x == "True") for x in row]
-        assert got == [tag.pcp, tag.dei, tag.iecid & 0xFFF, tag.grp, tag.ecid & 0xFFF,
-                       tag.iecid >> 12, tag.ecid >> 12]  # fmt: skip
+        assert got == [
+            tag.pcp,
+            tag.dei,
+            tag.iecid & 0xFFF,
+            tag.grp,
+            tag.ecid & 0xFFF,
+            tag.iecid >> 12,
+            tag.ecid >> 12,
+        ]
