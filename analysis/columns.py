@@ -145,6 +145,9 @@ class Decoded:
     """More-fragments flag."""
     is_fragment: U8
     """1 when the packet is a fragment (offset > 0 or MF set)."""
+    frag_id: U32
+    """IPv4 identification, or the identification of an IPv6 fragment header (0 without
+    one): with the addresses and protocol it ties the fragments of one datagram together."""
     l3_offset: I32
     """Offset of the IP header in the frame; -1 when none."""
     l4_offset: I32

@@ -70,6 +70,7 @@ def _ipv4(f: Frames, rows: Rows, pos: I32, w: U8, avail: I32) -> None:
     more = seen.keep(((frag >> 13) & 1).astype(np.uint8), 8)
     o.frag_offset[rows], o.frag_mf[rows] = offset, more
     o.is_fragment[rows] = (offset > 0) | (more > 0)
+    o.frag_id[rows] = seen.keep(be16(w, 4), 6)
     o.ip_ttl[rows] = seen.keep(w[:, 8], 9)
     o.ip_proto[rows] = seen.keep(w[:, 9], 10)
     o.src_ip_lo[rows] = seen.keep(be32(w, 12) | IPV4_MAPPED_PREFIX, 16)
@@ -135,6 +136,7 @@ def _ipv6_ext(f: Frames, rows: Rows, pos: I32, nh: U8, plen: I32) -> None:
         fr = rows[e[frag]]
         o.frag_offset[fr], o.frag_mf[fr] = offset, more
         o.is_fragment[fr] = (offset > 0) | (more > 0)
+        o.frag_id[fr] = be32(w[frag], 4)
         later = e[frag[offset > 0]]  # a non-first fragment: the rest is not a header
         walking[later] = to_l4[later] = False
         e, w, size = e[ok], w[ok], size[ok]

@@ -23,7 +23,15 @@ import pandas as pd
 from vspan.analysis.columns import Decoded, Layer, Status, TagKind
 from vspan.analysis.endpoints import Endpoints
 
-__all__ = ["ICMP_TYPE_CODE", "KEY_COLUMNS", "FrameKeys", "frame_keys", "group_codes", "usable"]
+__all__ = [
+    "ICMP_TYPE_CODE",
+    "KEY_COLUMNS",
+    "FragmentPorts",
+    "FrameKeys",
+    "frame_keys",
+    "group_codes",
+    "usable",
+]
 
 U64 = npt.NDArray[np.uint64]
 B = npt.NDArray[np.bool_]
@@ -100,10 +108,58 @@ def _ports(dec: Decoded) -> tuple[U64, U64]:
     return sport, dport
 
 
-def frame_keys(dec: Decoded, eps: Endpoints) -> FrameKeys:
+class FragmentPorts:
+    """Gives later fragments of a datagram the ports of its first fragment.
+
+    Only a first fragment carries the L4 header. A later one is matched to it by addresses,
+    protocol and identification — in the same batch, or among the first fragments of the
+    previous batch (a datagram's fragments travel together, so one batch of memory is
+    enough) — and takes its ports, so the whole datagram counts in one flow.
+    """
+
+    def __init__(self) -> None:
+        self._hash = np.zeros(0, dtype=np.uint64)
+        self._ports = np.zeros((0, 2), dtype=np.uint64)
+
+    def apply(self, dec: Decoded, sport: U64, dport: U64) -> tuple[U64, U64]:
+        """Ports of every frame, later fragments filled in where their first is known."""
+        frag = dec.is_fragment != 0
+        if not frag.any() and self._hash.size == 0:
+            return sport, dport
+        first = frag & (dec.frag_offset == 0) & (dec.l4_offset >= 0)
+        later = frag & (dec.frag_offset > 0)
+        h = np.zeros(len(dec), dtype=np.uint64)
+        for col in (
+            dec.src_ip_hi,
+            dec.src_ip_lo,
+            dec.dst_ip_hi,
+            dec.dst_ip_lo,
+            dec.ip_proto.astype(np.uint64),
+            dec.frag_id.astype(np.uint64),
+        ):
+            h = _mix(h, col)
+        # This batch's first fragments win over the previous batch's.
+        known_hash = np.concatenate([h[first], self._hash])
+        known_ports = np.concatenate([np.stack([sport[first], dport[first]], axis=1), self._ports])
+        uniq, pick = np.unique(known_hash, return_index=True)
+        self._hash, self._ports = h[first], np.stack([sport[first], dport[first]], axis=1)
+        rows = np.flatnonzero(later)
+        if rows.size == 0 or uniq.size == 0:
+            return sport, dport
+        pos = np.minimum(np.searchsorted(uniq, h[rows]), uniq.size - 1)
+        hit = uniq[pos] == h[rows]
+        rows, src = rows[hit], pick[pos[hit]]
+        sport, dport = sport.copy(), dport.copy()
+        sport[rows], dport[rows] = known_ports[src, 0], known_ports[src, 1]
+        return sport, dport
+
+
+def frame_keys(dec: Decoded, eps: Endpoints, fragments: FragmentPorts | None = None) -> FrameKeys:
     """Keys of every frame of ``dec`` (callers pass only ``usable`` frames)."""
     s_hi, s_lo, d_hi, d_lo = dec.src_ip_hi, dec.src_ip_lo, dec.dst_ip_hi, dec.dst_ip_lo
     sport, dport = _ports(dec)
+    if fragments is not None:
+        sport, dport = fragments.apply(dec, sport, dport)
     s_ep, d_ep = eps.src, eps.dst
     gt = (s_hi > d_hi) | (
         (s_hi == d_hi)

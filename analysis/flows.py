@@ -27,7 +27,7 @@ import pandas as pd
 
 from vspan.analysis.columns import Decoded
 from vspan.analysis.endpoints import Endpoints
-from vspan.analysis.flowkeys import KEY_COLUMNS, frame_keys, group_codes
+from vspan.analysis.flowkeys import KEY_COLUMNS, FragmentPorts, frame_keys, group_codes
 
 U64 = npt.NDArray[np.uint64]
 
@@ -103,6 +103,7 @@ class FlowTable:
         self._active = int(self.config.active_timeout_s * NS)
         self._open = pd.DataFrame({c: pd.Series(dtype=np.int64) for c in _STATE})
         self._now = np.iinfo(np.int64).min
+        self._fragments = FragmentPorts()
 
     @property
     def open_flows(self) -> int:
@@ -113,7 +114,7 @@ class FlowTable:
         """Add a batch of usable frames; return the flows it finished."""
         if len(dec) == 0:
             return self._expire()
-        fk = frame_keys(dec, eps)
+        fk = frame_keys(dec, eps, self._fragments)
         codes, ngroups = group_codes(fk.hash, fk.keys)
         first_row = np.full(ngroups, len(dec), dtype=np.int64)
         np.minimum.at(first_row, codes, np.arange(len(dec), dtype=np.int64))

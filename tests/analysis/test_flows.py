@@ -207,3 +207,24 @@ def test_flows_do_not_depend_on_how_the_capture_is_cut(
     flows = run(FlowTable(cfg), dec, cut_points)
     got = sorted(zip(flows["port_a"], flows["start_ns"], flows["packets"], strict=True))
     assert [tuple(int(x) for x in g) for g in got] == reference(ts, key, 60 * S, 300 * S)
+
+
+def test_later_fragments_join_their_first_fragment_even_across_batches() -> None:
+    # One UDP datagram in three IPv4 fragments (id 77) and another datagram's first fragment
+    # (id 78); the batch is cut between the first and the later fragments of id 77.
+    dec = decoded(
+        4,
+        ts_ns=[0, 1, 2, 3],
+        src_ip="10.0.0.1",
+        dst_ip="10.0.0.2",
+        ip_proto=17,
+        is_fragment=1,
+        frag_id=[77, 78, 77, 77],
+        frag_offset=[0, 0, 1480, 2960],
+        frag_mf=[1, 1, 1, 0],
+        src_port=[5000, 6000, 0, 0],
+        dst_port=[53, 53, 0, 0],
+        l4_offset=[34, 34, -1, -1],
+    )
+    flows = run(FlowTable(), dec, cuts=[2])
+    assert sorted(zip(flows["port_a"], flows["packets"], strict=True)) == [(5000, 3), (6000, 1)]

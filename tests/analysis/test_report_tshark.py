@@ -145,3 +145,17 @@ def test_real_captures_match_tshark_conversations(path: Path) -> None:
             {k: v for k, v in ours.items() if k not in special},
             {k: v for k, v in table.items() if k not in special},
         )
+
+
+@pytest.mark.skipif(not shared_pcaps(), reason="../shared/pcaps is not beside the repo")
+def test_fragments_of_a_datagram_count_in_its_flow() -> None:
+    path = next(p for p in shared_pcaps() if "defrag" in p.name)
+    # tshark with reassembly (its default) finds the datagram's ports; per frame, the fragments.
+    ports = fields(path, ["tcp.srcport", "tcp.dstport"], display_filter="tcp")
+    frags = fields(path, ["frame.len"], options=NO_REASSEMBLY, display_filter="ipv6.fraghdr")
+    flows = analyze_captures([path]).flows
+    assert len(flows) == 1
+    flow = flows.iloc[0]
+    assert [str(flow["src_port"]), str(flow["dst_port"])] == ports[0]
+    assert flow["packets"] + flow["packets_rev"] == len(frags)
+    assert flow["bytes"] + flow["bytes_rev"] == sum(int(r[0]) for r in frags)

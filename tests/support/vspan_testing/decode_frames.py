@@ -262,7 +262,7 @@ class IPv4:
         prefix = int(IPV4_MAPPED_PREFIX)
         exp.setdefault("ethertype", 0x0800)  # LINKTYPE_RAW
         exp.update(ip_version=4, l3_offset=at, ip_ttl=self.ttl, frag_offset=self.frag,
-                   frag_mf=self.mf, is_fragment=int(self.frag > 0 or self.mf > 0),
+                   frag_mf=self.mf, is_fragment=int(self.frag > 0 or self.mf > 0), frag_id=0x1234,
                    ip_proto=nxt if self.proto is None else self.proto, payload_len=len(inner),
                    src_ip_lo=prefix | int.from_bytes(self.src, "big"),
                    dst_ip_lo=prefix | int.from_bytes(self.dst, "big"))  # fmt: skip
@@ -339,7 +339,7 @@ class Frag:
     def update(self, exp: Exp, at: int, size: int, inner: bytes, nxt: int) -> None:
         exp.update(ip_proto=nxt if self.proto is None else self.proto, payload_len=len(inner),
                    frag_offset=self.offset, frag_mf=self.more,
-                   is_fragment=int(self.offset > 0 or self.more > 0))  # fmt: skip
+                   is_fragment=int(self.offset > 0 or self.more > 0), frag_id=0xABCD)  # fmt: skip
 
 
 TCP_FLAGS = {"FIN": 0x001, "SYN": 0x002, "RST": 0x004, "PSH": 0x008, "ACK": 0x010,

@@ -44,6 +44,7 @@ _DTYPES = {
     "frag_offset": np.int32,
     "frag_mf": np.uint8,
     "is_fragment": np.uint8,
+    "frag_id": np.uint32,
     "l3_offset": np.int32,
     "l4_offset": np.int32,
     "src_port": np.uint16,
