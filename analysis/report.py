@@ -13,6 +13,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +30,8 @@ from vspan.inventory import Inventory
 from vspan.pcapfile import CaptureReader
 
 __all__ = ["CaptureReport", "FileStatus", "analyze_captures", "frame_summary", "prefetch"]
+
+T = TypeVar("T")
 
 Progress = Callable[[int, int], None]
 """Called with (bytes done, bytes total) as files are read."""
@@ -124,12 +127,12 @@ def _with_host(dec: Decoded, host: npt.NDArray[np.uint32]) -> Decoded:
 _DONE = object()
 
 
-def prefetch(batches: Iterator[FrameBatch], depth: int = 2) -> Iterator[FrameBatch]:
-    """Yield ``batches`` while a thread reads ahead up to ``depth`` of them.
+def prefetch(batches: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """Yield ``batches`` while a thread produces up to ``depth`` of them ahead.
 
-    Reading (file I/O and the compiled record walk) releases the GIL, so on a machine with
-    two cores the next chunk is read while this one is decoded. Errors of the reader are
-    raised here, in the consumer, after the batches read before them.
+    File I/O, the compiled record walk and most numpy work release the GIL, so on a machine
+    with two cores the next chunk is read and decoded while this one goes into flows.
+    Errors of the producer are raised here, in the consumer, after the batches before them.
     """
     slots: queue.Queue[object] = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -158,8 +161,7 @@ def prefetch(batches: Iterator[FrameBatch], depth: int = 2) -> Iterator[FrameBat
                 return
             if isinstance(item, BaseException):
                 raise item
-            assert isinstance(item, FrameBatch)
-            yield item
+            yield cast("T", item)
     finally:
         stop.set()
         thread.join()
@@ -191,8 +193,13 @@ def analyze_captures(
     done_before = 0
     frames = 0
     for reader in readers:
-        for batch in prefetch(iter(reader)):
-            dec = _with_host(decode_batch(batch), _assign_hosts(batch, hosts, default_host))
+
+        def decoded(reader: CaptureReader = reader) -> Iterator[Decoded]:
+            for batch in reader:
+                yield _with_host(decode_batch(batch), _assign_hosts(batch, hosts, default_host))
+
+        # Reading and decoding run in a second thread, flows in this one.
+        for dec in prefetch(decoded()):
             ok = usable(dec)
             summaries.append(frame_summary(dec, ok))
             frames += len(dec)
