@@ -15,6 +15,7 @@ raises it instead, after the last batch). A file that is not a capture at all ra
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -180,6 +181,11 @@ _FORMATS: Final[dict[bytes, tuple[str, Callable[[], _Parser]]]] = {
 }
 
 
+_RESIDENT_WINDOWS: Final = 4
+"""Windows of a mapped file kept resident behind the reader (the prefetch depth and the
+batch in use, plus one)."""
+
+
 class CaptureReader:
     """Iterate over the frames of a pcap or pcapng file, one ``FrameBatch`` per chunk.
 
@@ -231,7 +237,61 @@ class CaptureReader:
             info = os.fstat(file.fileno())
             self.size = info.st_size
             self._sized = stat.S_ISREG(info.st_mode)  # a pipe's size says nothing
-            yield from self._chunks(file)
+            if self._sized and self.size > 0:
+                yield from self._mapped(file)
+            else:
+                yield from self._chunks(file)
+
+    def _mapped(self, file: io.FileIO) -> Iterator[FrameBatch]:
+        """Regular files: walk windows of a read-only memory map, no copy at all.
+
+        Batches are views of the map (``offset`` counts from the start of the file); the
+        map stays open as long as a batch refers to it. Records cut at a window's end are
+        simply walked again from their start in the next window.
+        """
+        try:
+            mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            raise self._fail(0, f"cannot map: {exc}") from exc
+        mapped.madvise(mmap.MADV_SEQUENTIAL)
+        buf = np.frombuffer(mapped, np.uint8)
+        size, stop, need = len(buf), 0, 4
+        window_starts: list[int] = []
+        while True:
+            # Resident pages of a mapping count as the process's memory: let the kernel
+            # drop those a few windows back. For a read-only file mapping that only unmaps
+            # them; a batch that still reads there faults them back from the page cache.
+            window_starts.append(stop)
+            if len(window_starts) > _RESIDENT_WINDOWS:
+                behind = window_starts[-_RESIDENT_WINDOWS - 1] // mmap.PAGESIZE * mmap.PAGESIZE
+                if behind > 0:
+                    mapped.madvise(mmap.MADV_DONTNEED, 0, behind)
+            end = min(size, stop + max(self.chunk_bytes, need))
+            parts: list[Parsed] = []
+            walked = stop
+            while walked < end:  # walk a step at a time while it is in cache
+                walked = min(end, walked + _READ_STEP)
+                parser = self._parser or self._sniff(buf[:walked])
+                parts.append(parser.parse(buf, stop, walked))
+                stop = parts[-1].stop
+                if parts[-1].error is not None:
+                    break
+            need, error = parts[-1].need, parts[-1].error
+            eof = walked >= size
+            if error is None and stop < walked and eof and need > size - stop:
+                error = f"{parser.unit} truncated: needs {need} bytes, the file has {size - stop}"
+            self.bytes_read = stop
+            if any(len(part.rec) for part in parts):
+                yield self._batch(buf, parts, parser.names)
+            if error is not None:
+                exc = self._fail(stop, error)
+                if self.strict:
+                    raise exc
+                return
+            if eof and stop >= size:
+                return
+            if eof and need <= size - stop:  # pragma: no cover - the walk always advances
+                return
 
     def _chunks(self, file: io.FileIO) -> Iterator[FrameBatch]:
         buf = np.zeros(0, np.uint8)
