@@ -40,6 +40,19 @@ def tcp_flag_letters(flags: object) -> str:
     return "".join(ch for bit, ch in enumerate(_FLAG_LETTERS) if value >> bit & 1)
 
 
+def _iso_times(frame: pd.DataFrame) -> pd.DataFrame:
+    """Datetime columns as ISO 8601 UTC text with microseconds (numpy formats in C)."""
+    times = [c for c in frame.columns if isinstance(frame[c].dtype, pd.DatetimeTZDtype)]
+    if not times:
+        return frame
+    out = frame.copy()
+    for col in times:
+        values = frame[col].dt.tz_convert("UTC").dt.tz_localize(None).to_numpy("datetime64[us]")
+        text = np.char.add(np.datetime_as_string(values, unit="us"), "Z")
+        out[col] = pd.Series(text, index=frame.index).where(frame[col].notna(), None)
+    return out
+
+
 def _table(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "(no rows)\n"
@@ -80,7 +93,7 @@ def render(frame: pd.DataFrame, fmt: str, out: IO[bytes] | None = None) -> None:
         sink.write(buf.getvalue())
         return
     if fmt == "json":
-        text = frame.to_json(orient="records", date_format="iso", date_unit="us") + "\n"
+        text = _iso_times(frame).to_json(orient="records") + "\n"
     elif fmt == "csv":
         flat = frame.copy()
         if "observed_at" in flat:
