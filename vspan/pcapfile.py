@@ -284,9 +284,9 @@ class CaptureReader:
             if any(len(part.rec) for part in parts):
                 yield self._batch(buf, parts, parser.names)
             if error is not None:
-                exc = self._fail(stop, error)
+                failure = self._fail(stop, error)
                 if self.strict:
-                    raise exc
+                    raise failure
                 return
             if eof and stop >= size:
                 return
