@@ -164,6 +164,18 @@ class FlowTable:
         done, self._open = self._open, self._open.iloc[0:0]
         return done.reset_index(drop=True)
 
+    def evict(self, n: int) -> pd.DataFrame:
+        """Finish the ``n`` open flows seen longest ago (a bounded table sheds its oldest)."""
+        n = min(n, len(self._open))
+        if n <= 0:
+            return self._open.iloc[0:0]
+        last = self._open["last_ns"].to_numpy()
+        gone = np.zeros(last.size, dtype=np.bool_)
+        gone[np.argpartition(last, n - 1)[:n]] = True
+        done: pd.DataFrame = self._open[gone]
+        self._open = self._open[~gone].reset_index(drop=True)
+        return done.reset_index(drop=True)
+
     # --- internals --------------------------------------------------------------------
 
     def _touched(

@@ -1,0 +1,265 @@
+"""The live flow engine: chunks from the receivers in, finished flows out.
+
+Per chunk: ``ingest`` (validation and decoding of every message at once) → accounting →
+the same pipeline ``vspan report`` runs over files (``decode_batch`` → ``usable`` →
+``EndpointResolver`` → ``FlowTable``). Finished flows go to ``on_flows(df)`` (the store)
+when a callback is given, else they wait for ``drain()``; both frames have the columns of
+``vspan.analysis.flows.FLOW_COLUMNS``.
+
+The flow table is bounded: past ``max_flows`` open flows, the least recently seen are
+finished early and counted as ``evicted`` (down to ``evict_to`` of the bound, so that the
+cost of shedding is paid rarely, not per batch). Flow timeouts run in capture time, as in
+``FlowTable``; the wall clock is read only by the receivers (``Chunk.received_at``, the
+``now`` of the accounting).
+
+Not done here: the delay between the two copies of a cross-host packet. Pairing the copies
+needs a per-packet identity (IPv4 id, TCP seq) that ``Decoded`` does not carry, and a join
+across batches, since the two collectors' messages arrive in different chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from vspan.analysis.accounting import Accounting
+from vspan.analysis.decode import decode_batch
+from vspan.analysis.endpoints import EndpointResolver, NicDirectory
+from vspan.analysis.flowkeys import usable
+from vspan.analysis.flows import FLOW_COLUMNS, FlowConfig, FlowTable
+from vspan.analysis.ingest import ingest
+from vspan.analysis.receivers import Chunk
+from vspan.analysis.report import frame_summary
+from vspan.batch import FrameBatch
+
+__all__ = ["Engine", "EngineConfig"]
+
+log = logging.getLogger(__name__)
+
+FlowSink = Callable[[pd.DataFrame], None]
+InventoryGetter = Callable[[], NicDirectory | None]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Engine settings."""
+
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    """Idle and active timeouts (capture time)."""
+    max_flows: int = 1_000_000
+    """Open flows kept; beyond, the least recently seen are finished as ``evicted``."""
+    evict_to: float = 0.9
+    """Fraction of ``max_flows`` left open after an eviction."""
+    keys: Mapping[int, bytes] | None = None
+    """BLAKE2b key per ``collector_id``; those collectors must authenticate."""
+    require_known: bool = False
+    """Accept only the collectors in ``keys``."""
+    max_pending_flows: int = 1_000_000
+    """Finished flows kept for ``drain()`` (without ``on_flows``); older ones are dropped
+    and counted as ``dropped_flows``."""
+    poll_s: float = 0.1
+    """How soon the engine thread notices ``stop()``."""
+
+    def __post_init__(self) -> None:
+        if self.max_flows < 1 or not 0.0 <= self.evict_to <= 1.0:
+            raise ValueError(
+                f"max_flows {self.max_flows} must be >= 1 and evict_to {self.evict_to} in 0..1"
+            )
+
+
+class Engine:
+    """Consumes chunks (from ``source`` when started, or ``process_chunk`` directly)."""
+
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        *,
+        source: queue.Queue[Chunk] | None = None,
+        inventory: InventoryGetter | None = None,
+        on_flows: FlowSink | None = None,
+        accounting: Accounting | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self.accounting = accounting or Accounting()
+        self._source = source
+        self._inventory = inventory
+        self._on_flows = on_flows
+        self._resolver = EndpointResolver()
+        self._table = FlowTable(self.config.flow)
+        self._pending: list[pd.DataFrame] = []
+        self._pending_rows = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.chunks = 0
+        self.messages = 0
+        """Valid messages ingested."""
+        self.frames = 0
+        """Frames of valid messages."""
+        self.bytes = 0
+        """Wire bytes (``orig_len``) of those frames."""
+        self.decoded = 0
+        """Frames usable for flows."""
+        self.undecodable: dict[str, int] = {}
+        """Frames not usable for flows, by ``frame_summary`` reason."""
+        self.flows_finished = 0
+        self.evicted = 0
+        """Flows finished early because the table was full."""
+        self.dropped_flows = 0
+        """Finished flows dropped because nobody drained them."""
+        self.errors = 0
+        """Chunks that failed with an unexpected exception (a bug; logged)."""
+
+    @property
+    def open_flows(self) -> int:
+        """Flows currently open."""
+        return self._table.open_flows
+
+    def counters(self) -> dict[str, int]:
+        """Every counter, for metrics (undecodable reasons prefixed ``undecodable_``)."""
+        out = {
+            name: int(getattr(self, name))
+            for name in (
+                "chunks",
+                "messages",
+                "frames",
+                "bytes",
+                "decoded",
+                "flows_finished",
+                "evicted",
+                "dropped_flows",
+                "errors",
+                "open_flows",
+            )
+        }
+        out.update({f"undecodable_{k}": v for k, v in self.undecodable.items()})
+        return out
+
+    # --- processing (no thread, no clock) -----------------------------------------------
+
+    def process_chunk(self, chunk: Chunk, now: float) -> None:
+        """Ingest, account and process one chunk received at ``now``; releases it."""
+        try:
+            cfg = self.config
+            ing = ingest(
+                chunk.data,
+                chunk.offsets,
+                chunk.sizes,
+                keys=cfg.keys,
+                require_known=cfg.require_known,
+            )
+            self.accounting.update(ing, now)
+            for collector, reason in chunk.rejected:
+                self.accounting.add_rejected(collector, reason)
+            self.chunks += 1
+            self.messages += int(np.count_nonzero(ing.valid))
+            self.process(ing.frames)
+        finally:
+            chunk.release()
+
+    def process(self, batch: FrameBatch) -> None:
+        """Decode a batch of tunnel frames and add its usable frames to the flow table."""
+        if len(batch) == 0:
+            return
+        dec = decode_batch(batch)  # copies what it needs: the batch's buffer may be reused
+        ok = usable(dec)
+        self.frames += len(dec)
+        self.bytes += int(dec.wirelen.sum(dtype=np.int64))
+        self.decoded += int(np.count_nonzero(ok))
+        if not ok.all():
+            summary = frame_summary(dec, ok)
+            bad = summary[summary["category"] == "not decodable"]
+            for reason, n in zip(bad["reason"], bad["frames"], strict=True):
+                self.undecodable[reason] = self.undecodable.get(reason, 0) + int(n)
+        good = dec if ok.all() else dec.take(np.flatnonzero(ok))
+        if self._inventory is not None:
+            self._resolver.directory = self._inventory()
+        finished = self._table.update(good, self._resolver.resolve(good))
+        excess = self._table.open_flows - self.config.max_flows
+        if excess > 0:
+            keep = int(self.config.max_flows * self.config.evict_to)
+            evicted = self._table.evict(self._table.open_flows - keep)
+            self.evicted += len(evicted)
+            finished = pd.concat([finished, evicted], ignore_index=True)
+        self._emit(finished)
+
+    def flush(self) -> None:
+        """Finish every open flow (shutdown, end of a replay)."""
+        self._emit(self._table.flush())
+
+    def drain(self) -> pd.DataFrame:
+        """The finished flows kept since the last drain (``FLOW_COLUMNS``)."""
+        with self._lock:
+            parts, self._pending, self._pending_rows = self._pending, [], 0
+        if not parts:
+            return pd.DataFrame({c: pd.Series(dtype=np.int64) for c in FLOW_COLUMNS})
+        return pd.concat(parts, ignore_index=True)
+
+    def _emit(self, flows: pd.DataFrame) -> None:
+        if not len(flows):
+            return
+        self.flows_finished += len(flows)
+        if self._on_flows is not None:
+            self._on_flows(flows)
+            return
+        with self._lock:
+            self._pending.append(flows)
+            self._pending_rows += len(flows)
+            excess = self._pending_rows - self.config.max_pending_flows
+            while excess > 0:  # drop the oldest rows
+                head = self._pending[0]
+                gone = min(excess, len(head))
+                if gone == len(head):
+                    self._pending.pop(0)
+                else:
+                    self._pending[0] = head.iloc[gone:]
+                self._pending_rows -= gone
+                self.dropped_flows += gone
+                excess -= gone
+
+    # --- the component ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start consuming ``source`` in a thread."""
+        if self._source is None:
+            raise RuntimeError("Engine.start() needs a source queue")
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="vspan-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, *, flush: bool = True) -> None:
+        """Process what is queued, stop the thread, and (``flush``) finish every open flow."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if flush:
+            self.flush()
+
+    def _run(self) -> None:
+        assert self._source is not None
+        while not self._stop.is_set():
+            try:
+                chunk = self._source.get(timeout=self.config.poll_s)
+            except queue.Empty:
+                continue
+            self._guarded(chunk)
+        for _ in range(self._source.qsize()):  # what was queued when stop() came
+            try:
+                chunk = self._source.get_nowait()
+            except queue.Empty:
+                break
+            self._guarded(chunk)
+
+    def _guarded(self, chunk: Chunk) -> None:
+        try:
+            self.process_chunk(chunk, chunk.received_at)
+        except Exception:  # a bug: count it, keep serving
+            self.errors += 1
+            log.exception("engine failed on a chunk of %d datagrams", chunk.offsets.size)
