@@ -159,6 +159,15 @@ class FlowTable:
         seg = self._segments(r["code"], r["ts"], r["start"])
         return self._apply(r, seg, fk.keys, fk.hash)
 
+    def advance(self, now_ns: int) -> pd.DataFrame:
+        """Move capture time to ``now_ns`` without frames; return the flows that idled out.
+
+        A live analyzer calls this when no traffic arrives, mapping its clock to capture
+        time, so that idle flows end even on a quiet network.
+        """
+        self._now = max(self._now, int(now_ns))
+        return self._expire()
+
     def flush(self) -> pd.DataFrame:
         """Finish every open flow (end of capture, shutdown)."""
         done, self._open = self._open, self._open.iloc[0:0]

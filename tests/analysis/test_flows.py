@@ -228,3 +228,13 @@ def test_later_fragments_join_their_first_fragment_even_across_batches() -> None
     )
     flows = run(FlowTable(), dec, cuts=[2])
     assert sorted(zip(flows["port_a"], flows["packets"], strict=True)) == [(5000, 3), (6000, 1)]
+
+
+def test_advancing_time_ends_idle_flows_without_traffic() -> None:
+    table = FlowTable()
+    dec = decoded(1, ts_ns=[0], src_ip="10.0.0.1", dst_ip="10.0.0.2", ip_proto=17)
+    assert table.update(dec, EndpointResolver().resolve(dec)).empty
+    assert table.advance(60 * S).empty  # exactly the idle timeout: still open
+    ended = table.advance(60 * S + 1)
+    assert ended["packets"].tolist() == [1]
+    assert table.open_flows == 0
