@@ -59,7 +59,9 @@ class Node:
         assert isinstance(self.yaml_node, yaml.MappingNode)
         for knode, vnode in self.yaml_node.value:
             if knode.value == key:
-                return Node(self.value[key], vnode, self.path, self._child_field(key))
+                # The parsed mapping may hold the key as another type (``7:`` is an int).
+                value = next(v for k, v in self.value.items() if str(k) == key)
+                return Node(value, vnode, self.path, self._child_field(key))
         raise self.error(f"missing required field '{key}'")
 
     def keys(self) -> list[str]:

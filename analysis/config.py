@@ -1,0 +1,193 @@
+"""The analyzer's settings: defaults, an optional YAML file, and command-line flags.
+
+Every setting can be given in the file and as a flag (flags win). With nothing given the
+analyzer listens on loopback only. File format (all keys optional)::
+
+    udp: 127.0.0.1:47470        # tunnel over UDP ("" or null: off)
+    tcp: 127.0.0.1:47470        # tunnel over TCP
+    http: 127.0.0.1:8470        # API, dashboard, control plane
+    data_dir: /var/lib/vspan
+    inventory: inventory.yaml   # static hosts and VMs (collectors also register theirs)
+    profiles: profiles.yaml     # port-profiles
+    keys: keys.yaml             # collector_id -> hex key (AUTH); see load_keys
+    require_known: false        # accept only collectors with a key
+    idle_timeout: 60            # seconds (capture time)
+    active_timeout: 300
+    max_flows: 1000000
+    retention_days: 30
+    max_store_bytes: 10737418240
+    ring_segment_bytes: 67108864
+    ring_max_bytes: 2147483648
+    ring_max_age: 86400         # seconds
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import yaml
+
+from vspan.errors import ConfigError
+from vspan.tunnel import DEFAULT_PORT
+from vspan.yamlconf import Node, load_file
+
+__all__ = ["DEFAULT_HTTP_PORT", "AnalyzerConfig", "load_keys", "parse_address"]
+
+DEFAULT_HTTP_PORT = 8470
+
+
+def _default_data_dir() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
+    return os.path.join(base, "vspan")
+
+
+@dataclass(frozen=True, slots=True)
+class AnalyzerConfig:
+    """Every setting of ``vspan analyze``."""
+
+    udp: str | None = f"127.0.0.1:{DEFAULT_PORT}"
+    """Tunnel over UDP, ADDR:PORT; None: off."""
+    tcp: str | None = f"127.0.0.1:{DEFAULT_PORT}"
+    """Tunnel over TCP, ADDR:PORT; None: off."""
+    http: str = f"127.0.0.1:{DEFAULT_HTTP_PORT}"
+    """The HTTP API, dashboard and control plane, ADDR:PORT."""
+    data_dir: str = ""
+    """Store and packet ring; "" means $XDG_DATA_HOME/vspan (~/.local/share/vspan)."""
+    inventory: str | None = None
+    """Static inventory YAML."""
+    profiles: str | None = None
+    """Port-profiles YAML."""
+    keys: str | None = None
+    """Collector keys YAML (``collector_id: hex key``)."""
+    require_known: bool = False
+    """Accept tunnel messages only from collectors that have a key."""
+    idle_timeout: float = 60.0
+    """Seconds without packets that end a flow (capture time)."""
+    active_timeout: float = 300.0
+    """Seconds after which a long flow is cut."""
+    max_flows: int = 1_000_000
+    """Live flows kept; beyond, the least recently seen are finished (counted)."""
+    retention_days: float = 30.0
+    """Stored flow records older than this are deleted."""
+    max_store_bytes: int = 10 << 30
+    """The store file is kept under this size (oldest flows deleted first)."""
+    ring_segment_bytes: int = 64 << 20
+    """Size of one packet-ring pcapng segment."""
+    ring_max_bytes: int = 2 << 30
+    """Total size of the packet ring."""
+    ring_max_age: float = 86_400.0
+    """Seconds a packet stays in the ring."""
+
+    def resolved_data_dir(self) -> str:
+        """``data_dir`` with its default applied."""
+        return self.data_dir or _default_data_dir()
+
+    def merged(self, overrides: dict[str, Any], *, none_means_unset: bool = True) -> AnalyzerConfig:
+        """A copy with the given settings replaced. For flags, None means "not given"; a
+        file's explicit null (``tcp: null``: off) is kept with ``none_means_unset=False``."""
+        given = {k: v for k, v in overrides.items() if v is not None or not none_means_unset}
+        unknown = set(given) - {f.name for f in fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+        out = replace(self, **given)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        """Check addresses and limits; raise ``ConfigError`` naming the setting."""
+        for name in ("udp", "tcp", "http"):
+            value = getattr(self, name)
+            if value:
+                parse_address(value, field=name)
+        for name in (
+            "idle_timeout",
+            "active_timeout",
+            "max_flows",
+            "retention_days",
+            "max_store_bytes",
+            "ring_segment_bytes",
+            "ring_max_bytes",
+            "ring_max_age",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"must be positive, got {getattr(self, name)}", field=name)
+
+    @classmethod
+    def load(cls, path: str) -> AnalyzerConfig:
+        """Settings from a YAML file over the defaults; errors name the line and field."""
+        root = load_file(path)
+        if root.value is None:
+            return cls()
+        known = {f.name: f for f in fields(cls)}
+        root.check_keys(set(known))
+        values: dict[str, Any] = {}
+        for key in root.keys():  # noqa: SIM118 - Node.keys(), not a dict
+            node = root.get(key)
+            values[key] = _typed(node, str(known[key].type))
+        try:
+            return cls().merged(values, none_means_unset=False)
+        except ConfigError as exc:
+            field = exc.field or ""
+            raise (
+                root.get(field).error(str(exc).split(": ", 1)[-1]) if field in values else exc
+            ) from None
+
+
+def _typed(node: Node, annotation: str) -> Any:
+    """The node's value checked against the setting's type."""
+    value = node.value
+    if value is None and "None" in annotation:
+        return None
+    if annotation.startswith("bool"):
+        if not isinstance(value, bool):
+            raise node.error(f"expected true or false, got {value!r}")
+        return value
+    if annotation.startswith("int"):
+        return node.as_int(1, 2**63 - 1)
+    if annotation.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise node.error(f"expected a number, got {value!r}")
+        return float(value)
+    if value == "":
+        return None if "None" in annotation else ""
+    return node.as_str()
+
+
+def parse_address(text: str, *, field: str = "address") -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) → (host, port), or a ``ConfigError``."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"expected ADDR:PORT (e.g. 127.0.0.1:{DEFAULT_PORT}), got {text!r}", field=field
+        )
+    return host.strip("[]"), int(port)
+
+
+def load_keys(path: str) -> dict[int, bytes]:
+    """Collector keys: a YAML mapping ``collector_id: hex`` (16–64 bytes of key)."""
+    root = load_file(path)
+    if not isinstance(root.value, dict):
+        raise root.error("expected a mapping of collector_id to hex key")
+    keys: dict[int, bytes] = {}
+    for node_key in root.keys():  # noqa: SIM118 - Node.keys(), not a dict
+        node = root.get(node_key)
+        try:
+            cid = int(node_key)
+        except ValueError:
+            raise node.error(f"collector_id {node_key!r} is not a number") from None
+        if not 0 < cid < 2**32:
+            raise node.error(f"collector_id {cid} out of range 1..4294967295")
+        # The scalar's own text: YAML would read an all-digit key such as 0001... as a number.
+        text = str(node.yaml_node.value) if isinstance(node.yaml_node, yaml.ScalarNode) else ""
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            raise node.error("expected the key as hex digits") from None
+        if not 16 <= len(key) <= 64:
+            raise node.error(f"a key has 16..64 bytes, got {len(key)}")
+        keys[cid] = key
+    return keys
