@@ -1,0 +1,261 @@
+"""The SQL the store sends, built from ``store_schema``: inserts and WHERE clauses.
+
+Every value reaches DuckDB as a bound parameter; identifiers come only from the schema
+tables (quoted). Filters are validated here, once, with errors that say what was expected.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+import numpy as np
+import pandas as pd
+
+from vspan.errors import VspanError
+
+from .store_schema import TABLES, Table, quote
+
+__all__ = [
+    "PROTOCOLS",
+    "StoreError",
+    "Where",
+    "events_where",
+    "flows_where",
+    "insert_sql",
+    "normalize_ip",
+    "prepare",
+    "schema_of",
+    "select_sql",
+    "time_param",
+    "upsert_sql",
+]
+
+PROTOCOLS: Final = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132}
+"""Protocol names accepted where a number is expected."""
+
+
+class StoreError(VspanError):
+    """The store cannot be opened, a query is malformed, or an append does not fit."""
+
+
+def schema_of(name: str) -> Table:
+    """The schema of table ``name``."""
+    if name not in TABLES:
+        raise StoreError(f"no table {name!r}; tables: {', '.join(TABLES)}")
+    return TABLES[name]
+
+
+def time_param(value: object) -> pd.Timestamp:
+    """A point in time as a UTC ``Timestamp``: ns since the epoch (int), ISO text, datetime."""
+    if isinstance(value, np.integer):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int | str | datetime):
+        raise StoreError(
+            f"expected a time (ns since the epoch, ISO text or datetime), got {value!r}"
+        )
+    try:
+        stamp = pd.Timestamp(value, unit="ns") if isinstance(value, int) else pd.Timestamp(value)
+    except ValueError as exc:
+        raise StoreError(f"cannot read {value!r} as a time: {exc}") from exc
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+
+
+def normalize_ip(text: str) -> str:
+    """An address as flow records print it (IPv4-mapped IPv6 as dotted IPv4)."""
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError as exc:
+        raise StoreError(f"expected an IPv4 or IPv6 address, got {text!r}") from exc
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def protocol(value: int | str) -> int:
+    """An IP protocol number from a number or a name of ``PROTOCOLS``."""
+    if isinstance(value, str) and not value.isdigit():
+        if value.lower() not in PROTOCOLS:
+            raise StoreError(
+                f"unknown protocol {value!r}; expected a number or one of {list(PROTOCOLS)}"
+            )
+        return PROTOCOLS[value.lower()]
+    number = int(value)
+    if not 0 <= number <= 255:
+        raise StoreError(f"protocol {number} is outside 0..255")
+    return number
+
+
+@dataclass
+class Where:
+    """An AND of parameterised conditions."""
+
+    clauses: list[str] = field(default_factory=list)
+    params: list[object] = field(default_factory=list)
+
+    def add(self, clause: str, *params: object, skip: bool = False) -> None:
+        """Add ``clause`` (one ``?`` per parameter) unless ``skip``."""
+        if not skip:
+            self.clauses.append(clause)
+            self.params.extend(params)
+
+    def any_of(self, columns: tuple[str, ...], value: object, cast: str = "") -> None:
+        """``value`` equals at least one of ``columns``."""
+        marker = f"CAST(? AS {cast})" if cast else "?"
+        ors = " OR ".join(f"{quote(c)} = {marker}" for c in columns)
+        self.add(f"({ors})", *([value] * len(columns)))
+
+    def vm(self, vm: str, *, uuid_cols: tuple[str, ...], name_cols: tuple[str, ...]) -> None:
+        """A VM by UUID (when ``vm`` is one) or by name."""
+        try:
+            self.any_of(uuid_cols, str(uuid.UUID(vm)), "UUID")
+        except ValueError:
+            self.any_of(name_cols, vm)
+
+    def sql(self) -> str:
+        """`` WHERE …`` (empty when there is no condition)."""
+        return " WHERE " + " AND ".join(self.clauses) if self.clauses else ""
+
+
+def flows_where(
+    *,
+    vm: str | None,
+    host: str | None,
+    scope: str | None,
+    proto: int | str | None,
+    ip: str | None,
+    port: int | None,
+    since: object,
+    until: object,
+) -> Where:
+    """The conditions of ``Store.query_flows``."""
+    where = Where()
+    if vm is not None:
+        where.vm(vm, uuid_cols=("src_vm_uuid", "dst_vm_uuid"), name_cols=("src_vm", "dst_vm"))
+    if host is not None:
+        where.add(
+            '("host" = ? OR "src_host" = ? OR "dst_host" = ? OR list_contains("observed_at", ?))',
+            *([host] * 4),
+        )
+    if scope is not None:
+        allowed = TABLES["flows"].column("scope").check
+        if scope not in allowed:
+            raise StoreError(f"unknown scope {scope!r}; expected one of {list(allowed)}")
+        where.add('"scope" = ?', scope)
+    if proto is not None:
+        where.add('"proto" = ?', protocol(proto))
+    if ip is not None:
+        where.any_of(("src_ip", "dst_ip"), normalize_ip(ip))
+    if port is not None:
+        if not 0 <= int(port) <= 65535:
+            raise StoreError(f"port {port} is outside 0..65535")
+        where.any_of(("src_port", "dst_port"), int(port))
+    if since is not None:
+        where.add('"last_ns" >= ?', int(time_param(since).value))
+    if until is not None:
+        where.add('"first_ns" < ?', int(time_param(until).value))
+    return where
+
+
+def insert_sql(spec: Table, given: list[str]) -> str:
+    """``INSERT INTO t (…) SELECT … FROM incoming`` for the columns ``given``."""
+    unknown = [c for c in given if c not in spec.names]
+    if unknown:
+        raise StoreError(
+            f"table {spec.name} has no column {', '.join(map(repr, unknown))}; "
+            "add it to store_schema and bump SCHEMA_VERSION"
+        )
+    names, exprs = [], []
+    for col in spec.columns:
+        if col.name in given:
+            source = quote(col.name)
+            if col.duckdb.startswith("MAP("):
+                source = f"CAST({source} AS JSON)"
+            exprs.append(f"CAST({source} AS {col.duckdb}) AS {quote(col.name)}")
+        elif col.name == "flow_uid":
+            exprs.append('gen_random_uuid() AS "flow_uid"')
+        elif not col.null:
+            raise StoreError(f"table {spec.name} needs column {col.name!r}, which is missing")
+        else:
+            continue
+        names.append(quote(col.name))
+    return (
+        f"INSERT INTO {quote(spec.name)} ({', '.join(names)}) "
+        f"SELECT {', '.join(exprs)} FROM incoming"
+    )
+
+
+def prepare(spec: Table, df: pd.DataFrame) -> pd.DataFrame:
+    """Columns DuckDB cannot cast by itself: ns integers → UTC timestamps, dicts → JSON."""
+    changed: dict[str, Any] = {}
+    for col in spec.columns:
+        if col.name not in df.columns:
+            continue
+        values = df[col.name]
+        if col.duckdb == "TIMESTAMPTZ" and pd.api.types.is_integer_dtype(values.dtype):
+            changed[col.name] = pd.to_datetime(values, unit="ns", utc=True)
+        elif col.duckdb.startswith("MAP(") and values.dtype == object:
+            changed[col.name] = [None if v is None else json.dumps(dict(v)) for v in values]
+    return df.assign(**changed) if changed else df
+
+
+def upsert_sql(spec: Table, given: list[str], sums: tuple[str, ...], latest: str) -> str:
+    """An insert that adds ``sums`` to the rows with the same primary key (duplicates in
+    the input are summed first); ``latest`` keeps the maximum, other columns the newest."""
+    keys = [c for c in given if c in spec.primary_key]
+
+    def agg(c: str) -> str:
+        if c in keys:
+            return quote(c)
+        if c in sums:
+            return f"sum({quote(c)})"
+        return f"max({quote(c)})" if c == latest else f"arg_max({quote(c)}, {quote(latest)})"
+
+    def update(c: str) -> str:
+        if c in sums:
+            return f"{quote(c)} = {quote(c)} + EXCLUDED.{quote(c)}"
+        if c == latest:
+            return f"{quote(c)} = greatest({quote(c)}, EXCLUDED.{quote(c)})"
+        return f"{quote(c)} = EXCLUDED.{quote(c)}"
+
+    head, body = insert_sql(spec, given).split(" SELECT ", 1)
+    key_list = ", ".join(quote(k) for k in keys)
+    return (
+        f"{head} SELECT {', '.join(agg(c) for c in given)} FROM (SELECT {body}) "
+        f"GROUP BY {key_list} ON CONFLICT ({key_list}) "
+        f"DO UPDATE SET {', '.join(update(c) for c in given if c not in keys)}"
+    )
+
+
+def select_sql(
+    spec: Table, where: Where, order: str, limit: int | None
+) -> tuple[str, list[object]]:
+    """``SELECT *`` of a table with conditions, ``order`` (``-column``: descending), limit."""
+    name = order.removeprefix("-")
+    if name not in spec.names:
+        raise StoreError(f"cannot order {spec.name} by {name!r}; columns: {', '.join(spec.names)}")
+    sql = f"SELECT * FROM {quote(spec.name)}{where.sql()} ORDER BY {quote(name)}"
+    sql += " DESC" if order.startswith("-") else ""
+    if limit is None:
+        return sql, where.params
+    return sql + " LIMIT ?", [*where.params, int(limit)]
+
+
+def events_where(
+    *, vm: str | None = None, since: object = None, until: object = None, **equal: object
+) -> Where:
+    """Conditions on an event table: its VM, its ``time`` range, columns equal to values."""
+    where = Where()
+    if vm is not None:
+        where.vm(vm, uuid_cols=("vm_uuid",), name_cols=("vm_name",))
+    if since is not None:
+        where.add('"time" >= ?', time_param(since))
+    if until is not None:
+        where.add('"time" < ?', time_param(until))
+    for column, value in equal.items():
+        where.add(f"{quote(column)} = ?", value, skip=value is None)
+    return where
