@@ -1,0 +1,243 @@
+"""The collector: one component that captures VM traffic, tags it and ships it.
+
+Per step: poll the capture source → mirror (VN-tag per the mirroring rules and the SPAN
+sessions) → forward (tunnel messages, flushed when full or after 20 ms). Every
+``refresh_interval_s`` the port directory is asked again; new ports are captured from
+their first frame and sessions are re-selected (sessions follow VMs, so a VM that arrived
+by live migration is mirrored at once). With a control plane the collector registers its
+ports, fetches its sessions and sends heartbeats with its counters.
+
+Time is an argument of ``step``; only the command-line loop reads the clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from vspan.collectors.control_client import ControlClient
+from vspan.collectors.forward import Forwarder, ForwarderConfig, Sender
+from vspan.collectors.mirror import Mirror
+from vspan.collectors.model import CaptureSource, Port, PortDirectory
+from vspan.collectors.sessions import Selection, SessionSet
+from vspan.errors import VspanError
+
+__all__ = ["Collector", "CollectorSettings", "PortAware"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class CollectorSettings:
+    """What a collector needs besides its parts."""
+
+    collector_id: int
+    """This host's id in the tunnel (1..2^32-1)."""
+    host: str
+    """This host's name."""
+    key: bytes | None = None
+    """AUTH key shared with the analyzer; None sends without AUTH."""
+    max_message: int | None = None
+    """Largest tunnel message; None: the sender's default (UDP 1,400 bytes)."""
+    snaplen: int = 0
+    """Bytes kept of each frame for every session (0: whole frames)."""
+    sample: int = 1
+    """Keep 1 frame in N per port for every session."""
+    refresh_interval_s: float = 2.0
+    """How often the port directory is asked again."""
+    heartbeat_interval_s: float = 10.0
+    """How often counters go to the control plane."""
+
+
+@runtime_checkable
+class PortAware(Protocol):
+    """A capture source whose set of ports can change (AF_PACKET); replay has fixed ports."""
+
+    def add_port(self, port: Port) -> None: ...
+
+    def remove_port(self, name: str) -> bool: ...
+
+
+class Collector:
+    """Capture source + port directory + mirror + forwarder (+ control plane)."""
+
+    def __init__(
+        self,
+        settings: CollectorSettings,
+        *,
+        source: CaptureSource,
+        directory: PortDirectory,
+        sender: Sender,
+        sessions: SessionSet | None = None,
+        control: ControlClient | None = None,
+        refresh: Any = None,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.directory = directory
+        self.sessions = sessions
+        self.control = control
+        self.mirror = Mirror()
+        self.forwarder = Forwarder(
+            ForwarderConfig(
+                collector_id=settings.collector_id,
+                max_message=settings.max_message,
+                key=settings.key,
+            ),
+            sender,
+        )
+        self._refresh = refresh  # a Discovery's refresh(), when the directory is one
+        self.ports: list[Port] = []
+        self._next_refresh = 0.0
+        self._next_heartbeat = 0.0
+        self.steps = 0
+        self.errors: dict[str, int] = {}
+        """Control-plane and refresh failures by kind (the data path goes on)."""
+
+    # --- component ----------------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        """Find the ports, start sending and capturing.
+
+        A port directory that fails now (a missing bridge, no permission) is an error;
+        later failures are counted and the last good ports kept.
+        """
+        if self._refresh is not None:
+            self._refresh()
+        self.forwarder.start()
+        self._update_ports(now)
+        self.source.start()
+
+    def stop(self) -> None:
+        """Flush what is queued, stop capturing and sending."""
+        try:
+            self.source.stop()
+        finally:
+            self.forwarder.stop()
+
+    def step(self, now: float, poll_s: float = 0.02) -> int:
+        """One round: capture, mirror, forward; returns the frames exported."""
+        self.steps += 1
+        if now >= self._next_refresh:
+            self._update_ports(now)
+        exported = 0
+        batch = self.source.poll(poll_s)
+        if batch is not None and len(batch.frames):
+            result = self.mirror.process(batch)
+            exported = len(result.frames)
+            self.forwarder.push(result.frames, now)
+        if self.forwarder.flush_due(now):
+            self.forwarder.flush()
+        control = self.control
+        if control is not None and now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.settings.heartbeat_interval_s
+            self._call("heartbeat", lambda: control.heartbeat(self.counters()))
+        return exported
+
+    # --- ports and sessions -------------------------------------------------------------
+
+    def _update_ports(self, now: float) -> None:
+        self._next_refresh = now + self.settings.refresh_interval_s
+        if self._refresh is not None:
+            try:
+                self._refresh()
+            except VspanError as exc:
+                self._count("refresh")
+                if self.errors["refresh"] in (1, 10) or self.errors["refresh"] % 100 == 0:
+                    log.warning("port discovery failed (%d times): %s", self.errors["refresh"], exc)
+                return
+        ports = self.directory.ports()
+        if ports == self.ports and self.steps:
+            return
+        self._apply_ports(ports)
+        if self.control is not None:
+            control = self.control
+            reply = self._call("register", lambda: control.register(self.settings.host, ports))
+            if isinstance(reply, dict) and reply.get("sessions"):
+                self.sessions = SessionSet.from_json_value(reply["sessions"])
+                self._apply_selection()
+
+    def _apply_ports(self, ports: Sequence[Port]) -> None:
+        old = {p.name: p for p in self.ports}
+        new = {p.name: p for p in ports}
+        if isinstance(self.source, PortAware):
+            for name in old.keys() - new.keys():
+                self.source.remove_port(name)
+            for name, port in new.items():
+                if old.get(name) != port:
+                    if name in old:
+                        self.source.remove_port(name)
+                    self.source.add_port(port)
+        self.ports = list(ports)
+        self.mirror.set_ports(self.ports)
+        self._apply_selection()
+
+    def _apply_selection(self) -> None:
+        selection = (
+            self.sessions.select(self.ports)
+            if self.sessions and self.sessions.sessions
+            else Selection.everything()
+        )
+        snaplen, sample = self.settings.snaplen, self.settings.sample
+        if snaplen or sample > 1:
+            cut = selection.snaplen
+            cut = np.where(cut == 0, snaplen, np.minimum(cut, snaplen) if snaplen else cut)
+            selection = dataclasses.replace(
+                selection,
+                snaplen=cut.astype(np.int32),
+                sample=np.maximum(selection.sample, sample).astype(np.int32),
+            )
+        self.mirror.set_selection(selection)
+
+    # --- counters -----------------------------------------------------------------------
+
+    def counters(self) -> dict[str, Any]:
+        """Everything counted so far (the heartbeat's body and the stats line's source)."""
+        cap = self.source.counters
+        sent = self.forwarder.sender.counters
+        mirror = self.mirror.counters
+        return {
+            "frames": cap.frames,
+            "bytes": cap.bytes,
+            "truncated": cap.truncated + mirror.truncated,
+            "kernel_drops": cap.kernel_drops,
+            "sampled_out": cap.sampled_out + mirror.dropped.get("sampled_out", 0),
+            "dropped": {
+                **{k: v for k, v in mirror.dropped.items() if k != "sampled_out"},
+                **sent.dropped,
+            },
+            "per_port": dict(cap.per_port),
+            "exported": mirror.exported,
+            "messages_sent": sent.messages_sent,
+            "frames_sent": sent.frames_sent,
+            "bytes_sent": sent.bytes_sent,
+            "ports": len(self.ports),
+            "errors": dict(self.errors),
+        }
+
+    def stats_line(self) -> str:
+        """One line for the terminal."""
+        c = self.counters()
+        dropped = ", ".join(f"{k} {v}" for k, v in sorted(c["dropped"].items()) if v) or "none"
+        return (
+            f"{self.settings.host}: {c['ports']} ports, captured {c['frames']:,} frames, "
+            f"exported {c['exported']:,}, sent {c['frames_sent']:,} in "
+            f"{c['messages_sent']:,} messages, truncated {c['truncated']:,}, "
+            f"kernel drops {c['kernel_drops']:,}, dropped: {dropped}"
+        )
+
+    def _call(self, kind: str, fn: Any) -> object:
+        try:
+            return fn()
+        except VspanError as exc:
+            self._count(kind)
+            log.warning("control plane %s failed: %s", kind, exc)
+            return None
+
+    def _count(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
