@@ -33,7 +33,7 @@ import numpy.typing as npt
 
 from vspan.batch import FrameBatch
 from vspan.errors import CaptureFileError
-from vspan.inventory import Inventory
+from vspan.inventory import InventoryView
 from vspan.pcapfile import CaptureReader
 from vspan.pcapwrite import PcapngWriter, PcapWriter
 
@@ -113,7 +113,7 @@ def export(
     until: object = None,
     strip_tag: bool = False,
     fmt: Literal["pcapng", "pcap"] = "pcapng",
-    inventory: Inventory | None = None,
+    inventory: InventoryView | None = None,
     store: Store | None = None,
     chunk_bytes: int = 16 << 20,
 ) -> ExportResult:

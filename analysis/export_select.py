@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vspan.errors import VspanError
-from vspan.inventory import Inventory
+from vspan.inventory import InventoryView
 
 from .columns import Decoded
 from .ring_index import Interface, SegmentInfo, SegmentQuery, ip_key
@@ -86,7 +86,7 @@ class Want:
         return np.array(sorted(mine | (self.vm_ports - taken)), np.uint64)
 
 
-def fallback_interface(name: str, inventory: Inventory | None) -> Interface:
+def fallback_interface(name: str, inventory: InventoryView | None) -> Interface:
     """An interface known only by its ``host/vm`` name (a segment without its index)."""
     host_name, _, rest = name.partition("/")
     host = inventory.host(host_name) if inventory is not None else None
@@ -97,7 +97,7 @@ def fallback_interface(name: str, inventory: Inventory | None) -> Interface:
 
 def resolve(
     segments: list[SegmentInfo],
-    inventory: Inventory | None,
+    inventory: InventoryView | None,
     *,
     vm: str | None,
     host: str | int | None,
@@ -213,7 +213,7 @@ def select(
 class VmNames:
     """VM names by (host, vif) port and by MAC, looked up for whole columns."""
 
-    def __init__(self, segments: list[SegmentInfo], inventory: Inventory | None) -> None:
+    def __init__(self, segments: list[SegmentInfo], inventory: InventoryView | None) -> None:
         names: dict[str, int] = {}
         ports: dict[int, int] = {}
         macs: dict[int, int] = {}

@@ -47,7 +47,7 @@ from vspan.analysis.policy_acl import (
     parse_rule,
 )
 from vspan.errors import ConfigError, PolicyError
-from vspan.inventory import Inventory
+from vspan.inventory import InventoryView
 from vspan.yamlconf import Node, load, load_file
 
 __all__ = ["Bindings", "Origin", "PolicySet", "Profile", "bind", "load_policy", "loads_policy"]
@@ -342,7 +342,7 @@ class Bindings:
         return self.uuids.get(vm, vm)
 
 
-def bind(policy: PolicySet, inventory: Inventory | None = None) -> Bindings:
+def bind(policy: PolicySet, inventory: InventoryView | None = None) -> Bindings:
     """Bindings of the inventory's VMs (and of VMs seen later, by name, through patterns)."""
     vms = () if inventory is None else inventory.vms
     uuids = {vm.name: vm.uuid for vm in vms}

@@ -36,7 +36,7 @@ from vspan.analysis.policy_acl import (
     VmRef,
     format_rule,
 )
-from vspan.inventory import Inventory
+from vspan.inventory import InventoryView
 
 __all__ = [
     "HIT_COLUMNS",
@@ -211,7 +211,7 @@ class CompiledPolicy:
         return self.bindings.warnings
 
 
-def compile_policy(policy: PolicySet, inventory: Inventory | None = None) -> CompiledPolicy:
+def compile_policy(policy: PolicySet, inventory: InventoryView | None = None) -> CompiledPolicy:
     """Compile every rule once; bind the inventory's VMs."""
     index = {p.name: i for i, p in enumerate(policy.profiles)}
     rows: list[tuple[str, int, str, str, str | None, str]] = []

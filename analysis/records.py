@@ -17,7 +17,7 @@ import pandas as pd
 
 from vspan.analysis.endpoints import KIND_MAC, KIND_NIC, endpoint_host_vif
 from vspan.analysis.flowkeys import ICMP_TYPE_CODE
-from vspan.inventory import Inventory, format_mac
+from vspan.inventory import InventoryView, format_mac
 
 __all__ = ["RECORD_COLUMNS", "HostNames", "flow_records"]
 
@@ -71,7 +71,7 @@ class HostNames:
     names: dict[int, str]
 
     @classmethod
-    def from_inventory(cls, inventory: Inventory | None) -> HostNames:
+    def from_inventory(cls, inventory: InventoryView | None) -> HostNames:
         """Names of the inventory's hosts."""
         if inventory is None:
             return cls({})
@@ -124,7 +124,7 @@ def _nullable(values: npt.ArrayLike, valid: npt.NDArray[np.bool_]) -> pd.Series:
 
 
 def flow_records(
-    flows: pd.DataFrame, *, inventory: Inventory | None, hosts: HostNames, first_id: int = 1
+    flows: pd.DataFrame, *, inventory: InventoryView | None, hosts: HostNames, first_id: int = 1
 ) -> pd.DataFrame:
     """User-facing flow records (``RECORD_COLUMNS``) of finished flows."""
     n = len(flows)

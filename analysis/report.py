@@ -26,7 +26,7 @@ from vspan.analysis.flowkeys import usable
 from vspan.analysis.flows import FlowConfig, FlowTable
 from vspan.analysis.records import HostNames, flow_records
 from vspan.batch import FrameBatch
-from vspan.inventory import Inventory
+from vspan.inventory import InventoryView
 from vspan.pcapfile import CaptureReader
 
 __all__ = ["CaptureReport", "FileStatus", "analyze_captures", "frame_summary", "prefetch"]
@@ -170,7 +170,7 @@ def prefetch(batches: Iterator[T], depth: int = 2) -> Iterator[T]:
 def analyze_captures(
     paths: Sequence[str | os.PathLike[str]],
     *,
-    inventory: Inventory | None = None,
+    inventory: InventoryView | None = None,
     host: str | None = None,
     flow_config: FlowConfig | None = None,
     chunk_bytes: int = 64 << 20,

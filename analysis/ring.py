@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vspan.batch import FrameBatch
-from vspan.inventory import Inventory
+from vspan.inventory import InventoryView
 from vspan.pcapwrite import PcapngWriter
 
 from .columns import Decoded
@@ -95,7 +95,7 @@ class PacketRing:
         max_bytes: int = 4 << 30,
         max_age_s: float = 3600.0,
         store: Store | None = None,
-        inventory: Inventory | None = None,
+        inventory: InventoryView | None = None,
         retry_s: float = 10.0,
     ) -> None:
         self.directory = Path(directory)

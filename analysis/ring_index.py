@@ -31,7 +31,7 @@ import pandas as pd
 
 from vspan.batch import FrameBatch
 from vspan.errors import CaptureFileError
-from vspan.inventory import Inventory, format_mac
+from vspan.inventory import InventoryView, format_mac
 from vspan.pcapfile import CaptureReader
 
 from .columns import Decoded, TagKind
@@ -79,7 +79,7 @@ def frame_vifs(decoded: Decoded) -> npt.NDArray[np.uint32]:
     return np.where(decoded.tag_kind == TagKind.NONE, np.uint32(0), vif)
 
 
-def host_name(collector_id: int, inventory: Inventory | None) -> str:
+def host_name(collector_id: int, inventory: InventoryView | None) -> str:
     """The inventory's name for a collector, else ``collector-N`` (0: ``unknown``)."""
     host = inventory.host_by_id(collector_id) if inventory is not None else None
     if host is not None:

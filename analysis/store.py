@@ -24,7 +24,7 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
-from vspan.inventory import Inventory
+from vspan.inventory import InventoryView
 
 from .store_schema import MIGRATIONS, SCHEMA_VERSION, TABLES, Table, duckdb_ddl, quote
 from .store_sql import (
@@ -176,7 +176,7 @@ class Store:
         self._write(sql, prepare(spec, df))
         return len(df)
 
-    def append_flows(self, df: pd.DataFrame, *, inventory: Inventory | None = None) -> int:
+    def append_flows(self, df: pd.DataFrame, *, inventory: InventoryView | None = None) -> int:
         """Insert flow records (``records.RECORD_COLUMNS``, optionally the extra columns);
         ``flow_uid`` is generated when absent, VM UUIDs filled from ``inventory``."""
         if inventory is not None:

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import uuid as uuidlib
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from vspan.yamlconf import Node, load, load_file
 
-__all__ = ["MAX_VIF", "Host", "Inventory", "Nic", "Vm", "format_mac"]
+__all__ = ["MAX_VIF", "Host", "Inventory", "InventoryView", "Nic", "Vm", "format_mac"]
 
 MAX_VIF = 4095
 """Largest vif: the VN-Tag's svif field has 12 bits."""
@@ -74,6 +75,33 @@ class Vm:
     nics: tuple[Nic, ...]
     profile: str | None = None
     """Port-profile bound to the VM."""
+
+
+class InventoryView(Protocol):
+    """What readers of an inventory use: the static ``Inventory`` and the analyzer's live
+    snapshot (``vspan.analysis.inventory_snapshot``) both provide it."""
+
+    @property
+    def hosts(self) -> tuple[Host, ...]: ...
+
+    @property
+    def vms(self) -> tuple[Vm, ...]: ...
+
+    def host(self, name: str) -> Host | None: ...
+
+    def host_by_id(self, collector_id: int) -> Host | None: ...
+
+    def vm(self, name_or_uuid: str) -> Vm | None: ...
+
+    def resolve_vifs(
+        self, collector_id: npt.ArrayLike, vif: npt.ArrayLike
+    ) -> npt.NDArray[np.int32]: ...
+
+    def resolve_macs(self, mac: npt.ArrayLike) -> npt.NDArray[np.int32]: ...
+
+    def nic_vm(self) -> npt.NDArray[np.int32]: ...
+
+    def nic_host_vif(self) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]: ...
 
 
 class Inventory:
