@@ -12,9 +12,13 @@ with ``bincount``. Segments that contain a pseudo-row continue that open flow; t
 segment of each key stays open; everything else is finished and returned.
 
 Copies: a packet between VMs on two hosts is observed twice (sender copy d=0 at its host,
-receiver copy d=1 at the other). A flow direction counts its sender copies when it has any,
-else its receiver copies (the sender's host is not observed), so each packet counts once;
-``copies`` counts every observation and ``observers`` the hosts that saw the flow.
+receiver copy d=1 at the other). The table counts each direction's copies per role —
+sender (``_s``), receiver (``_r``) and other (``_o``: untagged, E-tagged) — and reports
+``max(sender, receiver) + other``: each packet once when both hosts are observed, whatever
+order their copies arrive in (collectors send independently), and the better count when
+one collector lost some. The per-role counts stay in the record: the two observation
+points of cross-host traffic. ``copies`` counts every frame, ``observer``/``observer_other``
+the hosts that saw the flow.
 """
 
 from __future__ import annotations
@@ -35,25 +39,43 @@ __all__ = ["FLOW_COLUMNS", "FlowConfig", "FlowTable"]
 
 NS = 1_000_000_000
 
-_COUNTERS = ("packets", "bytes", "packets_rev", "bytes_rev", "copies")
+_ROLES = ("s", "r", "o")
+"""Copy roles: sender copy (VN-Tag d=0 with svif), receiver copy (d=1), other."""
+_DIRS = ("", "_rev")
+_ROLE_COUNTERS = tuple(
+    f"{what}{d}_{role}" for role in _ROLES for d in _DIRS for what in ("packets", "bytes")
+)
 _STATE = (
     *KEY_COLUMNS,
     "hash",
     "start_ns",
     "last_ns",
-    *_COUNTERS,
+    *_ROLE_COUNTERS,
+    "copies",
     "tcp_flags",
     "tcp_flags_rev",
     "first_rev",
-    "sender_fwd",
-    "sender_rev",
     "observer",
     "observer_other",
     "tagged",
 )
-FLOW_COLUMNS = _STATE
-"""Columns of the finished-flow frames ``update``/``flush`` return (A/B oriented: ``rev``
-counters are B → A; ``first_rev`` says the first packet went B → A)."""
+_TOTALS = ("packets", "bytes", "packets_rev", "bytes_rev")
+FLOW_COLUMNS = (*_STATE, *_TOTALS)
+"""Columns of the finished-flow frames the table returns (A/B oriented: ``_rev`` counters
+are B → A; ``first_rev`` says the first packet went B → A). ``packets``/``bytes`` are
+``max(sender copies, receiver copies) + other copies`` per direction."""
+
+
+def _with_totals(flows: pd.DataFrame) -> pd.DataFrame:
+    """Finished flows with their packet and byte totals (see ``FLOW_COLUMNS``)."""
+    out = flows.reset_index(drop=True)
+    if out.empty:
+        return out.assign(**{c: pd.Series(dtype=np.int64) for c in _TOTALS})
+    for what in ("packets", "bytes"):
+        for d in _DIRS:
+            s, r, o = (out[f"{what}{d}_{role}"].to_numpy() for role in _ROLES)
+            out[f"{what}{d}"] = np.maximum(s, r) + o
+    return out
 
 
 def _sort_by_code_and_time(
@@ -171,7 +193,7 @@ class FlowTable:
     def flush(self) -> pd.DataFrame:
         """Finish every open flow (end of capture, shutdown)."""
         done, self._open = self._open, self._open.iloc[0:0]
-        return done.reset_index(drop=True)
+        return _with_totals(done)
 
     def evict(self, n: int) -> pd.DataFrame:
         """Finish the ``n`` open flows seen longest ago (a bounded table sheds its oldest)."""
@@ -183,7 +205,7 @@ class FlowTable:
         gone[np.argpartition(last, n - 1)[:n]] = True
         done: pd.DataFrame = self._open[gone]
         self._open = self._open[~gone].reset_index(drop=True)
-        return done.reset_index(drop=True)
+        return _with_totals(done)
 
     # --- internals --------------------------------------------------------------------
 
@@ -247,13 +269,7 @@ class FlowTable:
             return out
 
         rev = r["rev"]
-        sender_dir = np.zeros((2, nseg), dtype=np.bool_)
-        for d in (0, 1):
-            mine = real & (rev == d) & (r["sender"] == 1)
-            sender_dir[d] = np.bincount(seg[mine], minlength=nseg) > 0
-        sender_dir[0] |= prior_col("sender_fwd") > 0
-        sender_dir[1] |= prior_col("sender_rev") > 0
-        counted = real & ((r["receiver"] == 0) | ~sender_dir[rev, seg])
+        role = np.where(r["sender"] == 1, 0, np.where(r["receiver"] == 1, 1, 2))
 
         # Key columns come from the batch, through one real row of each segment.
         key_row = np.maximum.reduceat(r["row"], bounds)
@@ -263,23 +279,25 @@ class FlowTable:
         for name in KEY_COLUMNS:
             out[name] = np.where(has_row, keys[name][pick].view(np.int64), prior_col(name))
         out["hash"] = np.where(has_row, hashes[pick].view(np.int64), prior_col("hash"))
-        cseg, crev = seg[counted], rev[counted]
-        cbytes, cflags = r["bytes"][counted], r["flags"][counted]
-        for d, suffix in ((0, ""), (1, "_rev")):
-            sel = crev == d
-            out["packets" + suffix] = np.bincount(cseg[sel], minlength=nseg)
-            out["bytes" + suffix] = np.bincount(
-                cseg[sel], weights=cbytes[sel], minlength=nseg
-            ).astype(np.int64)
-            flags = _or_by_segment(cseg[sel], cflags[sel], nseg)
+        rseg, rrev, rrole = seg[real], rev[real], role[real]
+        rbytes, rflags = r["bytes"][real], r["flags"][real]
+        for d, suffix in enumerate(_DIRS):
+            mine = rrev == d
+            flags = _or_by_segment(rseg[mine], rflags[mine], nseg)
             out["tcp_flags" + suffix] = flags | prior_col("tcp_flags" + suffix)
-        out["copies"] = np.bincount(seg[real], minlength=nseg)
-        for c in _COUNTERS:
-            out[c] = out[c] + prior_col(c)
+            for k, name in enumerate(_ROLES):
+                sel = mine & (rrole == k)
+                packets = np.bincount(rseg[sel], minlength=nseg)
+                nbytes = np.bincount(rseg[sel], weights=rbytes[sel], minlength=nseg)
+                out[f"packets{suffix}_{name}"] = packets + prior_col(f"packets{suffix}_{name}")
+                out[f"bytes{suffix}_{name}"] = nbytes.astype(np.int64) + prior_col(
+                    f"bytes{suffix}_{name}"
+                )
+        out["copies"] = np.bincount(rseg, minlength=nseg) + prior_col("copies")
 
-        # First counted packet of each new segment sets its direction and observer.
+        # The first frame of each new segment sets its direction and observer.
         first_counted = np.full(nseg, -1, dtype=np.int64)
-        idx = np.flatnonzero(counted)
+        idx = np.flatnonzero(real)
         lead = np.ones(idx.size, dtype=np.bool_)
         lead[1:] = seg[idx[1:]] != seg[idx[:-1]]
         first_counted[seg[idx[lead]]] = idx[lead]
@@ -294,8 +312,6 @@ class FlowTable:
         out["observer_other"][~cont] = other_any[~cont]
         out["start_ns"] = np.minimum.reduceat(r["start"], bounds)
         out["last_ns"] = np.maximum.reduceat(r["ts"], bounds)
-        out["sender_fwd"] = sender_dir[0].astype(np.int64)
-        out["sender_rev"] = sender_dir[1].astype(np.int64)
         tagged = _or_by_segment(seg[real], r["tagged"][real], nseg)
         out["tagged"] = tagged | prior_col("tagged")
 
@@ -312,10 +328,14 @@ class FlowTable:
         ended: pd.DataFrame = segs[~last_of_code & ~pseudo_only]
         still_open: pd.DataFrame = segs[keep_open]
         self._open = pd.concat([self._open[untouched], still_open], ignore_index=True)
-        return pd.concat([finished_prior, ended, self._expire()], ignore_index=True)
+        return _with_totals(pd.concat([finished_prior, ended, self._idled()], ignore_index=True))
 
     def _expire(self) -> pd.DataFrame:
-        """Finish open flows idle for longer than the idle timeout at the newest time."""
+        """Finished flows (with totals) idle for longer than the idle timeout."""
+        return _with_totals(self._idled())
+
+    def _idled(self) -> pd.DataFrame:
+        """Take the open flows idle for longer than the idle timeout at the newest time."""
         if not len(self._open):
             return self._open.iloc[0:0]
         idle = self._now - self._open["last_ns"].to_numpy() > self._idle
