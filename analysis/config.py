@@ -158,9 +158,9 @@ def _typed(node: Node, annotation: str) -> Any:
 
 
 def parse_address(text: str, *, field: str = "address") -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) → (host, port), or a ``ConfigError``."""
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6; port 0: the kernel chooses) → (host, port)."""
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(
             f"expected ADDR:PORT (e.g. 127.0.0.1:{DEFAULT_PORT}), got {text!r}", field=field
         )

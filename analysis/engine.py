@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from vspan.analysis.accounting import Accounting
+from vspan.analysis.columns import Decoded
 from vspan.analysis.decode import decode_batch
 from vspan.analysis.endpoints import EndpointResolver, NicDirectory
 from vspan.analysis.flowkeys import usable
@@ -43,6 +44,7 @@ __all__ = ["Engine", "EngineConfig"]
 log = logging.getLogger(__name__)
 
 FlowSink = Callable[[pd.DataFrame], None]
+BatchSink = Callable[[FrameBatch, Decoded], None]
 InventoryGetter = Callable[[], NicDirectory | None]
 
 
@@ -83,6 +85,7 @@ class Engine:
         source: queue.Queue[Chunk] | None = None,
         inventory: InventoryGetter | None = None,
         on_flows: FlowSink | None = None,
+        on_batch: BatchSink | None = None,
         accounting: Accounting | None = None,
     ) -> None:
         self.config = config or EngineConfig()
@@ -90,6 +93,7 @@ class Engine:
         self._source = source
         self._inventory = inventory
         self._on_flows = on_flows
+        self._on_batch = on_batch
         self._resolver = EndpointResolver()
         self._table = FlowTable(self.config.flow)
         self._pending: list[pd.DataFrame] = []
@@ -168,6 +172,8 @@ class Engine:
         if len(batch) == 0:
             return
         dec = decode_batch(batch)  # copies what it needs: the batch's buffer may be reused
+        if self._on_batch is not None:  # the packet ring: while the buffer is still ours
+            self._on_batch(batch, dec)
         ok = usable(dec)
         self.frames += len(dec)
         self.bytes += int(dec.wirelen.sum(dtype=np.int64))

@@ -13,7 +13,7 @@ __all__ = ["main"]
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from vspan import cli_collect, cli_demo, cli_report
+    from vspan import cli_analyze, cli_collect, cli_demo, cli_report
 
     parser = argparse.ArgumentParser(
         prog="vspan",
@@ -24,6 +24,7 @@ def _build_parser() -> argparse.ArgumentParser:
     cli_report.add_parser(sub)
     cli_demo.add_parser(sub)
     cli_collect.add_parser(sub)
+    cli_analyze.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,114 @@
+"""``vspan analyze``: receive collectors' tunnels, keep per-VM flows, serve the API."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from dataclasses import fields
+from typing import Any
+
+__all__ = ["add_parser"]
+
+_HELP = {
+    "udp": "tunnel over UDP, ADDR:PORT ('off' to disable)",
+    "tcp": "tunnel over TCP, ADDR:PORT ('off' to disable)",
+    "http": "API, dashboard and control plane, ADDR:PORT",
+    "data_dir": "store and packet ring (default ~/.local/share/vspan)",
+    "inventory": "static inventory YAML (collectors also register theirs)",
+    "profiles": "port-profiles YAML",
+    "keys": "collector keys YAML (collector_id: hex key)",
+}
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``analyze`` on the top-level subparsers."""
+    from vspan.analysis.config import AnalyzerConfig
+
+    p: argparse.ArgumentParser = sub.add_parser(
+        "analyze",
+        help="run the analyzer: receive tunnels, keep flows, serve the API",
+        description="Receive VN-tagged frames from collectors, keep per-VM flows, policy "
+        "hits and recent packets, and serve the HTTP API. With no arguments it listens on "
+        "loopback only. Every setting of --config is also a flag; flags win.",
+    )
+    p.add_argument("--config", metavar="FILE", help="analyzer settings (YAML)")
+    for f in fields(AnalyzerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        if kind.startswith("bool"):
+            p.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f.name.replace("_", " "),
+            )
+        else:
+            conv: Any = (
+                int if kind.startswith("int") else float if kind.startswith("float") else str
+            )
+            p.add_argument(
+                flag,
+                type=conv,
+                default=None,
+                metavar=f.name.upper(),
+                help=_HELP.get(f.name, f.name.replace("_", " ")),
+            )
+    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    p.set_defaults(run=run)
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from vspan.analysis.config import AnalyzerConfig
+
+    base = AnalyzerConfig.load(args.config) if args.config else AnalyzerConfig()
+    given: dict[str, Any] = {}
+    for f in fields(AnalyzerConfig):
+        value = getattr(args, f.name)
+        if value is not None:
+            given[f.name] = None if f.name in ("udp", "tcp") and value == "off" else value
+    return base.merged(given, none_means_unset=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run until SIGINT/SIGTERM (or --duration); then finish flows and close the store."""
+    from vspan.analysis.config import parse_address
+    from vspan.analysis.service import Analyzer
+    from vspan.api.server import HttpServer, create_app
+
+    config = _settings(args)
+    analyzer = Analyzer(config)
+    done = threading.Event()
+
+    def stop(_signum: int, _frame: object) -> None:
+        done.set()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    analyzer.start()
+    server = None
+    try:
+        host, port = parse_address(config.http, field="http")
+        server = HttpServer(create_app(analyzer), host, port)
+        server.start()
+        where = ", ".join(f"{k} {a[0]}:{a[1]}" for k, a in analyzer.addresses().items())
+        print(
+            f"vspan analyze: receiving on {where or 'nothing'}; "
+            f"API on http://{host}:{server.port}/ ; data in {analyzer.data_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
+        done.wait(args.duration)
+    finally:
+        if server is not None:
+            server.stop()
+        analyzer.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        engine = analyzer.counters().get("engine", {})
+        print(
+            f"vspan analyze: stopped: {engine.get('frames', 0):,} frames, "
+            f"{engine.get('flows_finished', 0):,} flows stored",
+            file=sys.stderr,
+        )
+    return 0
