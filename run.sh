@@ -45,13 +45,15 @@ cmd=${1:-}
 shift || true
 case "$cmd" in
     demo)
-        apt_install tshark tshark
+        apt_install tshark tshark tcpdump tcpdump
         setup_python
         say "running the demo"
         exec "$VENV/bin/vspan" demo "$@"
         ;;
     test)
-        apt_install tshark tshark ip iproute2
+        # tshark: the oracle of the decode tests; tcpdump brings libpcap (capture filters);
+        # iproute2: the network-namespace lab; util-linux: setpriv and mount.
+        apt_install tshark tshark tcpdump tcpdump ip iproute2 setpriv util-linux
         setup_python
         say "ruff"
         "$VENV/bin/ruff" check .
