@@ -92,13 +92,23 @@ class EndpointResolver:
 
     def __init__(self, directory: NicDirectory | None = None) -> None:
         self.directory = directory
-        self._learned_mac = np.zeros(0, dtype=np.uint64)
-        self._learned_ep = np.zeros(0, dtype=np.uint64)
+        self._table: tuple[U64, U64] = (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
+        """(sorted MACs, their VIF endpoints), replaced whole so other threads may read it."""
 
     @property
     def learned(self) -> int:
         """How many MACs the data plane has taught."""
-        return int(self._learned_mac.size)
+        return int(self._table[0].size)
+
+    def learned_table(self) -> tuple[U64, U32, U32]:
+        """What the tags taught: each MAC with the collector_id and vif it was seen behind."""
+        macs, eps = self._table
+        payload = eps & _PAYLOAD
+        return (
+            macs,
+            (payload >> _VIF_BITS).astype(np.uint32),
+            (payload & _VIF_MASK).astype(np.uint32),
+        )
 
     def resolve(self, dec: Decoded) -> Endpoints:
         """Endpoint ids of every frame of ``dec`` (learning from its tags first).
@@ -158,19 +168,20 @@ class EndpointResolver:
         if macs.size == 0:
             return
         # Newest wins: put the new pairs first and keep the first occurrence of each MAC.
-        all_mac = np.concatenate([macs, self._learned_mac])
-        all_ep = np.concatenate([eps, self._learned_ep])
+        old_mac, old_ep = self._table
+        all_mac = np.concatenate([macs, old_mac])
+        all_ep = np.concatenate([eps, old_ep])
         uniq, first = np.unique(all_mac, return_index=True)
-        self._learned_mac, self._learned_ep = uniq, all_ep[first]
+        self._table = (uniq, all_ep[first])
 
     def _lookup_learned(self, mac: U64) -> U64:
         out = np.zeros(mac.shape, dtype=np.uint64)
-        table = self._learned_mac
+        table, eps = self._table
         if table.size == 0:
             return out
         pos = np.minimum(np.searchsorted(table, mac), table.size - 1)
         hit = table[pos] == mac
-        out[hit] = self._learned_ep[pos[hit]]
+        out[hit] = eps[pos[hit]]
         return out
 
 

@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from vspan.analysis.accounting import Accounting
@@ -119,6 +120,12 @@ class Engine:
         """Finished flows dropped because nobody drained them."""
         self.errors = 0
         """Chunks that failed with an unexpected exception (a bug; logged)."""
+
+    def learned_macs(
+        self,
+    ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint32], npt.NDArray[np.uint32]]:
+        """MACs the tags taught, with the collector_id and vif behind which each was seen."""
+        return self._resolver.learned_table()
 
     @property
     def open_flows(self) -> int:

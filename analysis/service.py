@@ -64,20 +64,25 @@ class Analyzer:
         self.policy_counters = PolicyCounters()
         self._compiled: tuple[InventorySnapshot | None, CompiledPolicy] | None = None
         self.chunks: queue.Queue[Chunk] = queue.Queue(maxsize=64)
-        self.store = Store(self.data_dir, retention_days=config.retention_days,
-                           max_bytes=config.max_store_bytes)  # fmt: skip
+        self.store = Store(
+            self.data_dir, retention_days=config.retention_days, max_bytes=config.max_store_bytes
+        )
         self.flow_writer = StoreWriter(self.store, table="flows")
         self.state = InventoryState(history_sink=self._on_event, migration_sink=self._on_move)
         self.ring = PacketRing(
-            self.data_dir / "ring", segment_bytes=config.ring_segment_bytes,
-            max_bytes=config.ring_max_bytes, max_age_s=config.ring_max_age, store=self.store,
-        )  # fmt: skip
+            self.data_dir / "ring",
+            segment_bytes=config.ring_segment_bytes,
+            max_bytes=config.ring_max_bytes,
+            max_age_s=config.ring_max_age,
+            store=self.store,
+        )
         self.engine: Engine | None = None
         self.receivers: list[UdpReceiver | TcpReceiver] = []
         self.http: Any = None
         self._stop = threading.Event()
         self._maintenance: threading.Thread | None = None
         self._next_flow_id = 1
+        self._seen_macs: dict[int, tuple[int, int]] = {}
         self.errors: dict[str, int] = {}
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -99,25 +104,35 @@ class Analyzer:
                 flow=FlowConfig(
                     idle_timeout_s=cfg.idle_timeout, active_timeout_s=cfg.active_timeout
                 ),
-                max_flows=cfg.max_flows, keys=keys, require_known=cfg.require_known,
+                max_flows=cfg.max_flows,
+                keys=keys,
+                require_known=cfg.require_known,
             ),
-            source=self.chunks, inventory=lambda: self.state, on_flows=self._on_flows,
+            source=self.chunks,
+            inventory=lambda: self.state,
+            on_flows=self._on_flows,
             on_batch=self._on_batch,
-        )  # fmt: skip
+        )
         self.engine.start()
         rcfg = ReceiverConfig()
         if cfg.udp:
             udp = UdpReceiver(parse_address(cfg.udp), sink=self.chunks, config=rcfg)
             self.receivers.append(udp)
         if cfg.tcp:
-            tcp = TcpReceiver(parse_address(cfg.tcp), sink=self.chunks, keys=keys,
-                              require_known=cfg.require_known, config=rcfg)  # fmt: skip
+            tcp = TcpReceiver(
+                parse_address(cfg.tcp),
+                sink=self.chunks,
+                keys=keys,
+                require_known=cfg.require_known,
+                config=rcfg,
+            )
             self.receivers.append(tcp)
         for receiver in self.receivers:
             receiver.start()
         self._stop.clear()
-        self._maintenance = threading.Thread(target=self._maintain, name="vspan-maintenance",
-                                             daemon=True)  # fmt: skip
+        self._maintenance = threading.Thread(
+            target=self._maintain, name="vspan-maintenance", daemon=True
+        )
         self._maintenance.start()
 
     def stop(self) -> None:
@@ -146,8 +161,12 @@ class Analyzer:
 
     def _on_flows(self, flows: pd.DataFrame) -> None:
         snapshot = self.state.snapshot()
-        records = flow_records(flows, inventory=snapshot, hosts=HostNames.from_inventory(snapshot),
-                               first_id=self._next_flow_id)  # fmt: skip
+        records = flow_records(
+            flows,
+            inventory=snapshot,
+            hosts=HostNames.from_inventory(snapshot),
+            first_id=self._next_flow_id,
+        )
         self._next_flow_id += len(records)
         uuids = {vm.name: vm.uuid for vm in snapshot.vms}
         records["src_vm_uuid"] = records["src_vm"].map(uuids)
@@ -196,8 +215,9 @@ class Analyzer:
         wanted = {compiled.bindings.profile_of(vm.name) for vm in vms}
         return [
             {"name": p.name, "default": str(p.default), "rules": [format_rule(r) for r in p.rules]}
-            for p in self.policy.profiles if p.name in wanted
-        ]  # fmt: skip
+            for p in self.policy.profiles
+            if p.name in wanted
+        ]
 
     # --- maintenance --------------------------------------------------------------------
 
@@ -205,12 +225,34 @@ class Analyzer:
         last_counters = last_retention = 0.0
         while not self._stop.wait(every_s):
             now = self.clock()
+            self._observe_dataplane(now)
             if now - last_counters >= 10.0:
                 last_counters = now
                 self._save_counters()
             if now - last_retention >= 600.0:
                 last_retention = now
                 self._guard("retention", functools.partial(self.store.apply_retention, now))
+
+    def _observe_dataplane(self, now: float) -> None:
+        """Tell the inventory where the tags saw each VM MAC since the last time: a VM behind
+        another host's vif has migrated there (the data plane's view of migrations)."""
+        if self.engine is None:
+            return
+        macs, hosts, vifs = self.engine.learned_macs()
+        seen = dict(
+            zip(macs.tolist(), zip(hosts.tolist(), vifs.tolist(), strict=True), strict=True)
+        )
+        fresh = {m: hv for m, hv in seen.items() if self._seen_macs.get(m) != hv}
+        self._seen_macs = seen
+        if fresh:
+            self._guard(
+                "dataplane",
+                lambda: self.state.observe_dataplane(
+                    {m: h for m, (h, _) in fresh.items()},
+                    now,
+                    vif_of_mac={m: v for m, (_, v) in fresh.items()},
+                ),
+            )
 
     def _save_counters(self) -> None:
         if self.engine is None:

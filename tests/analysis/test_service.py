@@ -164,3 +164,49 @@ def test_the_packet_ring_exports_one_vms_traffic(
     )
     assert len(frames) == expected
     _ = dataclasses, pd
+
+
+def test_a_vm_seen_behind_another_host_in_the_tags_is_a_migration(tmp_path: Path) -> None:
+    import itertools
+    import socket
+    import struct
+    import time
+
+    from vspan.tunnel import encode_message
+    from vspan.vntag import VnTag, encode_vntag
+
+    cap = generate_small(seed=2)
+    write_inventory_yaml(cap, tmp_path / "inventory.yaml")
+    inventory = cap.inventory()
+    vm = inventory.vms[0]
+    home = inventory.host(vm.host)
+    other = next(h for h in inventory.hosts if h.name != vm.host)
+    assert home is not None
+    ticks = itertools.count()
+    config = AnalyzerConfig(udp="127.0.0.1:0", tcp=None, data_dir=str(tmp_path / "data"),
+                            inventory=str(tmp_path / "inventory.yaml"))  # fmt: skip
+    analyzer = Analyzer(config, clock=lambda: 1_700_000_000.0 + 60.0 * next(ticks))
+    analyzer.start()
+    try:
+        mac = vm.nics[0].mac.to_bytes(6, "big")
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 1, 0, 64, 17, 0,
+                         bytes([10, 9, 9, 1]), bytes([10, 9, 9, 2]))  # fmt: skip
+        frame = (b"\x02" * 6 + mac + b"\x89\x26"
+                 + encode_vntag(VnTag(d=0, svif=77, dvif=0, ethertype=0x0800))
+                 + ip + struct.pack("!HHHH", 1000, 2000, 8, 0))  # fmt: skip
+        message = encode_message(collector_id=other.collector_id, boot_id=1, seq=0,
+                                 frames=[frame], ts_ns=[1_700_000_000 * 10**9])  # fmt: skip
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message, analyzer.addresses()["udp"])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not analyzer.state.migrations():
+            time.sleep(0.05)
+    finally:
+        analyzer.stop()
+    moves = analyzer.state.migrations()
+    assert [(m.vm_name, m.from_host, m.to_host, str(m.source)) for m in moves] == [
+        (vm.name, home.name, other.name, "dataplane")
+    ]
+    with Store(tmp_path / "data", read_only=True) as store:
+        stored = store.query_migrations()
+    assert stored["to_host"].tolist() == [other.name]
