@@ -120,8 +120,8 @@ class Store:
     def _open_schema(self, con: duckdb.DuckDBPyConnection) -> None:
         found = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'meta'")
         version = 0
-        if (found.fetchone() or (0,))[0]:
-            row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if (_one(found) or (0,))[0]:
+            row = _one(con.execute("SELECT value FROM meta WHERE key = 'schema_version'"))
             version = int(row[0]) if row is not None else 0
         if version > SCHEMA_VERSION:
             raise StoreError(
@@ -343,7 +343,7 @@ class Store:
     def size(self) -> StoreSize:
         """The file's size and the bytes of live data (as of the last checkpoint)."""
         with self._lock:
-            row = self._connection().execute("PRAGMA database_size").fetchone()
+            row = _one(self._connection().execute("PRAGMA database_size"))
         wal = Path(f"{self.path}.wal")
         wal_bytes = wal.stat().st_size if wal.exists() else 0
         used = int(row[2]) * int(row[4]) if row is not None else 0  # block_size * used_blocks
@@ -379,13 +379,20 @@ class Store:
         col = spec.column(spec.time_column or "")
         value: object = cutoff_ns if col.duckdb == "BIGINT" else time_param(cutoff_ns)
         with self._lock:
-            row = (
-                self._connection()
-                .execute(f"DELETE FROM {quote(spec.name)} WHERE {quote(col.name)} < ?", [value])
-                .fetchone()
+            row = _one(
+                self._connection().execute(
+                    f"DELETE FROM {quote(spec.name)} WHERE {quote(col.name)} < ?", [value]
+                )
             )
         return int(row[0]) if row is not None else 0
 
     def _checkpoint(self) -> None:
         with self._lock:
             self._connection().execute("CHECKPOINT")
+
+
+def _one(result: duckdb.DuckDBPyConnection) -> tuple[Any, ...] | None:
+    """The first row of a result, reading it to the end: ``fetchone`` would leave the result
+    open, and DuckDB refuses the connection's next statement until it is finished."""
+    rows = result.fetchall()
+    return tuple(rows[0]) if rows else None

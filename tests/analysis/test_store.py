@@ -339,3 +339,18 @@ def test_writer_appends_to_the_real_store(
         assert writer.submit(dc[1].iloc[chunk])
     writer.stop()
     assert store.count("flows") == len(dc[1])
+
+
+def test_a_store_reopened_for_writing_accepts_appends(tmp_path: Path) -> None:
+    # Regression: reading the schema version with fetchone() left a result open, and the
+    # first append after reopening failed ("connection has an unfinished result").
+    rows = pd.DataFrame({
+        "time": pd.to_datetime([1_700_000_000], unit="s", utc=True),
+        "vm_uuid": ["6f1c2d9e-0000-4000-8000-000000000001"], "vm_name": ["web-01"],
+        "from_host": ["hv01"], "to_host": ["hv02"], "source": ["inventory"],
+    })  # fmt: skip
+    with Store(tmp_path) as store:
+        store.append_migrations(rows)
+    with Store(tmp_path) as store:
+        store.append_migrations(rows)
+        assert len(store.query_migrations()) == 2
