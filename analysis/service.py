@@ -231,7 +231,8 @@ class Analyzer:
                 self._save_counters()
             if now - last_retention >= 600.0:
                 last_retention = now
-                self._guard("retention", functools.partial(self.store.apply_retention, now))
+                now_ns = int(now * 1e9)
+                self._guard("retention", functools.partial(self.store.apply_retention, now_ns))
 
     def _observe_dataplane(self, now: float) -> None:
         """Tell the inventory where the tags saw each VM MAC since the last time: a VM behind

@@ -210,3 +210,16 @@ def test_a_vm_seen_behind_another_host_in_the_tags_is_a_migration(tmp_path: Path
     with Store(tmp_path / "data", read_only=True) as store:
         stored = store.query_migrations()
     assert stored["to_host"].tolist() == [other.name]
+
+
+def test_maintenance_applies_retention_without_errors(tmp_path: Path) -> None:
+    import time
+
+    config = AnalyzerConfig(udp="127.0.0.1:0", tcp=None, data_dir=str(tmp_path / "data"))
+    analyzer = Analyzer(config)
+    analyzer.start()
+    try:
+        time.sleep(1.5)  # the maintenance thread's first round runs retention
+    finally:
+        analyzer.stop()
+    assert analyzer.errors == {}
