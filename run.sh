@@ -52,8 +52,9 @@ case "$cmd" in
         ;;
     test)
         # tshark: the oracle of the decode tests; tcpdump brings libpcap (capture filters);
-        # iproute2: the network-namespace lab; util-linux: setpriv and mount.
-        apt_install tshark tshark tcpdump tcpdump ip iproute2 setpriv util-linux
+        # iproute2: the network-namespace lab; util-linux: setpriv and mount; chromium: the
+        # dashboard's browser test (driven by Playwright, which downloads no browser).
+        apt_install tshark tshark tcpdump tcpdump ip iproute2 setpriv util-linux chromium chromium
         setup_python
         say "ruff"
         "$VENV/bin/ruff" check .

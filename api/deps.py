@@ -1,10 +1,13 @@
 """What API handlers receive through ``Depends``: the inventory state, the clock, and the
-providers of sessions and port-profiles.
+providers of sessions and port-profiles; for the read API the store, its clock and the
+source of collector counters.
 
-Everything hangs off one ``ControlContext`` in ``app.state`` (set by
-``api.control.install_control``); tests replace any piece with
+The control plane's pieces hang off one ``ControlContext`` in ``app.state`` (set by
+``api.control.install_control``); the read API's are ``app.state.store``,
+``app.state.read_clock`` and ``app.state.counter_samples`` (set by
+``api.app.install_read_api``). Tests replace any piece with
 ``app.dependency_overrides[get_state] = ...`` rather than patching globals. Only this
-outermost layer reads the wall clock (``ControlContext.now``); the state gets ``now`` passed.
+outermost layer reads the wall clock; the state and the queries get ``now`` passed.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import pandas as pd
 from fastapi import Depends, Request
 
 from vspan.analysis.inventory_state import InventoryState
+from vspan.analysis.store import Store
 from vspan.inventory import Host, Vm
 
 __all__ = [
@@ -24,16 +29,23 @@ __all__ = [
     "ClockDep",
     "ContextDep",
     "ControlContext",
+    "CounterSamples",
+    "CountersDep",
+    "NowDep",
     "ProfilesDep",
     "ProfilesFor",
     "SessionsDep",
     "SessionsFor",
     "StateDep",
+    "StoreDep",
     "get_clock",
     "get_context",
+    "get_counter_samples",
+    "get_now",
     "get_profiles_for",
     "get_sessions_for",
     "get_state",
+    "get_store",
     "nothing_for",
     "set_context",
 ]
@@ -44,6 +56,8 @@ given VMs of a host."""
 ProfilesFor = Callable[[Host, Sequence[Vm]], Sequence[Mapping[str, Any]]]
 """The port-profiles (JSON objects) bound to the given VMs of a host."""
 Clock = Callable[[], float]
+CounterSamples = Callable[[], pd.DataFrame]
+"""Live collector-counter samples in the columns of the store's ``collector_counters``."""
 
 
 def nothing_for(host: Host, vms: Sequence[Vm]) -> list[dict[str, Any]]:
@@ -105,3 +119,36 @@ StateDep = Annotated[InventoryState, Depends(get_state)]
 ClockDep = Annotated[Clock, Depends(get_clock)]
 SessionsDep = Annotated[SessionsFor, Depends(get_sessions_for)]
 ProfilesDep = Annotated[ProfilesFor, Depends(get_profiles_for)]
+
+
+# --- the read API -----------------------------------------------------------------------
+
+
+def get_store(request: Request) -> Store:
+    """The analyzer's store (``app.state.store``)."""
+    store = getattr(request.app.state, "store", None)
+    if not isinstance(store, Store):
+        raise RuntimeError("read API not installed: call install_read_api(app, store=...)")
+    return store
+
+
+StoreDep = Annotated[Store, Depends(get_store)]
+
+
+def get_now(request: Request) -> float:
+    """Now, seconds since the epoch (``app.state.read_clock``, the wall clock by default)."""
+    clock: Clock = getattr(request.app.state, "read_clock", time.time)
+    return clock()
+
+
+NowDep = Annotated[float, Depends(get_now)]
+
+
+def get_counter_samples(request: Request, store: StoreDep) -> Store | pd.DataFrame:
+    """Where collector counters come from: live samples when the analyzer gave a source
+    (``app.state.counter_samples``), else the store's ``collector_counters``."""
+    live: CounterSamples | None = getattr(request.app.state, "counter_samples", None)
+    return live() if live is not None else store
+
+
+CountersDep = Annotated[Store | pd.DataFrame, Depends(get_counter_samples)]

@@ -4,31 +4,44 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
 from vspan.analysis.service import Analyzer
+from vspan.analysis.span_sessions import SessionStore
+from vspan.api.app import install_read_api
 from vspan.api.control import install_control
+from vspan.api.views_app import install_views
 
 __all__ = ["HttpServer", "create_app"]
 
 
-def create_app(analyzer: Analyzer) -> FastAPI:
-    """The API of a running analyzer: control plane, read API and health."""
+def create_app(analyzer: Analyzer, *, tokens: Mapping[str, str] | None = None) -> FastAPI:
+    """The API of a running analyzer: control plane, read API, views, metrics, dashboard.
+
+    ``tokens`` (bearer token → ``read``/``admin``) guard the API; without them only
+    loopback clients are served."""
     app = FastAPI(
         title="vspan analyzer",
         version="1",
         description="Per-VM flows, policy hits, migrations and collectors of a vspan analyzer.",
     )
-    install_control(app, analyzer.state, profiles_for=analyzer.profiles_for, now=analyzer.clock)
+    sessions = SessionStore(analyzer.data_dir / "sessions.json")
+    sessions.load()
+    install_control(
+        app,
+        analyzer.state,
+        sessions_for=sessions.sessions_for,
+        profiles_for=analyzer.profiles_for,
+        now=analyzer.clock,
+    )
     app.state.analyzer = analyzer
     app.state.store = analyzer.store
-
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    install_read_api(app, store=analyzer.store)
+    install_views(app, analyzer, tokens=tokens, sessions=sessions)
 
     @app.get("/api/v1/status")
     def status() -> dict[str, Any]:
@@ -42,8 +55,9 @@ class HttpServer:
     """uvicorn in a thread, with a clean stop."""
 
     def __init__(self, app: FastAPI, host: str, port: int) -> None:
-        self.config = uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                     access_log=False, lifespan="off")  # fmt: skip
+        self.config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", access_log=False, lifespan="off"
+        )
         self.server = uvicorn.Server(self.config)
         self._thread: threading.Thread | None = None
 

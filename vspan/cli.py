@@ -13,7 +13,7 @@ __all__ = ["main"]
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from vspan import cli_analyze, cli_collect, cli_demo, cli_predict, cli_report
+    from vspan import cli_analyze, cli_collect, cli_demo, cli_predict, cli_query, cli_report
 
     parser = argparse.ArgumentParser(
         prog="vspan",
@@ -26,6 +26,7 @@ def _build_parser() -> argparse.ArgumentParser:
     cli_collect.add_parser(sub)
     cli_analyze.add_parser(sub)
     cli_predict.add_parser(sub)
+    cli_query.add_parsers(sub)
     return parser
 
 

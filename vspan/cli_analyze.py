@@ -19,6 +19,7 @@ _HELP = {
     "inventory": "static inventory YAML (collectors also register theirs)",
     "profiles": "port-profiles YAML",
     "keys": "collector keys YAML (collector_id: hex key)",
+    "tokens": "API tokens YAML (token: read|admin); default: loopback clients only",
 }
 
 
@@ -73,11 +74,12 @@ def _settings(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run until SIGINT/SIGTERM (or --duration); then finish flows and close the store."""
-    from vspan.analysis.config import parse_address
+    from vspan.analysis.config import load_tokens, parse_address
     from vspan.analysis.service import Analyzer
     from vspan.api.server import HttpServer, create_app
 
     config = _settings(args)
+    tokens = load_tokens(config.tokens) if config.tokens else None
     analyzer = Analyzer(config)
     done = threading.Event()
 
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     server = None
     try:
         host, port = parse_address(config.http, field="http")
-        server = HttpServer(create_app(analyzer), host, port)
+        server = HttpServer(create_app(analyzer, tokens=tokens), host, port)
         server.start()
         where = ", ".join(f"{k} {a[0]}:{a[1]}" for k, a in analyzer.addresses().items())
         print(

@@ -1,0 +1,247 @@
+"""The dashboard's views over stored flows and the inventory: hosts, VMs, top talkers and the
+traffic matrix.
+
+Every function takes the ``Store`` and/or an ``InventoryView`` and the filters as the API
+gets them, and returns plain rows (lists of dicts of JSON values) computed with pandas
+``groupby`` over the flow records of ``[since, until)`` — a flow counts in full where it
+overlaps the window. A flow's traffic is both directions: ``bytes + bytes_rev`` and
+``packets + packets_rev``. ``intra`` is the traffic of ``intra-host`` flows, ``cross`` of
+``cross-host`` flows; ``external`` flows have one side outside the inventory, shown as
+``EXTERNAL``.
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from collections.abc import Callable
+from typing import Any, Final, Literal
+
+import pandas as pd
+
+from vspan.errors import ConfigError
+from vspan.inventory import InventoryView, Vm, format_mac
+
+from .queries import json_rows, parse_time
+from .store import Store
+
+__all__ = [
+    "EXTERNAL",
+    "TOP_BY",
+    "TOP_METRICS",
+    "UnknownVmError",
+    "hosts",
+    "matrix",
+    "top",
+    "vm_detail",
+    "vms",
+    "window",
+]
+
+EXTERNAL: Final = "(external)"
+"""The name of the side of a flow that is no VM (host) of the inventory."""
+TOP_BY: Final = ("vm", "vm-pair", "host-pair")
+TOP_METRICS: Final = ("bytes", "packets")
+_FLOW_COLUMNS: Final = (
+    "flow_uid", "src_vm", "dst_vm", "src_host", "dst_host", "scope", "packets", "bytes",
+    "packets_rev", "bytes_rev", "first_ns", "last_ns",
+)  # fmt: skip
+
+
+class UnknownVmError(LookupError):
+    """No VM of the inventory has this name or UUID."""
+
+
+def window(
+    since: str | float | None, until: str | float | None, now: float
+) -> tuple[int | None, int | None]:
+    """``since``/``until`` as the API takes them (``queries.parse_time``) → ns or None."""
+    lo = None if since is None else parse_time(since, now, field="since")
+    hi = None if until is None else parse_time(until, now, field="until")
+    if lo is not None and hi is not None and hi <= lo:
+        raise ConfigError(f"until ({until}) must be after since ({since})", field="until")
+    return lo, hi
+
+
+def _flows(
+    store: Store, since: int | None, until: int | None, vm: str | None = None
+) -> pd.DataFrame:
+    """The flows of the window with their totals (``total_bytes``, ``total_packets``)."""
+    rows = store.query_flows(vm=vm, since=since, until=until, limit=None)
+    rows = rows.loc[:, list(_FLOW_COLUMNS)]
+    for side in ("src", "dst"):
+        rows[f"{side}_vm"] = rows[f"{side}_vm"].astype(object).fillna(EXTERNAL)
+        rows[f"{side}_host"] = rows[f"{side}_host"].astype(object).fillna(EXTERNAL)
+    rows["total_bytes"] = (rows["bytes"] + rows["bytes_rev"]).astype("int64")
+    rows["total_packets"] = (rows["packets"] + rows["packets_rev"]).astype("int64")
+    return rows
+
+
+def _split(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """``intra_<metric>`` and ``cross_<metric>`` columns: the total where the scope is so."""
+    total = rows[f"total_{metric}"]
+    return rows.assign(
+        **{
+            f"intra_{metric}": total.where(rows["scope"] == "intra-host", 0),
+            f"cross_{metric}": total.where(rows["scope"] == "cross-host", 0),
+        }
+    )
+
+
+def _sides(rows: pd.DataFrame, level: str) -> pd.DataFrame:
+    """One row per (flow, side): ``name`` is the VM (``level="vm"``) or host on that side;
+    a flow within one host appears once for that host."""
+    keep = ["flow_uid", "scope", "total_bytes", "total_packets"]
+    src = rows[[*keep, f"src_{level}"]].rename(columns={f"src_{level}": "name"})
+    dst = rows[[*keep, f"dst_{level}"]].rename(columns={f"dst_{level}": "name"})
+    both = pd.concat([src, dst], ignore_index=True)
+    return both.drop_duplicates(["flow_uid", "name"], ignore_index=True)
+
+
+def _present(inventory: InventoryView) -> tuple[Vm, ...]:
+    """The VMs running now (an ``InventorySnapshot`` also keeps the VMs that are gone)."""
+    present = getattr(inventory, "present_vms", None)
+    return tuple(present()) if callable(present) else tuple(inventory.vms)
+
+
+def hosts(store: Store, inventory: InventoryView, *, since: int | None = None,
+          until: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Every host of the inventory, by name: its VMs (running now), flows and traffic in the window
+    (``bytes``/``packets`` of the flows it is on, and their intra-/cross-host split)."""
+    rows = _split(_split(_flows(store, since, until), "bytes"), "packets")
+    sides = _sides(rows, "host").merge(
+        rows[["flow_uid", "intra_bytes", "cross_bytes", "intra_packets", "cross_packets"]],
+        on="flow_uid",
+    )
+    sums = sides.groupby("name").agg(
+        flows=("flow_uid", "size"), bytes=("total_bytes", "sum"),
+        packets=("total_packets", "sum"), intra_bytes=("intra_bytes", "sum"),
+        cross_bytes=("cross_bytes", "sum"), intra_packets=("intra_packets", "sum"),
+        cross_packets=("cross_packets", "sum"),
+    )  # fmt: skip
+    vm_count = pd.Series([vm.host for vm in _present(inventory)], dtype=object).value_counts()
+    table = pd.DataFrame(
+        {
+            "name": [h.name for h in inventory.hosts],
+            "collector_id": [h.collector_id for h in inventory.hosts],
+        }
+    )
+    table["vms"] = table["name"].map(vm_count).fillna(0).astype("int64")
+    table = table.merge(sums, left_on="name", right_index=True, how="left")
+    counts = list(sums.columns)
+    table[counts] = table[counts].fillna(0).astype("int64")
+    return json_rows(table.sort_values("name", ignore_index=True))
+
+
+def _vm_row(vm: Vm) -> dict[str, Any]:
+    return {
+        "name": vm.name, "uuid": vm.uuid, "host": vm.host, "profile": vm.profile,
+        "vifs": [{"vif": n.vif, "mac": format_mac(n.mac), "ips": list(n.ips)} for n in vm.nics],
+    }  # fmt: skip
+
+
+def vms(store: Store, inventory: InventoryView, *, since: int | None = None,
+        until: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Every VM running now, by name, with its flows and traffic in the window."""
+    rows = _flows(store, since, until)
+    sums = _sides(rows, "vm").groupby("name").agg(
+        flows=("flow_uid", "size"), bytes=("total_bytes", "sum"), packets=("total_packets", "sum")
+    )  # fmt: skip
+    listed = sorted(_present(inventory), key=lambda v: v.name)
+    table = sums.reindex([vm.name for vm in listed], fill_value=0).astype("int64")
+    return [
+        {**_vm_row(vm), **{c: int(n) for c, n in zip(table.columns, counts, strict=True)}}
+        for vm, counts in zip(listed, table.to_numpy().tolist(), strict=True)
+    ]
+
+
+def vm_detail(store: Store, inventory: InventoryView, name_or_uuid: str, *,
+              host_history: Callable[[str], list[tuple[float, str]]], since: int | None = None,
+              until: int | None = None, recent: int = 20) -> dict[str, Any]:  # fmt: skip
+    """One VM: its vifs, host history, profile, traffic summary (sent/received, intra/cross,
+    top peers), its latest flows, policy hits and migrations. ``UnknownVmError`` if none."""
+    vm = inventory.vm(name_or_uuid) or inventory.vm(_canonical_uuid(name_or_uuid))
+    if vm is None:
+        raise UnknownVmError(f"no VM named or with UUID {name_or_uuid!r} in the inventory")
+    rows = _split(_flows(store, since, until, vm=vm.uuid), "bytes")
+    is_src = rows["src_vm"] == vm.name
+    sent = rows["bytes"].where(is_src, rows["bytes_rev"]).astype("int64")
+    received = rows["total_bytes"] - sent
+    peers = rows["dst_vm"].where(is_src, rows["src_vm"])
+    top = (
+        rows.assign(peer=peers).groupby("peer")["total_bytes"].agg(["sum", "size"])
+        .sort_values("sum", ascending=False).head(10)
+    )  # fmt: skip
+    summary = {
+        "flows": len(rows), "bytes": int(rows["total_bytes"].sum()),
+        "packets": int(rows["total_packets"].sum()), "bytes_sent": int(sent.sum()),
+        "bytes_received": int(received.sum()), "intra_bytes": int(rows["intra_bytes"].sum()),
+        "cross_bytes": int(rows["cross_bytes"].sum()),
+        "peers": [{"vm": str(p), "bytes": int(s), "flows": int(n)}
+                  for p, s, n in zip(top.index, top["sum"], top["size"], strict=True)],
+    }  # fmt: skip
+    flows = store.query_flows(vm=vm.uuid, since=since, until=until, limit=recent, order="-last_ns")
+    return {
+        **_vm_row(vm),
+        "host_history": [{"time": t, "host": h} for t, h in host_history(vm.uuid)],
+        "traffic": summary,
+        "flows": json_rows(flows),
+        "policy_hits": json_rows(store.query_policy_hits(vm=vm.uuid, limit=None)),
+        "migrations": json_rows(store.query_migrations(vm=vm.uuid, limit=None)),
+    }
+
+
+def _canonical_uuid(text: str) -> str:
+    try:
+        return str(uuidlib.UUID(text))
+    except ValueError:
+        return text
+
+
+def top(store: Store, *, by: str = "vm", metric: str = "bytes", since: int | None = None,
+        until: int | None = None, limit: int = 10) -> list[dict[str, Any]]:  # fmt: skip
+    """The ``limit`` largest VMs (traffic they are on), VM pairs or host pairs (unordered:
+    ``a`` < ``b``) by ``metric``, largest first, ties by name."""
+    if by not in TOP_BY:
+        raise ConfigError(f"unknown grouping {by!r}; expected one of {list(TOP_BY)}", field="by")
+    if metric not in TOP_METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; expected one of {list(TOP_METRICS)}",
+                          field="metric")  # fmt: skip
+    rows = _flows(store, since, until)
+    agg = {"flows": ("flow_uid", "size"), "bytes": ("total_bytes", "sum"),
+           "packets": ("total_packets", "sum")}  # fmt: skip
+    if by == "vm":
+        table = _sides(rows, "vm").groupby("name", as_index=False).agg(**agg)
+        keys = ["name"]
+    else:
+        level = "vm" if by == "vm-pair" else "host"
+        lo = rows[[f"src_{level}", f"dst_{level}"]].min(axis=1)
+        hi = rows[[f"src_{level}", f"dst_{level}"]].max(axis=1)
+        table = rows.assign(a=lo, b=hi).groupby(["a", "b"], as_index=False).agg(**agg)
+        keys = ["a", "b"]
+    table = table.sort_values([metric, *keys], ascending=[False, *[True] * len(keys)])
+    return json_rows(table.head(limit).reset_index(drop=True))
+
+
+def matrix(store: Store, *, level: Literal["vm", "host"] = "host", since: int | None = None,
+           until: int | None = None, bin_s: int = 60) -> list[dict[str, Any]]:  # fmt: skip
+    """Traffic per (``src``, ``dst``) and time bin (``time``: the bin's start, epoch seconds;
+    a flow falls in the bin of its first packet): ``flows``, ``bytes``, ``packets`` and their
+    intra-/cross-host split; ordered by time, then pair."""
+    if level not in ("vm", "host"):
+        raise ConfigError(f"unknown level {level!r}; expected 'vm' or 'host'", field="level")
+    if bin_s < 1:
+        raise ConfigError(f"expected a bin of 1 s or more, got {bin_s}", field="bin")
+    rows = _split(_split(_flows(store, since, until), "bytes"), "packets")
+    step = bin_s * 10**9
+    rows["time"] = (rows["first_ns"].astype("int64") // step) * bin_s
+    table = (
+        rows.rename(columns={f"src_{level}": "src", f"dst_{level}": "dst"})
+        .groupby(["time", "src", "dst"], as_index=False)
+        .agg(
+            flows=("flow_uid", "size"), bytes=("total_bytes", "sum"),
+            packets=("total_packets", "sum"), intra_bytes=("intra_bytes", "sum"),
+            cross_bytes=("cross_bytes", "sum"), intra_packets=("intra_packets", "sum"),
+            cross_packets=("cross_packets", "sum"),
+        )
+    )  # fmt: skip
+    return json_rows(table.sort_values(["time", "src", "dst"], ignore_index=True))

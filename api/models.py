@@ -1,0 +1,177 @@
+"""Response bodies of the read API (``/api/v1``), in one place.
+
+A row model per resource, its fields in the order and under the names of the query's columns
+(``analysis.queries``: ``FLOW_COLUMNS`` — the flow record's ``RECORD_COLUMNS`` then what the
+store adds —, ``HIT_COLUMNS``, ``MIGRATION_COLUMNS``, ``COLLECTOR_COLUMNS``). Rows are the
+JSON that ``vspan report --format json`` writes (``queries.json_rows``): times as ISO 8601
+UTC text with microseconds, null for a missing value. ``extra="forbid"`` makes a column the
+model does not know an error, so the models and the queries cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Self, TypeVar
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from vspan.analysis.queries import FlowPage, json_rows
+
+__all__ = [
+    "CollectorRow",
+    "CollectorsOut",
+    "FlowRow",
+    "FlowsOut",
+    "HealthOut",
+    "MigrationHistoryOut",
+    "MigrationRow",
+    "PolicyHitRow",
+    "PolicyHitsOut",
+    "ViolationsOut",
+    "rows_of",
+]
+
+Time = str
+"""ISO 8601 UTC with microseconds: ``2024-05-01T12:00:00.123456Z``."""
+
+
+class _Row(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FlowRow(_Row):
+    """A stored flow (``docs/store.md``, table ``flows``)."""
+
+    flow_id: int = Field(description="number of the flow within one analyzer run")
+    src_vm: str | None = Field(description="VM of the side that sent first")
+    dst_vm: str | None
+    src_vif: int | None = Field(description="vif of src at the observing host")
+    dst_vif: int | None
+    host: str | None = Field(description="host that observed the flow (first copy)")
+    src_host: str | None
+    dst_host: str | None
+    scope: str = Field(description="intra-host, cross-host or external")
+    vlan: int | None
+    ethertype: int
+    proto: int | None
+    src_ip: str | None
+    dst_ip: str | None
+    src_port: int | None
+    dst_port: int | None
+    icmp_type: int | None
+    icmp_code: int | None
+    icmp_id: int | None
+    packets: int = Field(description="packets src → dst")
+    bytes: int
+    packets_rev: int = Field(description="packets dst → src")
+    bytes_rev: int
+    first: Time
+    last: Time
+    first_ns: int
+    last_ns: int
+    duration_s: float
+    tcp_flags: int | None
+    tcp_flags_rev: int | None
+    src_mac: str | None = Field(description="when src is not a known vNIC")
+    dst_mac: str | None
+    copies: int = Field(description="frames received for the flow, copies included")
+    observed_at: list[str] | None = Field(description="hosts that saw it")
+    flow_uid: str = Field(description="unique id of the record (vspan export --flow)")
+    src_vm_uuid: str | None
+    dst_vm_uuid: str | None
+    policy_verdict: str | None = Field(description="permit, deny or none")
+    policy_rule: str | None = Field(description="rule that decided: profile#n")
+
+
+class FlowsOut(BaseModel):
+    """``GET /api/v1/flows``: a page of flows."""
+
+    flows: list[FlowRow]
+    next_cursor: str | None = Field(description="pass as cursor for the next page; null: last")
+
+    @classmethod
+    def of(cls, page: FlowPage) -> Self:
+        return cls(flows=rows_of(FlowRow, page.flows), next_cursor=page.next_cursor)
+
+
+class ViolationsOut(BaseModel):
+    """``GET /api/v1/violations``: denied flows, the most recent first."""
+
+    violations: list[FlowRow]
+
+
+class PolicyHitRow(_Row):
+    """What one rule decided for one VM, added up."""
+
+    profile: str
+    rule: str = Field(description="profile#n, or profile#default")
+    verdict: str | None
+    vm_name: str | None
+    vm_uuid: str
+    flows: int
+    packets: int = Field(description="packets of those flows, both directions")
+    bytes: int
+    last_hit: Time
+
+
+class PolicyHitsOut(BaseModel):
+    """``GET /api/v1/policies/hits``: in profile and rule order."""
+
+    hits: list[PolicyHitRow]
+
+
+class MigrationRow(_Row):
+    """A VM seen behind another host."""
+
+    time: Time
+    vm_name: str | None
+    vm_uuid: str
+    from_host: str | None = Field(description="null: first seen")
+    to_host: str
+    source: str = Field(description="inventory or dataplane")
+
+
+class MigrationHistoryOut(BaseModel):
+    """``GET /api/v1/migrations``: the latest, oldest first."""
+
+    migrations: list[MigrationRow]
+
+
+class CollectorRow(_Row):
+    """A collector's latest counters, summed over its boots."""
+
+    collector_id: int
+    restarts: int = Field(description="boots in the latest sample, less one")
+    time: Time = Field(description="of the latest sample")
+    received: int = Field(description="messages, summed over the boots")
+    lost: int
+    duplicates: int
+    reordered: int
+    frames: int
+    bytes: int
+    loss: float = Field(description="lost / expected messages, 0..1")
+    messages_per_s: float | None = Field(description="over the last two samples; null: unknown")
+    frames_per_s: float | None
+    bytes_per_s: float | None
+    invalid: int = Field(description="messages rejected")
+    drops: dict[str, int] = Field(description="lost and rejected messages by reason")
+
+
+class CollectorsOut(BaseModel):
+    """``GET /api/v1/collectors``: by collector_id."""
+
+    collectors: list[CollectorRow]
+
+
+class HealthOut(BaseModel):
+    """``GET /healthz``."""
+
+    status: Literal["ok"] = "ok"
+
+
+R = TypeVar("R", bound="_Row")
+
+
+def rows_of(model: type[R], frame: pd.DataFrame) -> list[R]:
+    """The rows of a query's frame as ``model``s."""
+    return [model.model_validate(row) for row in json_rows(frame)]

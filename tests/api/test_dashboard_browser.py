@@ -1,0 +1,156 @@
+"""The dashboard in a real headless Chromium (Debian's ``/usr/bin/chromium``, driven by
+Playwright): it loads without console errors, its charts carry the numbers the API returns,
+and its "download pcap" button produces a file tshark reads. Screenshots go to
+``docs/screenshots/``."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vspan_testing.served import Served, serve_views
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+pytestmark = [
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)"
+    ),
+    pytest.mark.skipif(shutil.which("tshark") is None, reason="needs tshark"),
+]
+sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    with serve_views(tmp_path_factory.mktemp("dashboard")) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def page(served: Served) -> Iterator[tuple[Any, list[str]]]:
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1400, "height": 1000},
+                                          accept_downloads=True)  # fmt: skip
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(f"{served.url}/?poll=700&vm=web-01&bin=1")
+            page.wait_for_function(
+                "Number(document.querySelector('#status').dataset.polls) >= 2", timeout=20_000
+            )
+            yield page, errors
+        finally:
+            browser.close()
+
+
+def test_loads_without_console_errors_and_polls(page: tuple[Any, list[str]]) -> None:
+    p, errors = page
+    assert p.title() == "vspan — traffic visibility"
+    assert errors == []
+    assert p.locator("#status").get_attribute("class") != "error"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    p.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
+    p.locator("#vm").screenshot(path=str(SCREENSHOTS / "dashboard-vm.png"))
+
+
+def test_host_charts_carry_the_apis_numbers(served: Served, page: tuple[Any, list[str]]) -> None:
+    p, _ = page
+    hosts = served.get("/api/v1/hosts")["hosts"]
+    charts = p.eval_on_selector_all(
+        "#host-charts .chart",
+        "els => els.map(e => [e.dataset.host, Number(e.dataset.intra), Number(e.dataset.cross)])",
+    )
+    assert charts == [[h["name"], h["intra_bytes"], h["cross_bytes"]] for h in hosts]
+    rects = p.eval_on_selector_all(
+        "#host-charts .chart rect",
+        "els => els.map(e => [e.closest('.chart').dataset.host, e.dataset.kind,"
+        " Number(e.dataset.value)])",
+    )
+    sums: Counter[tuple[str, str]] = Counter()
+    for host, kind, value in rects:
+        sums[(host, kind)] += value
+    for h in hosts:
+        assert (sums[(h["name"], "intra")], sums[(h["name"], "cross")]) == (
+            h["intra_bytes"], h["cross_bytes"],
+        )  # fmt: skip
+    table = p.eval_on_selector_all(
+        "#host-table tbody tr", "els => els.map(e => [...e.cells].map(c => c.textContent))"
+    )
+    assert table == [
+        [h["name"], *(str(h[k]) for k in ("vms", "flows", "intra_bytes", "cross_bytes", "bytes"))]
+        for h in hosts
+    ]
+
+
+def test_top_bars_and_heat_map_match_the_api(served: Served, page: tuple[Any, list[str]]) -> None:
+    p, _ = page
+    top_vms = served.get("/api/v1/top?by=vm&limit=10")["top"]
+    bars = p.eval_on_selector_all(
+        "#top-vms .row", "els => els.map(e => [e.dataset.name, Number(e.dataset.value)])"
+    )
+    assert bars == [[r["name"], r["bytes"]] for r in top_vms]
+    pairs = served.get("/api/v1/top?by=vm-pair&limit=10")["top"]
+    bars = p.eval_on_selector_all("#top-pairs .row", "els => els.map(e => Number(e.dataset.value))")
+    assert bars == [r["bytes"] for r in pairs]
+    want: Counter[tuple[str, str]] = Counter()
+    for c in served.get("/api/v1/matrix?level=host&bin=1")["cells"]:
+        want[(c["src"], c["dst"])] += c["bytes"]
+    cells = p.eval_on_selector_all(
+        "#matrix rect.cell",
+        "els => els.map(e => [e.dataset.src, e.dataset.dst, Number(e.dataset.bytes)])",
+    )
+    assert {(s, d): b for s, d, b in cells} == dict(want)
+
+
+def test_vm_page_collectors_and_violations(served: Served, page: tuple[Any, list[str]]) -> None:
+    p, _ = page
+    vm = served.get("/api/v1/vms/web-01")
+    assert p.locator("#vm-summary").get_attribute("data-bytes") == str(vm["traffic"]["bytes"])
+    assert p.locator("#vm-flows tbody tr").count() == len(vm["flows"])
+    rules = p.eval_on_selector_all("#vm-hits tbody tr", "els => els.map(e => e.dataset.rule)")
+    assert rules == [h["rule"] for h in vm["policy_hits"]]
+    assert p.locator("#vm-migrations tbody tr").count() == len(vm["migrations"])
+    collectors = served.get("/api/v1/collectors")["collectors"]
+    shown = p.eval_on_selector_all(
+        "#collectors tbody tr", "els => els.map(e => [Number(e.dataset.collector),"
+        " Number(e.dataset.loss)])",
+    )  # fmt: skip
+    assert shown == [[c["collector_id"], c["loss"]] for c in collectors]
+    assert any(loss > 0 for _, loss in shown)
+    violations = served.get("/api/v1/violations?limit=20")["violations"]
+    assert p.locator("#violations tbody tr").count() == len(violations) > 0
+
+
+def test_download_pcap_button_gives_a_capture_tshark_reads(
+    served: Served, page: tuple[Any, list[str]], tmp_path: Path
+) -> None:
+    p, errors = page
+    vm = served.get("/api/v1/vms/web-01")
+    web01_mac = vm["vifs"][0]["mac"]
+    assert p.locator("#pcap-link").get_attribute("href") == "/api/v1/pcap?vm=web-01"
+    with p.expect_download() as caught:
+        p.click("#pcap-link")
+    path = tmp_path / "web-01.pcapng"
+    caught.value.save_as(str(path))
+    out = subprocess.run(
+        ["tshark", "-r", str(path), "-T", "fields", "-E", "separator=,", "-e", "eth.src",
+         "-e", "eth.dst"],
+        check=True, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    frames = [set(line.split(",")) for line in out.stdout.splitlines()]
+    assert len(frames) > 0
+    assert all(web01_mac in macs for macs in frames)  # every frame is to or from web-01
+    assert errors == []
