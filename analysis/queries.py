@@ -30,6 +30,7 @@ import pandas as pd
 
 from vspan.errors import ConfigError
 
+from .migration_report import FOLLOWED_COLUMNS, policy_followed
 from .records import RECORD_COLUMNS
 from .render import render
 from .store import Store
@@ -65,7 +66,9 @@ FLOW_SORTS: Final = {"first": "first_ns", "last": "last_ns", "bytes": "bytes", "
 HIT_COLUMNS: Final = (
     "profile", "rule", "verdict", "vm_name", "vm_uuid", "flows", "packets", "bytes", "last_hit",
 )  # fmt: skip
-MIGRATION_COLUMNS: Final = ("time", "vm_name", "vm_uuid", "from_host", "to_host", "source")
+MIGRATION_COLUMNS: Final = (
+    "time", "vm_name", "vm_uuid", "from_host", "to_host", "source", *FOLLOWED_COLUMNS,
+)  # fmt: skip
 COLLECTOR_COLUMNS: Final = (
     "collector_id", "restarts", "time", "received", "lost", "duplicates", "reordered", "frames",
     "bytes", "loss", "messages_per_s", "frames_per_s", "bytes_per_s", "invalid", "drops",
@@ -257,12 +260,17 @@ def migrations(
     store: Store, *, vm: str | None = None, since: str | int | float | None = None,
     until: str | int | float | None = None, limit: int = DEFAULT_LIMIT, now: float,
 ) -> pd.DataFrame:  # fmt: skip
-    """The latest ``limit`` migrations (``MIGRATION_COLUMNS``), oldest first."""
+    """The latest ``limit`` migrations (``MIGRATION_COLUMNS``), oldest first, each with
+    whether the VM's port-profile followed it (``migration_report.policy_followed``)."""
     rows = store.query_migrations(
         vm=_text(vm, "vm"), since=_time(since, now, "since"), until=_time(until, now, "until"),
         limit=_limit(limit), order="-time",
     )  # fmt: skip
-    return rows[list(MIGRATION_COLUMNS)].iloc[::-1].reset_index(drop=True)
+    rows = rows.iloc[::-1].reset_index(drop=True)
+    names = list(pd.unique(rows["vm_name"].dropna()))
+    parts = [store.query_flows(vm=str(n), limit=None) for n in names]
+    flows = pd.concat(parts, ignore_index=True) if parts else store.query_flows(limit=0)
+    return policy_followed(rows, flows)[list(MIGRATION_COLUMNS)]
 
 
 _LAST_TWO: Final = (

@@ -129,6 +129,13 @@ class MigrationRow(_Row):
     from_host: str | None = Field(description="null: first seen")
     to_host: str
     source: str = Field(description="inventory or dataplane")
+    profile: str | None = Field(None, description="profile that decided its flows before")
+    flows_before: int = Field(0, description="its flows on the old host before the move")
+    flows_after: int = Field(0, description="its flows on the new host after the move")
+    decided_after: int = Field(0, description="of those after, decided by that profile")
+    policy_followed: bool | None = Field(
+        None, description="the profile decided flows on the new host (null: no evidence yet)"
+    )
 
 
 class MigrationHistoryOut(BaseModel):
