@@ -92,6 +92,7 @@ class Collector:
             sender,
         )
         self._refresh = refresh  # a Discovery's refresh(), when the directory is one
+        self._session_doc: list[Any] | None = None
         self.ports: list[Port] = []
         self._next_refresh = 0.0
         self._next_heartbeat = 0.0
@@ -152,14 +153,25 @@ class Collector:
                     log.warning("port discovery failed (%d times): %s", self.errors["refresh"], exc)
                 return
         ports = self.directory.ports()
-        if ports == self.ports and self.steps:
+        changed = ports != self.ports or not self.steps
+        if changed:
+            self._apply_ports(ports)
+        if self.control is None:
             return
-        self._apply_ports(ports)
-        if self.control is not None:
-            control = self.control
+        # The control plane is the one source of sessions: register when the ports change
+        # (the reply carries the sessions), else ask for them, so that sessions created or
+        # deleted on the analyzer reach this host within a refresh interval.
+        control = self.control
+        if changed:
             reply = self._call("register", lambda: control.register(self.settings.host, ports))
-            if isinstance(reply, dict) and reply.get("sessions"):
-                self.sessions = SessionSet.from_json_value(reply["sessions"])
+            doc = reply.get("sessions") if isinstance(reply, dict) else None
+        else:
+            doc = self._call("sessions", control.sessions)
+        if isinstance(doc, list) and doc != self._session_doc:
+            parsed = self._call("sessions", lambda: SessionSet.from_json_value(doc))
+            if isinstance(parsed, SessionSet):
+                self._session_doc = doc
+                self.sessions = parsed
                 self._apply_selection()
 
     def _apply_ports(self, ports: Sequence[Port]) -> None:

@@ -107,3 +107,51 @@ def test_frames_too_large_for_a_1500_byte_path_are_truncated_not_split(
     cut = int(np.count_nonzero(expected.caplen > room))
     assert cut > 0
     assert collector.counters()["dropped"]["truncated"] == cut
+
+
+class _Control:
+    """A control plane stand-in whose sessions the test changes."""
+
+    def __init__(self) -> None:
+        self.docs: list[dict[str, object]] = []
+        self.registered = 0
+
+    def register(self, host: str, ports: object) -> dict[str, object]:
+        self.registered += 1
+        return {"sessions": list(self.docs)}
+
+    def sessions(self) -> list[dict[str, object]]:
+        return list(self.docs)
+
+    def heartbeat(self, counters: object) -> None:
+        return None
+
+
+def test_sessions_created_on_the_analyzer_reach_the_collector(tmp_path: Path) -> None:
+    cap = generate_small(seed=5)
+    inventory = cap.inventory()
+    host = inventory.hosts[0]
+    _host_capture(cap, host.collector_id, tmp_path / "hv.pcap")
+    source = ReplaySource(tmp_path / "hv.pcap", inventory, speed=None, host=host.name)
+    control = _Control()
+    collector = Collector(
+        CollectorSettings(collector_id=host.collector_id, host=host.name, refresh_interval_s=1),
+        source=source, directory=source, sender=UdpSender(("127.0.0.1", 9)),
+        control=control,  # type: ignore[arg-type]
+    )  # fmt: skip
+    collector.start(now=0.0)
+    assert control.registered == 1
+    assert collector.mirror.selection.tx.all()  # no sessions: everything is mirrored
+    one = next(p for p in source.ports())
+    control.docs = [{"name": "one", "vms": [one.vm_name], "direction": "tx"}]
+    collector.step(now=0.5, poll_s=0.0)  # before the refresh interval: unchanged
+    assert collector.mirror.selection.tx.all()
+    collector.step(now=1.5, poll_s=0.0)
+    tx = collector.mirror.selection.tx
+    assert tx[one.vif]
+    assert int(tx.sum()) == 1
+    control.docs = []  # deleted on the analyzer: back to mirroring everything
+    collector.step(now=3.0, poll_s=0.0)
+    assert collector.mirror.selection.tx.all()
+    assert control.registered == 1  # the ports did not change: no new registration
+    collector.stop()
