@@ -24,14 +24,14 @@ from fastapi import Depends, FastAPI
 from vspan.analysis.span_sessions import SessionStore
 from vspan.api.auth import authorize, check_tokens
 from vspan.api.dashboard import install_dashboard
-from vspan.api.routers import hosts, matrix, metrics, pcap, sessions, top, vms
+from vspan.api.routers import hosts, matrix, metrics, pcap, profiles, sessions, top, vms
 from vspan.api.views_deps import ViewContext, ViewSource, set_view_context
 
 __all__ = ["VIEW_ROUTERS", "install_views"]
 
 VIEW_ROUTERS = (
     hosts.router, vms.router, top.router, matrix.router, sessions.router, pcap.router,
-    metrics.router,
+    metrics.router, profiles.router,
 )  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Protocol
 from fastapi import Depends, Request
 
 from vspan.analysis.inventory_state import InventoryState
+from vspan.analysis.policy import PolicySet
 from vspan.analysis.span_sessions import SessionStore
 from vspan.analysis.store import Store
 
@@ -45,6 +46,11 @@ class ViewSource(Protocol):
 
     @property
     def clock(self) -> Callable[[], float]: ...
+
+    @property
+    def policy(self) -> PolicySet | None:
+        """The loaded port-profiles, if any."""
+        ...
 
     def counters(self) -> dict[str, Any]:
         """``Analyzer.counters()``: engine, collectors, receivers, store writer, ring, …"""

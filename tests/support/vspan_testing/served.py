@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from vspan.analysis.inventory_state import InventoryState
+from vspan.analysis.policy import PolicySet
 from vspan.analysis.store import Store
 from vspan.api.control import install_control
 from vspan.api.server import HttpServer
@@ -33,6 +34,7 @@ class Source:
     data_dir: Path
     clock: Callable[[], float]
     live: dict[str, Any] = field(default_factory=dict)
+    policy: PolicySet | None = None
 
     def counters(self) -> dict[str, Any]:
         return self.live
