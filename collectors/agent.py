@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from vspan.collectors.control_client import ControlClient
+from vspan.collectors.control_client import ControlClient, heartbeat_payload
 from vspan.collectors.forward import Forwarder, ForwarderConfig, Sender
 from vspan.collectors.mirror import Mirror
 from vspan.collectors.model import CaptureSource, Port, PortDirectory
@@ -76,12 +77,15 @@ class Collector:
         sessions: SessionSet | None = None,
         control: ControlClient | None = None,
         refresh: Any = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.source = source
         self.directory = directory
         self.sessions = sessions
         self.control = control
+        self.wall = wall
+        """The wall clock, only for the heartbeat's timestamp (``step`` takes ``now``)."""
         self.mirror = Mirror()
         self.forwarder = Forwarder(
             ForwarderConfig(
@@ -137,7 +141,7 @@ class Collector:
         control = self.control
         if control is not None and now >= self._next_heartbeat:
             self._next_heartbeat = now + self.settings.heartbeat_interval_s
-            self._call("heartbeat", lambda: control.heartbeat(self.counters()))
+            self._call("heartbeat", lambda: control.heartbeat(self.heartbeat()))
         return exported
 
     # --- ports and sessions -------------------------------------------------------------
@@ -231,6 +235,14 @@ class Collector:
             "ports": len(self.ports),
             "errors": dict(self.errors),
         }
+
+    def heartbeat(self) -> dict[str, Any]:
+        """The heartbeat body of the control plane (``time`` from the wall clock given)."""
+        totals = self.counters()
+        body = heartbeat_payload(self.source.counters, self.wall(), totals["dropped"])
+        body["truncated"] = totals["truncated"]
+        body["sampled_out"] = totals["sampled_out"]
+        return body
 
     def stats_line(self) -> str:
         """One line for the terminal."""

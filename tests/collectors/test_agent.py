@@ -115,6 +115,7 @@ class _Control:
     def __init__(self) -> None:
         self.docs: list[dict[str, object]] = []
         self.registered = 0
+        self.heartbeats: list[object] = []
 
     def register(self, host: str, ports: object) -> dict[str, object]:
         self.registered += 1
@@ -123,8 +124,11 @@ class _Control:
     def sessions(self) -> list[dict[str, object]]:
         return list(self.docs)
 
-    def heartbeat(self, counters: object) -> None:
-        return None
+    def heartbeat(self, body: dict[str, object]) -> None:
+        # What the analyzer's control plane accepts (it rejects unknown fields).
+        from vspan.api.models_control import HeartbeatIn
+
+        self.heartbeats.append(HeartbeatIn.model_validate(body))
 
 
 def test_sessions_created_on_the_analyzer_reach_the_collector(tmp_path: Path) -> None:
@@ -154,4 +158,5 @@ def test_sessions_created_on_the_analyzer_reach_the_collector(tmp_path: Path) ->
     collector.step(now=3.0, poll_s=0.0)
     assert collector.mirror.selection.tx.all()
     assert control.registered == 1  # the ports did not change: no new registration
+    assert control.heartbeats  # sent, and valid for the control plane
     collector.stop()
