@@ -24,7 +24,7 @@ import numpy as np
 from vspan.collectors.control_client import ControlClient, heartbeat_payload
 from vspan.collectors.forward import Forwarder, ForwarderConfig, Sender
 from vspan.collectors.mirror import Mirror
-from vspan.collectors.model import CaptureSource, Port, PortDirectory
+from vspan.collectors.model import CaptureSource, Port, PortBatch, PortDirectory
 from vspan.collectors.sessions import Selection, SessionSet
 from vspan.errors import VspanError
 
@@ -97,6 +97,7 @@ class Collector:
         )
         self._refresh = refresh  # a Discovery's refresh(), when the directory is one
         self._session_doc: list[Any] | None = None
+        self._last_now = 0.0
         self.ports: list[Port] = []
         self._next_refresh = 0.0
         self._next_heartbeat = 0.0
@@ -118,24 +119,28 @@ class Collector:
         self._update_ports(now)
         self.source.start()
 
-    def stop(self) -> None:
-        """Flush what is queued, stop capturing and sending."""
+    def stop(self, now: float | None = None) -> None:
+        """Take what the capture still holds, flush everything queued, stop."""
         try:
-            self.source.stop()
+            last = self.source.poll(0.0)  # frames captured since the last step
+            if last is not None and len(last.frames):
+                self._export(last, self._last_now if now is None else now)
         finally:
-            self.forwarder.stop()
+            try:
+                self.source.stop()
+            finally:
+                self.forwarder.stop()
 
     def step(self, now: float, poll_s: float = 0.02) -> int:
         """One round: capture, mirror, forward; returns the frames exported."""
         self.steps += 1
         if now >= self._next_refresh:
             self._update_ports(now)
+        self._last_now = now
         exported = 0
         batch = self.source.poll(poll_s)
         if batch is not None and len(batch.frames):
-            result = self.mirror.process(batch)
-            exported = len(result.frames)
-            self.forwarder.push(result.frames, now)
+            exported = self._export(batch, now)
         if self.forwarder.flush_due(now):
             self.forwarder.flush()
         control = self.control
@@ -143,6 +148,15 @@ class Collector:
             self._next_heartbeat = now + self.settings.heartbeat_interval_s
             self._call("heartbeat", lambda: control.heartbeat(self.heartbeat()))
         return exported
+
+    def _export(self, batch: PortBatch, now: float) -> int:
+        """Mirror a captured batch and queue its tagged frames; learn VM MACs on the way."""
+        learn = getattr(self.directory, "learn_macs", None)
+        if callable(learn) and learn(batch):  # ports whose VM MAC the source did not know
+            self._apply_ports(self.directory.ports())
+        result = self.mirror.process(batch)
+        self.forwarder.push(result.frames, now)
+        return len(result.frames)
 
     # --- ports and sessions -------------------------------------------------------------
 
@@ -220,12 +234,12 @@ class Collector:
         return {
             "frames": cap.frames,
             "bytes": cap.bytes,
-            "truncated": cap.truncated + mirror.truncated,
+            "truncated": cap.truncated + mirror.truncated + sent.dropped.get("truncated", 0),
             "kernel_drops": cap.kernel_drops,
             "sampled_out": cap.sampled_out + mirror.dropped.get("sampled_out", 0),
-            "dropped": {
+            "dropped": {  # frames not sent, by reason (truncated frames were sent)
                 **{k: v for k, v in mirror.dropped.items() if k != "sampled_out"},
-                **sent.dropped,
+                **{k: v for k, v in sent.dropped.items() if k != "truncated"},
             },
             "per_port": dict(cap.per_port),
             "exported": mirror.exported,
