@@ -1,116 +1,202 @@
-"""``vspan demo``: the main job on an embedded default.
+"""``vspan demo``: a live analyzer fed by real collectors on a simulated datacenter.
 
-Until the live analyzer, collectors and dashboard exist, the demo simulates a datacenter
-(hosts, VMs in tiers, intra-host, cross-host and external traffic), writes the capture that
-the collectors' remote SPAN would deliver (VN-tagged, both copies of cross-host packets),
-and reports on it — checking the report against the simulator's ground truth.
+One process runs everything, on 127.0.0.1 only: an ``Analyzer`` (UDP tunnel on a free port,
+TCP off, the example port-profiles, a temporary data folder unless ``--data-dir``), its HTTP
+server (API, control plane, dashboard), and one ``Collector`` per simulated host, each in a
+thread with its ``SimulatedHostSource``, sending over UDP and registering its VM ports with
+the control plane (so live migrations show up as the VMs' ports move). It runs until Ctrl-C
+or ``--duration``, stops everything in order and prints a summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vspan.analysis.service import Analyzer
+    from vspan.api.server import HttpServer
+    from vspan.collectors.agent import Collector
+    from vspan.collectors.simulator import SimulatedDatacenter
 
 __all__ = ["add_parser"]
+
+DEFAULT_HTTP = "127.0.0.1:8470"
+EXAMPLE_PROFILES = Path(__file__).resolve().parent / "examples" / "profiles.yaml"
+"""The example port-profiles shipped with vspan (also ``docs/examples/profiles.yaml``)."""
 
 
 def add_parser(sub: Any) -> None:
     """Register ``demo`` on the top-level subparsers."""
     p: argparse.ArgumentParser = sub.add_parser(
         "demo",
-        help="simulate a datacenter and report on its VM traffic",
-        description="Simulate a datacenter, capture its VM traffic as vspan's collectors "
-        "would (VN-tagged remote SPAN), and report per VM, VM pair and host pair.",
+        help="run an analyzer and collectors on a simulated datacenter",
+        description="Simulate a datacenter (hosts, VMs in tiers, daily rhythm, policy "
+        "violations, live migrations) and watch it live: real collectors send its VM "
+        "traffic to a real analyzer, whose dashboard and API are served on HTTP.",
     )
     p.add_argument("--hosts", type=int, default=4, metavar="N", help="hypervisors (default 4)")
-    p.add_argument(
-        "--vms-per-host", type=int, default=12, metavar="M", help="VMs on each host (default 12)"
-    )
-    p.add_argument(
-        "--packets",
-        type=int,
-        default=200_000,
-        metavar="P",
-        help="frames to simulate (default 200000)",
-    )
+    p.add_argument("--vms-per-host", type=int, default=6, metavar="M",
+                   help="VMs on each host (default 6)")  # fmt: skip
+    p.add_argument("--http", default=DEFAULT_HTTP, metavar="ADDR:PORT",
+                   help=f"dashboard and API (default {DEFAULT_HTTP}, or a free port)")  # fmt: skip
+    p.add_argument("--duration", type=float, default=None, metavar="S",
+                   help="stop after S seconds (default: run until Ctrl-C)")  # fmt: skip
+    p.add_argument("--data-dir", metavar="DIR",
+                   help="keep the analyzer's store in DIR (default: a temporary one)")  # fmt: skip
+    p.add_argument("--rate", type=float, default=3000.0, metavar="FRAMES_PER_S",
+                   help="frames per second at the busiest hour (default 3000)")  # fmt: skip
+    p.add_argument("--time-scale", type=float, default=60.0, metavar="X",
+                   help="simulated seconds per real second (default 60)")  # fmt: skip
+    p.add_argument("--migrate-every", type=float, default=600.0, metavar="SIM_S",
+                   help="mean simulated seconds between live migrations (default 600)")  # fmt: skip
+    p.add_argument("--profiles", metavar="FILE",
+                   help="port-profiles YAML (default: the example shipped with vspan)")  # fmt: skip
     p.add_argument("--seed", type=int, default=1, help="simulation seed (default 1)")
-    p.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help="keep the capture and inventory in DIR (default: a temporary folder)",
-    )
     p.set_defaults(run=run)
 
 
-def _section(title: str) -> None:
-    print(f"\n== {title}")
-    sys.stdout.flush()
+def _http_port(host: str, port: int) -> tuple[int, bool]:
+    """``port``, or 0 (a free one) when it is taken; and whether it was taken."""
+    if port == 0:
+        return 0, False
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return 0, True
+    return port, False
+
+
+def _collect(collector: Collector, done: threading.Event) -> None:
+    collector.start(time.monotonic())
+    try:
+        while not done.is_set():
+            collector.step(time.monotonic(), poll_s=0.05)
+    finally:
+        collector.stop()
+
+
+def _start_http(analyzer: Analyzer, address: str) -> HttpServer:
+    from vspan.analysis.config import parse_address
+    from vspan.api.server import HttpServer, create_app
+
+    host, wanted = parse_address(address, field="http")
+    port, busy = _http_port(host, wanted)
+    server = HttpServer(create_app(analyzer), host, port)
+    server.start()
+    if busy:
+        print(f"vspan demo: {host}:{wanted} is busy; serving on port {server.port} instead")
+    return server
+
+
+def _collectors(dc: SimulatedDatacenter, udp: tuple[str, int], control_url: str) -> list[Collector]:
+    from vspan.collectors.agent import Collector, CollectorSettings
+    from vspan.collectors.control_client import ControlClient
+    from vspan.collectors.forward import UdpSender
+
+    out = []
+    for h in range(dc.config.hosts):
+        source = dc.source(h)
+        settings = CollectorSettings(collector_id=source.collector_id, host=source.name,
+                                     refresh_interval_s=0.5, heartbeat_interval_s=30.0)  # fmt: skip
+        out.append(Collector(settings, source=source, directory=source, sender=UdpSender(udp),
+                             control=ControlClient(control_url, source.collector_id)))  # fmt: skip
+    return out
+
+
+def _drain(analyzer: Analyzer, collectors: list[Collector], timeout_s: float = 2.0) -> None:
+    """Give the analyzer up to ``timeout_s`` to take in what the collectors sent last."""
+    sent = sum(c.counters()["frames_sent"] for c in collectors)
+    deadline = time.monotonic() + timeout_s
+    while analyzer.engine is not None and time.monotonic() < deadline:
+        if analyzer.engine.counters()["frames"] >= sent:
+            return
+        time.sleep(0.05)
+
+
+def _summary(analyzer: Analyzer, dc: SimulatedDatacenter, collectors: list[Collector]) -> None:
+    from vspan.analysis.store import Store
+
+    with Store(analyzer.data_dir, read_only=True) as store:
+        flows = store.query_flows(limit=None)
+        moves = store.query_migrations()
+    denied = int((flows["policy_verdict"] == "deny").sum()) if len(flows) else 0
+    captured = sum(c.counters()["frames"] for c in collectors)
+    sent = sum(c.counters()["frames_sent"] for c in collectors)
+    engine = analyzer.counters().get("engine", {})
+    print(
+        f"vspan demo: {captured:,} frames captured on VM ports, {sent:,} sent, "
+        f"{engine.get('frames', 0):,} received; {len(flows):,} flows stored, "
+        f"{denied:,} violating the port-profiles; {len(dc.migrations)} live migrations "
+        f"simulated, {len(moves)} recorded by the analyzer"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Simulate, capture, report, and check the report against the ground truth."""
-    from vspan.analysis.groupings import group_flows, top
-    from vspan.analysis.render import render
-    from vspan.analysis.report import analyze_captures
+    """Start the analyzer, the HTTP server and the collectors; run; stop; summarize."""
+    from vspan.analysis.config import AnalyzerConfig
+    from vspan.analysis.service import Analyzer
+    from vspan.collectors.simulator import SimulatedDatacenter, SimulatorConfig
     from vspan.errors import ConfigError
-    from vspan.synth import generate, write_capture, write_inventory_yaml
 
-    if not 1 <= args.hosts <= 64 or not 1 <= args.vms_per_host <= 500:
-        raise ConfigError("--hosts must be 1..64 and --vms-per-host 1..500")
-    if args.packets < 1000:
-        raise ConfigError("--packets must be at least 1000")
+    if args.duration is not None and args.duration <= 0:
+        raise ConfigError(f"--duration must be positive, got {args.duration}")
+    profiles = args.profiles or (str(EXAMPLE_PROFILES) if EXAMPLE_PROFILES.is_file() else None)
+    dc = SimulatedDatacenter(SimulatorConfig(
+        hosts=args.hosts, vms_per_host=args.vms_per_host, seed=args.seed, rate=args.rate,
+        time_scale=args.time_scale, start_ns=time.time_ns(), migration_every_s=args.migrate_every,
+    ))  # fmt: skip
     keep = args.data_dir is not None
     folder = Path(args.data_dir) if keep else Path(tempfile.mkdtemp(prefix="vspan-demo-"))
-    folder.mkdir(parents=True, exist_ok=True)
+    analyzer = Analyzer(AnalyzerConfig(udp="127.0.0.1:0", tcp=None, http=args.http,
+                                       data_dir=str(folder), profiles=profiles))  # fmt: skip
+    done = threading.Event()
+    main_thread = threading.current_thread() is threading.main_thread()
+    signals = (signal.SIGINT, signal.SIGTERM) if main_thread else ()
+    previous = {s: signal.signal(s, lambda *_: done.set()) for s in signals}
+    analyzer.start()
+    server: HttpServer | None = None
+    collectors: list[Collector] = []
+    threads: list[threading.Thread] = []
     try:
-        vms = args.hosts * args.vms_per_host
-        cap = generate(
-            packets=args.packets,
-            flows=max(50, args.packets // 40),
-            hosts=args.hosts,
-            vms=vms,
-            seed=args.seed,
-        )
-        capture, inventory = folder / "dc.pcapng", folder / "dc.inventory.yaml"
-        write_capture(cap, capture)
-        write_inventory_yaml(cap, inventory)
+        server = _start_http(analyzer, args.http)
+        base = f"http://{server.config.host}:{server.port}"
+        collectors = _collectors(dc, analyzer.addresses()["udp"], base)
+        threads = [
+            threading.Thread(target=_collect, args=(c, done), name=f"demo-{c.settings.host}")
+            for c in collectors
+        ]
+        for t in threads:
+            t.start()
         print(
-            f"vspan demo: simulated {args.hosts} hosts, {vms} VMs, {len(cap.frames):,} frames "
-            f"as remote SPAN delivers them (VN-tagged; cross-host packets seen at both hosts)"
+            f"vspan demo: {args.hosts} hosts × {args.vms_per_host} VMs, ~{args.rate:,.0f} frames/s "
+            f"at peak, simulated time ×{args.time_scale:g}; profiles: {profiles or 'none'}; "
+            f"data in {folder}"
         )
-        print(f"vspan demo: capture {capture}, inventory {inventory}")
-
-        from vspan.inventory import Inventory
-
-        report = analyze_captures([capture], inventory=Inventory.load(str(inventory)))
-        flows = report.flows
-        _section("Traffic by scope (intra-host traffic never reaches the physical network)")
-        by_scope = flows.assign(total=flows["bytes"] + flows["bytes_rev"]).groupby("scope")
-        summary = by_scope.agg(flows=("flow_id", "size"), bytes=("total", "sum")).reset_index()
-        render(summary, "table")
-        _section("Host pairs")
-        render(top(group_flows(flows, "host-pair"), sort="bytes", n=20, by="host-pair"), "table")
-        _section("Top VM pairs")
-        render(top(group_flows(flows, "vm-pair"), sort="bytes", n=10, by="vm-pair"), "table")
-        _section("Top flows")
-        render(top(flows, sort="bytes", n=10, by="flow"), "table")
-
-        truth = cap.truth
-        want = int((truth["packets"] + truth["packets_rev"]).sum())
-        got = int((flows["packets"] + flows["packets_rev"]).sum())
-        _section("Check against the simulator's ground truth")
-        print(
-            f"flows {len(flows):,} (simulated {len(truth):,}); packets {got:,} "
-            f"(simulated {want:,}, each counted once of {len(cap.frames):,} frames): "
-            f"{'OK' if got == want and len(flows) == len(truth) else 'MISMATCH'}"
-        )
-        if keep:
-            print(f"\nTry: vspan report {capture} --inventory {inventory} --by vm --top 10")
-        return 0 if got == want and len(flows) == len(truth) else 1
+        print(f"vspan demo: dashboard {base}/  (Ctrl-C to stop)", flush=True)
+        done.wait(args.duration)
     finally:
-        if not keep:
-            shutil.rmtree(folder, ignore_errors=True)
+        done.set()
+        for t in threads:
+            t.join(timeout=10)
+        _drain(analyzer, collectors)
+        if server is not None:
+            server.stop()
+        analyzer.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    _summary(analyzer, dc, collectors)
+    if not keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    sys.stdout.flush()
+    return 0
