@@ -17,7 +17,14 @@ that no longer exist (a run killed with SIGKILL).
 
 VM ``hNvM`` has MAC ``02:77:00:00:0N:0M``, IPv4 ``10.77.N.M/16`` and IPv6 ``fd77::N:M/64``
 on ``eth0``; its host-side port is ``vm-hNvM`` on ``br0``. Hosts have IPv6 off, so the
-only chatter on the segment is the VMs' own (ARP, neighbour discovery, MLD).
+only chatter on the segment is the VMs' own (ARP, neighbour discovery, MLD), and in the
+first seconds the bridges' own IGMP reports (multicast snooping joins 224.0.0.106; source
+0.0.0.0, the bridge's MAC). New links only carry frames once the kernel has brought them
+up, up to a second after ``build``: ``wait_links_up`` waits for that.
+
+``add_mgmt`` adds a management network apart from ``br0`` and the underlay: namespace
+``mgmt`` with bridge ``brm`` (``10.99.0.254/24`` by default) and, in every host, interface
+``mgmt0`` (``10.99.0.N``), so that a collector in a host reaches an analyzer there.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import json
 import os
 import re
 import secrets
@@ -41,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Lab", "Vm", "in_netns", "lab_unavailable", "make_lab", "sweep_stale"]
+__all__ = ["Lab", "Mgmt", "Vm", "in_netns", "lab_unavailable", "make_lab", "sweep_stale"]
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")
@@ -111,6 +119,25 @@ class Vm:
     @property
     def mac_bytes(self) -> bytes:
         return bytes.fromhex(self.mac.replace(":", ""))
+
+
+@dataclass(frozen=True, slots=True)
+class Mgmt:
+    """A management network: the hosts' path to an analyzer, apart from br0 and the underlay.
+
+    Namespace ``ns`` holds bridge ``brm`` with address ``ip``; every host has interface
+    ``port`` (not on ``br0``) with address ``host_ips[host]``, in ``<subnet>.0/24``.
+    """
+
+    ns: str
+    ip: str
+    """The management namespace's address: where a receiver listens."""
+    port: str
+    """The host-side interface in every host namespace."""
+    host_ips: dict[str, str]
+    """Host name (``h1``) → its address on the management network."""
+    links: dict[str, str]
+    """Host name → the other end of its ``port``, inside ``ns`` on ``brm`` (``mg-h1``)."""
 
 
 class Lab:
@@ -202,6 +229,56 @@ class Lab:
         vm = Vm(name, ns, host, host_ns, mac, ip, ip6, port, ifindex, h * 100 + v)
         self.vms[name] = vm
         return vm
+
+    def add_mgmt(self, subnet: str = "10.99.0", *, port: str = "mgmt0") -> Mgmt:
+        """A management namespace (``<subnet>.254``) wired to every host (``<subnet>.N``).
+
+        Each host gets ``port`` with an address, outside ``br0``: a process in a host
+        namespace (a collector) reaches ``Mgmt.ip`` through it. Deleted with the lab.
+        """
+        if not re.fullmatch(r"(\d{1,3})\.(\d{1,3})\.(\d{1,3})", subnet):
+            raise ValueError(f"subnet {subnet!r}: three octets, like 10.99.0")
+        if self.n_hosts > 250:
+            raise ValueError("a management /24 has room for 250 hosts")
+        ns = self._new_ns("mgmt")
+        for conf in ("all", "default"):
+            self.sysctl(ns, f"net/ipv6/conf/{conf}/disable_ipv6", "1")
+        self._ip("-n", ns, "link", "add", "brm", "type", "bridge", "stp_state", "0")
+        self._ip("-n", ns, "addr", "add", f"{subnet}.254/24", "dev", "brm")
+        self._ip("-n", ns, "link", "set", "brm", "up")
+        host_ips, links = {}, {}
+        for host, host_ns in sorted(self.hosts.items(), key=lambda item: int(item[0][1:])):
+            ip = f"{subnet}.{int(host[1:])}"
+            pair = [f"mg-{host}", "type", "veth", "peer", "name", port, "netns", host_ns]
+            self._ip("-n", ns, "link", "add", *pair)
+            self._ip("-n", ns, "link", "set", f"mg-{host}", "master", "brm", "up")
+            self._ip("-n", host_ns, "addr", "add", f"{ip}/24", "dev", port)
+            self._ip("-n", host_ns, "link", "set", port, "up")
+            host_ips[host], links[host] = ip, f"mg-{host}"
+        return Mgmt(ns, f"{subnet}.254", port, host_ips, links)
+
+    def wait_links_up(self, timeout: float = 10) -> None:
+        """Wait until the kernel has brought every link of the lab up.
+
+        A new link's carrier takes effect asynchronously (the kernel's link watcher, up to
+        a second later, also under load from other labs): until then the bridge treats the
+        port as down and frames sent through it are dropped. Operational state ``UP`` (or
+        ``UNKNOWN`` for ``lo``-like links) on every link means it is done.
+        """
+        deadline = time.monotonic() + timeout
+        for ns in list(self._namespaces):
+            while True:
+                links = json.loads(self._ip_out("-n", ns, "-j", "link", "show", "up") or "[]")
+                down = [
+                    link["ifname"]
+                    for link in links
+                    if link.get("operstate") not in ("UP", "UNKNOWN")
+                ]
+                if not down:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"links still down in {ns} after {timeout} s: {down}")
+                time.sleep(0.02)
 
     def remove_vm(self, name: str) -> None:
         """Delete VM ``name``'s namespace, and wait until its veth pair and port are gone."""
@@ -309,11 +386,15 @@ class Lab:
         return sorted(p.name for p in NETNS_DIR.glob(f"{self.tag}-*")) if NETNS_DIR.is_dir() else []
 
     def _ip(self, *args: str) -> None:
+        self._ip_out(*args)
+
+    def _ip_out(self, *args: str) -> str:
         done = subprocess.run(
             ["ip", *args], capture_output=True, text=True, check=False, timeout=30
         )
         if done.returncode:
             raise RuntimeError(f"ip {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout
 
 
 def _echo_request(ident: int, seq: int, payload: bytes) -> bytes:
