@@ -45,11 +45,17 @@ _DIRS = ("", "_rev")
 _ROLE_COUNTERS = tuple(
     f"{what}{d}_{role}" for role in _ROLES for d in _DIRS for what in ("packets", "bytes")
 )
+_TIME_SUMS = ("tsum_s", "tsum_rev_s", "tsum_r", "tsum_rev_r")
+"""Per direction, the sum of capture-time offsets from ``anchor_ns`` of the sender copies
+and of the receiver copies (float64): their mean difference is the one-way delay between
+the two observation points."""
 _STATE = (
     *KEY_COLUMNS,
     "hash",
     "start_ns",
     "last_ns",
+    "anchor_ns",
+    *_TIME_SUMS,
     *_ROLE_COUNTERS,
     "copies",
     "tcp_flags",
@@ -59,11 +65,13 @@ _STATE = (
     "observer_other",
     "tagged",
 )
-_TOTALS = ("packets", "bytes", "packets_rev", "bytes_rev")
+_TOTALS = ("packets", "bytes", "packets_rev", "bytes_rev", "delay_ns")
 FLOW_COLUMNS = (*_STATE, *_TOTALS)
 """Columns of the finished-flow frames the table returns (A/B oriented: ``_rev`` counters
 are B → A; ``first_rev`` says the first packet went B → A). ``packets``/``bytes`` are
-``max(sender copies, receiver copies) + other copies`` per direction."""
+``max(sender copies, receiver copies) + other copies`` per direction; ``delay_ns`` the mean
+time from a packet's sender copy to its receiver copy (NaN without both), the two
+observation points of cross-host traffic."""
 
 
 def _with_totals(flows: pd.DataFrame) -> pd.DataFrame:
@@ -75,6 +83,19 @@ def _with_totals(flows: pd.DataFrame) -> pd.DataFrame:
         for d in _DIRS:
             s, r, o = (out[f"{what}{d}_{role}"].to_numpy() for role in _ROLES)
             out[f"{what}{d}"] = np.maximum(s, r) + o
+    # Mean receiver-copy time minus mean sender-copy time, per direction, weighted by the
+    # packets seen at both points (exact when both saw every packet).
+    weight = np.zeros(len(out))
+    total = np.zeros(len(out))
+    for d in _DIRS:
+        ns, nr = out[f"packets{d}_s"].to_numpy(), out[f"packets{d}_r"].to_numpy()
+        both = np.minimum(ns, nr).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            delay = out[f"tsum{d}_r"].to_numpy() / nr - out[f"tsum{d}_s"].to_numpy() / ns
+        total += np.where(both > 0, delay * both, 0.0)
+        weight += both
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["delay_ns"] = np.where(weight > 0, total / weight, np.nan)
     return out
 
 
@@ -123,7 +144,9 @@ class FlowTable:
         self.config = config or FlowConfig()
         self._idle = int(self.config.idle_timeout_s * NS)
         self._active = int(self.config.active_timeout_s * NS)
-        self._open = pd.DataFrame({c: pd.Series(dtype=np.int64) for c in _STATE})
+        self._open = pd.DataFrame({
+            c: pd.Series(dtype=np.float64 if c in _TIME_SUMS else np.int64) for c in _STATE
+        })  # fmt: skip
         self._now = np.iinfo(np.int64).min
         self._fragments = FragmentPorts()
 
@@ -268,6 +291,11 @@ class FlowTable:
             out[cont] = prior[name].to_numpy()
             return out
 
+        def prior_float(name: str) -> npt.NDArray[np.float64]:
+            out = np.zeros(nseg, dtype=np.float64)
+            out[cont] = prior[name].to_numpy()
+            return out
+
         rev = r["rev"]
         role = np.where(r["sender"] == 1, 0, np.where(r["receiver"] == 1, 1, 2))
 
@@ -281,6 +309,16 @@ class FlowTable:
         out["hash"] = np.where(has_row, hashes[pick].view(np.int64), prior_col("hash"))
         rseg, rrev, rrole = seg[real], rev[real], role[real]
         rbytes, rflags = r["bytes"][real], r["flags"][real]
+        seg_start = np.minimum.reduceat(r["start"], bounds)
+        anchor = np.where(cont, prior_col("anchor_ns"), seg_start)
+        out["anchor_ns"] = anchor
+        offset = (r["ts"][real] - anchor[rseg]).astype(np.float64)
+        for d, suffix in enumerate(_DIRS):
+            for k, name in ((0, "s"), (1, "r")):
+                sel = (rrev == d) & (rrole == k)
+                sums = np.bincount(rseg[sel], weights=offset[sel], minlength=nseg)
+                column = f"tsum{suffix}_{name}"
+                out[column] = sums + prior_float(column)  # type: ignore[assignment]
         for d, suffix in enumerate(_DIRS):
             mine = rrev == d
             flags = _or_by_segment(rseg[mine], rflags[mine], nseg)

@@ -56,6 +56,7 @@ RECORD_COLUMNS = (
     "dst_mac",
     "copies",
     "observed_at",
+    "delay_us",
 )
 """The columns of a flow record, in output order (documented in the README)."""
 
@@ -233,6 +234,7 @@ def flow_records(
             "dst_mac": macs(ep_dst, dst_kind),
             "copies": col["copies"],
             "observed_at": observed,
+            "delay_us": (col["delay_ns"] / 1e3) if "delay_ns" in col else np.full(n, np.nan),
         }
     )
     return out[list(RECORD_COLUMNS)]

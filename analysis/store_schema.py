@@ -23,10 +23,12 @@ __all__ = [
     "quote",
 ]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 """Version of the tables below; stored in ``meta`` as ``schema_version``."""
-MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {}
-"""Statements that upgrade version ``k`` to ``k + 1`` (none yet)."""
+MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
+    1: ('ALTER TABLE flows ADD COLUMN "delay_us" DOUBLE',),
+}
+"""Statements that upgrade version ``k`` to ``k + 1``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,12 @@ FLOWS = Table(
             null=False,
         ),
         _c("observed_at", "VARCHAR[]", "Array(LowCardinality(String))", "hosts that saw it"),
+        _c(
+            "delay_us",
+            "DOUBLE",
+            "Float64",
+            "mean time from a packet's sender copy to its receiver copy (cross-host)",
+        ),
         _c("policy_verdict", "VARCHAR", _NAME, "verdict of the policy engine"),
         _c("policy_rule", "VARCHAR", _NAME, "rule that decided the verdict"),
     ),

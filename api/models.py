@@ -76,6 +76,9 @@ class FlowRow(_Row):
     dst_mac: str | None
     copies: int = Field(description="frames received for the flow, copies included")
     observed_at: list[str] | None = Field(description="hosts that saw it")
+    delay_us: float | None = Field(
+        None, description="mean time from a packet's sender copy to its receiver copy"
+    )
     flow_uid: str = Field(description="unique id of the record (vspan export --flow)")
     src_vm_uuid: str | None
     dst_vm_uuid: str | None

@@ -6,20 +6,27 @@ import itertools
 
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vspan.analysis.columns import Decoded, TagKind
 from vspan.analysis.endpoints import EndpointResolver
 from vspan.analysis.flows import FlowConfig, FlowTable
+from vspan.inventory import Inventory
 from vspan_testing.decoded import decoded
 
 S = 1_000_000_000
 SYN, ACK, FIN, PSH = 0x02, 0x10, 0x01, 0x08
 
 
-def run(table: FlowTable, dec: Decoded, cuts: list[int] | None = None) -> pd.DataFrame:
-    resolver = EndpointResolver()
+def run(
+    table: FlowTable,
+    dec: Decoded,
+    cuts: list[int] | None = None,
+    inventory: Inventory | None = None,
+) -> pd.DataFrame:
+    resolver = EndpointResolver(inventory)
     parts = []
     bounds = [0, *(cuts or []), len(dec)]
     for lo, hi in itertools.pairwise(bounds):
@@ -238,3 +245,40 @@ def test_advancing_time_ends_idle_flows_without_traffic() -> None:
     ended = table.advance(60 * S + 1)
     assert ended["packets"].tolist() == [1]
     assert table.open_flows == 0
+
+
+TWO_HOSTS = """\
+hosts: [{name: hv01, collector_id: 1}, {name: hv02, collector_id: 2}]
+vms:
+  - {name: a, uuid: 00000000-0000-4000-8000-000000000003, host: hv01,
+     nics: [{mac: "52:54:00:00:00:03", vif: 3}]}
+  - {name: b, uuid: 00000000-0000-4000-8000-000000000004, host: hv02,
+     nics: [{mac: "52:54:00:00:00:04", vif: 4}]}
+"""
+
+
+@pytest.mark.parametrize("order", [[0, 1, 2, 3], [1, 3, 0, 2], [3, 2, 1, 0]])
+def test_the_delay_between_the_two_observation_points_is_kept(order: list[int]) -> None:
+    # a -> b: sender copy at host 1, receiver copy at host 2 120 us later; b -> a: 80 us.
+    # Collectors send independently, so the copies may reach the analyzer in any order; the
+    # analyzer knows the VMs from the collectors' registrations (here: an inventory).
+    mac_a, mac_b = 0x525400000003, 0x525400000004
+    dec = decoded(
+        4, ts_ns=[0, 120_000, 1_000_000, 1_080_000], tag_kind=TagKind.VNTAG,
+        host=[1, 2, 2, 1], tag_d=[0, 1, 0, 1], svif=[3, 0, 4, 0], dvif=[0, 4, 0, 3],
+        src_mac=[mac_a, mac_a, mac_b, mac_b], dst_mac=[mac_b, mac_b, mac_a, mac_a],
+        src_ip=["10.0.0.3", "10.0.0.3", "10.0.0.4", "10.0.0.4"],
+        dst_ip=["10.0.0.4", "10.0.0.4", "10.0.0.3", "10.0.0.3"], ip_proto=17,
+        src_port=[1000, 1000, 53, 53], dst_port=[53, 53, 1000, 1000],
+    )  # fmt: skip
+    inventory = Inventory.loads(TWO_HOSTS)
+    shuffled = dec.take(np.array(order))
+    flows = run(FlowTable(), shuffled, cuts=[1, 2, 3], inventory=inventory)  # a frame a batch
+    assert len(flows) == 1
+    assert flows["delay_ns"].iloc[0] == pytest.approx((120_000 + 80_000) / 2)
+    assert (flows["packets"].iloc[0], flows["packets_rev"].iloc[0]) == (1, 1)
+
+
+def test_no_delay_without_both_observation_points() -> None:
+    dec = decoded(2, ts_ns=[0, 1], src_ip="10.0.0.1", dst_ip="10.0.0.2", ip_proto=17)
+    assert np.isnan(run(FlowTable(), dec)["delay_ns"].iloc[0])

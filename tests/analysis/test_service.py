@@ -109,6 +109,11 @@ def test_every_packet_counted_once_in_the_stored_flows(
         (truth["bytes"] + truth["bytes_rev"]).sum()
     )
     assert sorted(flows["scope"]) == sorted(truth["scope"])
+    # The simulator puts a cross-host packet's receiver copy 20-200 us after its sender copy.
+    cross = flows[flows["scope"] == "cross-host"]
+    assert len(cross) > 0
+    assert cross["delay_us"].between(20, 200).all()
+    assert flows.loc[flows["scope"] != "cross-host", "delay_us"].isna().all()
     by_vm = {v.name: v.uuid for v in cap.vms}
     known = flows["src_vm"].notna()
     assert (

@@ -354,3 +354,20 @@ def test_a_store_reopened_for_writing_accepts_appends(tmp_path: Path) -> None:
     with Store(tmp_path) as store:
         store.append_migrations(rows)
         assert len(store.query_migrations()) == 2
+
+
+def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
+    import duckdb
+
+    with Store(tmp_path):
+        pass
+    # Make it what version 1 wrote: no flows.delay_us.
+    con = duckdb.connect(str(tmp_path / "vspan.duckdb"))
+    con.execute('ALTER TABLE flows DROP COLUMN "delay_us"')
+    con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    con.close()
+    with Store(tmp_path) as store:
+        columns = store.query("SELECT * FROM flows LIMIT 0").columns
+        version = store.query("SELECT value FROM meta WHERE key = 'schema_version'")
+    assert "delay_us" in columns
+    assert str(version.iloc[0, 0]) == "2"
