@@ -70,7 +70,7 @@ def hit_rows(hits: pd.DataFrame) -> pd.DataFrame:
     uuids = hits["vm"].map(_uuid_or_none)
     kept = hits[uuids.notna()]
     return pd.DataFrame({
-        "rule": kept["profile"].astype(str) + "#" + kept["index"].astype(str),
+        "rule": kept["rule"].astype(str),  # as verdicts name it: db#2, db#default
         "vm_uuid": uuids[uuids.notna()],
         "vm_name": kept["vm_name"],
         "verdict": kept["action"],

@@ -245,7 +245,7 @@ def violations(
 
 def policy_hits(store: Store, *, vm: str | None = None, profile: str | None = None) -> pd.DataFrame:
     """Hit counters per (rule, VM) — ``HIT_COLUMNS`` — in profile and rule order (a profile's
-    default, ``profile#0``, last), then by VM name; ``vm`` by name or UUID."""
+    default, ``profile#default``, last), then by VM name; ``vm`` by name or UUID."""
     hits = store.query_policy_hits(vm=_text(vm, "vm"), limit=None, order="rule")
     hits["profile"] = hits["rule"].str.rsplit("#", n=1).str[0]
     if _text(profile, "profile") is not None:
