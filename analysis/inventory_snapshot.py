@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vspan.errors import VspanError
-from vspan.inventory import MAX_VIF, Host, Vm, format_mac
+from vspan.inventory import MAX_VIF, Host, NicIndex, Vm, format_mac
 
 __all__ = [
     "EventKind",
@@ -144,7 +144,7 @@ class NicRow:
     ips: tuple[str, ...] = ()
 
 
-class InventorySnapshot:
+class InventorySnapshot(NicIndex):
     """An immutable inventory with the lookups of ``vspan.inventory.Inventory``.
 
     ``vms`` holds every VM ever known, so that each vNIC index names its VM (``nic_vm``);
@@ -160,33 +160,29 @@ class InventorySnapshot:
         rows: Sequence[NicRow],
     ) -> None:
         """``vms[i]`` is VM index i (with its bound vNICs), ``rows[n]`` vNIC index n."""
-        self.hosts: tuple[Host, ...] = tuple(hosts)
-        self.vms: tuple[Vm, ...] = tuple(vms)
+        self.hosts = tuple(hosts)
+        self.vms = tuple(vms)
         self.present: tuple[bool, ...] = tuple(present)
-        self._host_by_name = {h.name: h for h in hosts}
-        self._host_by_id = {h.collector_id: h for h in hosts}
         order = sorted(range(len(vms)), key=lambda i: self.present[i])  # present ones win
         self._vm_by_key = {vms[i].name: i for i in order} | {vms[i].uuid: i for i in order}
         self._vm_by_key.pop("", None)
-        self._nic_vm = np.array([r.vm for r in rows], dtype=np.int32)
-        self._nic_host = np.array([r.host for r in rows], dtype=np.uint32)
-        self._nic_vif = np.array([r.vif for r in rows], dtype=np.uint32)
+        nic_vm = np.array([r.vm for r in rows], dtype=np.int32)
+        nic_host = np.array([r.host for r in rows], dtype=np.uint32)
+        nic_vif = np.array([r.vif for r in rows], dtype=np.uint32)
         mac = np.array([r.mac for r in rows], dtype=np.uint64)
         seq = np.array([r.seq for r in rows], dtype=np.int64)
         live = np.array([r.bound and present[r.vm] for r in rows], dtype=np.bool_)
-        keys = (self._nic_host.astype(np.uint64) << np.uint64(20)) | self._nic_vif
-        self._vif_keys, self._vif_nic = _table(keys, seq, live & (self._nic_vif != 0))
-        self._mac_keys, self._mac_nic = _table(mac, seq, live & (mac != 0))
-        for array in (self._nic_vm, self._nic_host, self._nic_vif):
+        keys = (nic_host.astype(np.uint64) << np.uint64(20)) | nic_vif
+        for array in (nic_vm, nic_host, nic_vif):
             array.flags.writeable = False  # handed out as is: nobody may change a snapshot
-
-    def host(self, name: str) -> Host | None:
-        """The host called ``name``."""
-        return self._host_by_name.get(name)
-
-    def host_by_id(self, collector_id: int) -> Host | None:
-        """The host whose collector has ``collector_id``."""
-        return self._host_by_id.get(collector_id)
+        self._set_index(
+            self.hosts,
+            nic_vm=nic_vm,
+            nic_host=nic_host,
+            nic_vif=nic_vif,
+            vif_table=_table(keys, seq, live & (nic_vif != 0)),
+            mac_table=_table(mac, seq, live & (mac != 0)),
+        )
 
     def vm(self, name_or_uuid: str) -> Vm | None:
         """A VM by name or UUID (a present one before one that is gone)."""
@@ -201,35 +197,6 @@ class InventorySnapshot:
         """The VMs running on ``host`` now."""
         return tuple(v for v in self.present_vms() if v.host == host)
 
-    def resolve_vif(self, collector_id: int, vif: int) -> Vm | None:
-        """The VM behind ``vif`` on the host with ``collector_id``."""
-        nic = int(self.resolve_vifs([collector_id], [vif])[0])
-        return None if nic < 0 else self.vms[self._nic_vm[nic]]
-
-    def resolve_mac(self, mac: int) -> Vm | None:
-        """The VM owning ``mac``."""
-        nic = int(self.resolve_macs(np.array([mac], dtype=np.uint64))[0])
-        return None if nic < 0 else self.vms[self._nic_vm[nic]]
-
-    def resolve_vifs(
-        self, collector_id: npt.ArrayLike, vif: npt.ArrayLike
-    ) -> npt.NDArray[np.int32]:
-        """vNIC index per (collector_id, vif) pair; -1 where none (vif 0 is never a VM)."""
-        cid = np.asarray(collector_id, dtype=np.uint64) << np.uint64(20)
-        return _lookup(self._vif_keys, self._vif_nic, cid | np.asarray(vif, dtype=np.uint64))
-
-    def resolve_macs(self, mac: npt.ArrayLike) -> npt.NDArray[np.int32]:
-        """vNIC index per MAC; -1 where none."""
-        return _lookup(self._mac_keys, self._mac_nic, np.asarray(mac, dtype=np.uint64))
-
-    def nic_vm(self) -> npt.NDArray[np.int32]:
-        """VM index (into ``vms``) of each vNIC."""
-        return self._nic_vm
-
-    def nic_host_vif(self) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]:
-        """collector_id and vif of each vNIC."""
-        return self._nic_host, self._nic_vif
-
 
 def _table(
     keys: npt.NDArray[np.uint64], seq: npt.NDArray[np.int64], keep: npt.NDArray[np.bool_]
@@ -240,18 +207,6 @@ def _table(
     k, v = keys[index][order], index[order]
     last = np.append(k[1:] != k[:-1], True) if k.size else np.zeros(0, dtype=np.bool_)
     return k[last], v[last]
-
-
-def _lookup(
-    table: npt.NDArray[np.uint64], values: npt.NDArray[np.int32], keys: npt.NDArray[np.uint64]
-) -> npt.NDArray[np.int32]:
-    out = np.full(keys.shape, -1, dtype=np.int32)
-    if table.size == 0 or keys.size == 0:
-        return out
-    pos = np.minimum(np.searchsorted(table, keys), table.size - 1)
-    hit = table[pos] == keys
-    out[hit] = values[pos[hit]]
-    return out
 
 
 def group_ports(collector_id: int, host: str, ports: Sequence[PortInfo]) -> list[VmPorts]:

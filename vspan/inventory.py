@@ -32,7 +32,7 @@ import numpy.typing as npt
 
 from vspan.yamlconf import Node, load, load_file
 
-__all__ = ["MAX_VIF", "Host", "Inventory", "InventoryView", "Nic", "Vm", "format_mac"]
+__all__ = ["MAX_VIF", "Host", "Inventory", "InventoryView", "Nic", "NicIndex", "Vm", "format_mac"]
 
 MAX_VIF = 4095
 """Largest vif: the VN-Tag's svif field has 12 bits."""
@@ -104,37 +104,31 @@ class InventoryView(Protocol):
     def nic_host_vif(self) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]: ...
 
 
-class Inventory:
-    """Hosts and VMs, with lookups by name, collector_id, (collector_id, vif) and MAC."""
+class NicIndex:
+    """The vNIC lookups of an inventory, over tables sorted by key.
 
-    def __init__(self, hosts: list[Host], vms: list[Vm]) -> None:
-        self.hosts: tuple[Host, ...] = tuple(hosts)
-        self.vms: tuple[Vm, ...] = tuple(vms)
+    Shared by the static ``Inventory`` and the analyzer's live snapshot; each builds its
+    tables and hands them to ``_set_index``. vNIC indexes number ``nic_vm``/``nic_host_vif``.
+    """
+
+    hosts: tuple[Host, ...]
+    vms: tuple[Vm, ...]
+
+    def _set_index(
+        self,
+        hosts: tuple[Host, ...],
+        *,
+        nic_vm: npt.NDArray[np.int32],
+        nic_host: npt.NDArray[np.uint32],
+        nic_vif: npt.NDArray[np.uint32],
+        vif_table: tuple[npt.NDArray[np.uint64], npt.NDArray[np.int32]],
+        mac_table: tuple[npt.NDArray[np.uint64], npt.NDArray[np.int32]],
+    ) -> None:
         self._host_by_name = {h.name: h for h in hosts}
         self._host_by_id = {h.collector_id: h for h in hosts}
-        self._vm_by_name = {v.name: i for i, v in enumerate(vms)}
-        self._vm_by_uuid = {v.uuid: i for i, v in enumerate(vms)}
-        vif_keys: list[int] = []
-        mac_keys: list[int] = []
-        nic_vm: list[int] = []
-        nic_host: list[int] = []
-        nic_vif: list[int] = []
-        for index, vm in enumerate(vms):
-            cid = self._host_by_name[vm.host].collector_id
-            for nic in vm.nics:
-                vif_keys.append((cid << 20) | nic.vif)
-                mac_keys.append(nic.mac)
-                nic_vm.append(index)
-                nic_host.append(cid)
-                nic_vif.append(nic.vif)
-        nic_ids = list(range(len(nic_vm)))
-        self._nic_vm = np.array(nic_vm, dtype=np.int32)
-        self._nic_host = np.array(nic_host, dtype=np.uint32)
-        self._nic_vif = np.array(nic_vif, dtype=np.uint32)
-        self._vif_keys, self._vif_nic = _sorted_table(vif_keys, nic_ids)
-        self._mac_keys, self._mac_nic = _sorted_table(mac_keys, nic_ids)
-
-    # --- one at a time ----------------------------------------------------------------
+        self._nic_vm, self._nic_host, self._nic_vif = nic_vm, nic_host, nic_vif
+        self._vif_keys, self._vif_nic = vif_table
+        self._mac_keys, self._mac_nic = mac_table
 
     def host(self, name: str) -> Host | None:
         """The host called ``name``."""
@@ -143,11 +137,6 @@ class Inventory:
     def host_by_id(self, collector_id: int) -> Host | None:
         """The host whose collector has ``collector_id``."""
         return self._host_by_id.get(collector_id)
-
-    def vm(self, name_or_uuid: str) -> Vm | None:
-        """A VM by name or UUID."""
-        index = self._vm_by_name.get(name_or_uuid, self._vm_by_uuid.get(name_or_uuid))
-        return None if index is None else self.vms[index]
 
     def resolve_vif(self, collector_id: int, vif: int) -> Vm | None:
         """The VM behind ``vif`` on the host with ``collector_id``."""
@@ -158,8 +147,6 @@ class Inventory:
         """The VM owning ``mac``."""
         nic = int(self.resolve_macs(np.array([mac], dtype=np.uint64))[0])
         return None if nic < 0 else self.vms[self._nic_vm[nic]]
-
-    # --- vectorized (vNIC indexes; see ``nic_vm``) ------------------------------------
 
     def resolve_vifs(
         self, collector_id: npt.ArrayLike, vif: npt.ArrayLike
@@ -175,12 +162,50 @@ class Inventory:
         return _lookup(self._mac_keys, self._mac_nic, np.asarray(mac, dtype=np.uint64))
 
     def nic_vm(self) -> npt.NDArray[np.int32]:
-        """VM index of each vNIC."""
+        """VM index (into ``vms``) of each vNIC."""
         return self._nic_vm
 
     def nic_host_vif(self) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]:
         """collector_id and vif of each vNIC."""
         return self._nic_host, self._nic_vif
+
+
+class Inventory(NicIndex):
+    """Hosts and VMs, with lookups by name, collector_id, (collector_id, vif) and MAC."""
+
+    def __init__(self, hosts: list[Host], vms: list[Vm]) -> None:
+        self.hosts = tuple(hosts)
+        self.vms = tuple(vms)
+        self._vm_by_name = {v.name: i for i, v in enumerate(vms)}
+        self._vm_by_uuid = {v.uuid: i for i, v in enumerate(vms)}
+        cid_of = {h.name: h.collector_id for h in hosts}
+        vif_keys: list[int] = []
+        mac_keys: list[int] = []
+        nic_vm: list[int] = []
+        nic_host: list[int] = []
+        nic_vif: list[int] = []
+        for index, vm in enumerate(vms):
+            cid = cid_of[vm.host]
+            for nic in vm.nics:
+                vif_keys.append((cid << 20) | nic.vif)
+                mac_keys.append(nic.mac)
+                nic_vm.append(index)
+                nic_host.append(cid)
+                nic_vif.append(nic.vif)
+        nic_ids = list(range(len(nic_vm)))
+        self._set_index(
+            self.hosts,
+            nic_vm=np.array(nic_vm, dtype=np.int32),
+            nic_host=np.array(nic_host, dtype=np.uint32),
+            nic_vif=np.array(nic_vif, dtype=np.uint32),
+            vif_table=_sorted_table(vif_keys, nic_ids),
+            mac_table=_sorted_table(mac_keys, nic_ids),
+        )
+
+    def vm(self, name_or_uuid: str) -> Vm | None:
+        """A VM by name or UUID."""
+        index = self._vm_by_name.get(name_or_uuid, self._vm_by_uuid.get(name_or_uuid))
+        return None if index is None else self.vms[index]
 
     # --- loading ----------------------------------------------------------------------
 
