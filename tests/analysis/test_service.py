@@ -3,43 +3,25 @@ to a real Analyzer; what it stores must match the simulator's ground truth."""
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
+import socket
+import struct
+import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 
 from vspan.analysis.config import AnalyzerConfig
-from vspan.analysis.decode import decode_batch
-from vspan.analysis.export import export, strip_tags
+from vspan.analysis.export import export
 from vspan.analysis.service import Analyzer
 from vspan.analysis.store import Store
-from vspan.batch import FrameBatch
-from vspan.collectors.agent import Collector, CollectorSettings
-from vspan.collectors.forward import UdpSender
-from vspan.collectors.replay import ReplaySource
 from vspan.pcapfile import read_capture
-from vspan.pcapwrite import PcapWriter
 from vspan.synth import SynthCapture, generate_small, write_inventory_yaml
+from vspan.tunnel import encode_message
+from vspan.vntag import VnTag, encode_vntag
+from vspan_testing.hosts import replay_hosts
 
 PROFILES = Path(__file__).resolve().parents[2] / "docs" / "examples" / "profiles.yaml"
-
-
-def _host_pcap(cap: SynthCapture, cid: int, path: Path) -> None:
-    """What the VM ports of host ``cid`` saw (its exported frames, untagged)."""
-    rows = np.flatnonzero(cap.frames.host_column() == cid)
-    mine = FrameBatch(
-        data=cap.frames.data,
-        offset=cap.frames.offset[rows],
-        caplen=cap.frames.caplen[rows],
-        origlen=cap.frames.origlen[rows],
-        ts_ns=cap.frames.ts_ns[rows],
-        linktype=cap.frames.linktype[rows],
-    )
-    plain = strip_tags(mine, decode_batch(mine), np.arange(len(mine), dtype=np.int64))
-    with path.open("wb") as fh:
-        PcapWriter(fh).write_batch(plain)
 
 
 @pytest.fixture(scope="module")
@@ -57,34 +39,13 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[SynthCapture, Path, A
     analyzer = Analyzer(config)
     analyzer.start()
     try:
-        inventory = cap.inventory()
-        udp = analyzer.addresses()["udp"]
-        for host in inventory.hosts:
-            _host_pcap(cap, host.collector_id, folder / f"{host.name}.pcap")
-            source = ReplaySource(
-                folder / f"{host.name}.pcap", inventory, speed=None, host=host.name
-            )
-            collector = Collector(
-                CollectorSettings(collector_id=host.collector_id, host=host.name, max_message=9000),
-                source=source,
-                directory=source,
-                sender=UdpSender(udp, max_message=9000),
-            )
-            collector.start(0.0)
-            now = 0.0
-            for _ in range(20_000):
-                now += 0.001
-                collector.step(now, poll_s=0.0)
-                if source.finished and not collector.forwarder.pending_frames:
-                    break
-            collector.stop()
+        replay_hosts(cap, analyzer.addresses()["udp"], folder)
         # Wait until every frame the collectors sent has gone through the engine.
         sent = len(cap.frames)
         for _ in range(500):
             assert analyzer.engine is not None
             if analyzer.engine.frames >= sent:
                 break
-            import time
 
             time.sleep(0.01)
     finally:
@@ -168,17 +129,9 @@ def test_the_packet_ring_exports_one_vms_traffic(
         if mac in (cap.frames.frame(i)[0:6], cap.frames.frame(i)[6:12])
     )
     assert len(frames) == expected
-    _ = dataclasses, pd
 
 
 def test_a_vm_seen_behind_another_host_in_the_tags_is_a_migration(tmp_path: Path) -> None:
-    import itertools
-    import socket
-    import struct
-    import time
-
-    from vspan.tunnel import encode_message
-    from vspan.vntag import VnTag, encode_vntag
 
     cap = generate_small(seed=2)
     write_inventory_yaml(cap, tmp_path / "inventory.yaml")
@@ -218,7 +171,6 @@ def test_a_vm_seen_behind_another_host_in_the_tags_is_a_migration(tmp_path: Path
 
 
 def test_maintenance_applies_retention_without_errors(tmp_path: Path) -> None:
-    import time
 
     config = AnalyzerConfig(udp="127.0.0.1:0", tcp=None, data_dir=str(tmp_path / "data"))
     analyzer = Analyzer(config)

@@ -9,39 +9,19 @@ import socket
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from vspan.analysis.config import AnalyzerConfig
-from vspan.analysis.decode import decode_batch
-from vspan.analysis.export import strip_tags
 from vspan.analysis.service import Analyzer
 from vspan.api.server import HttpServer, create_app
-from vspan.api.views_app import install_views
-from vspan.batch import FrameBatch
-from vspan.collectors.agent import Collector, CollectorSettings
-from vspan.collectors.forward import UdpSender
-from vspan.collectors.replay import ReplaySource
-from vspan.pcapwrite import PcapWriter
 from vspan.synth import SynthCapture, generate_small, write_inventory_yaml
+from vspan_testing.hosts import replay_hosts
 from vspan_testing.served import Client
 
 _SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)")
 _LABEL = re.compile(r'([a-zA-Z_]\w*)="((?:[^"\\]|\\.)*)"')
-
-
-def _host_pcap(cap: SynthCapture, cid: int, path: Path) -> None:
-    rows = np.flatnonzero(cap.frames.host_column() == cid)
-    mine = FrameBatch(
-        data=cap.frames.data, offset=cap.frames.offset[rows], caplen=cap.frames.caplen[rows],
-        origlen=cap.frames.origlen[rows], ts_ns=cap.frames.ts_ns[rows],
-        linktype=cap.frames.linktype[rows],
-    )  # fmt: skip
-    plain = strip_tags(mine, decode_batch(mine), np.arange(len(mine), dtype=np.int64))
-    with path.open("wb") as fh:
-        PcapWriter(fh).write_batch(plain)
 
 
 @pytest.fixture(scope="module")
@@ -53,27 +33,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SynthCaptur
                             inventory=str(folder / "inventory.yaml"))  # fmt: skip
     analyzer = Analyzer(config)
     analyzer.start()
-    app = create_app(analyzer)
-    install_views(app, analyzer)
+    app = create_app(analyzer)  # the views and metrics included
     server = HttpServer(app, "127.0.0.1", 0)
     try:
-        inventory, udp = cap.inventory(), analyzer.addresses()["udp"]
-        for host in inventory.hosts:
-            _host_pcap(cap, host.collector_id, folder / f"{host.name}.pcap")
-            source = ReplaySource(folder / f"{host.name}.pcap", inventory, speed=None,
-                                  host=host.name)  # fmt: skip
-            collector = Collector(
-                CollectorSettings(collector_id=host.collector_id, host=host.name, max_message=9000),
-                source=source, directory=source, sender=UdpSender(udp, max_message=9000),
-            )  # fmt: skip
-            collector.start(0.0)
-            now = 0.0
-            for _ in range(20_000):
-                now += 0.001
-                collector.step(now, poll_s=0.0)
-                if source.finished and not collector.forwarder.pending_frames:
-                    break
-            collector.stop()
+        udp = analyzer.addresses()["udp"]
+        replay_hosts(cap, udp, folder)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.sendto(b"this is no tunnel message at all", udp)
         deadline = time.monotonic() + 10

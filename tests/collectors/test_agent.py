@@ -9,30 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vspan.analysis.decode import decode_batch
-from vspan.analysis.export import strip_tags
 from vspan.batch import FrameBatch
 from vspan.collectors.agent import Collector, CollectorSettings
 from vspan.collectors.forward import UdpSender
 from vspan.collectors.replay import ReplaySource
-from vspan.pcapwrite import PcapWriter
-from vspan.synth import SynthCapture, generate_small
+from vspan.synth import generate_small
 from vspan.tunnel import decode_message
-
-
-def _host_capture(cap: SynthCapture, host: int, path: Path) -> FrameBatch:
-    """What host ``host`` exported (its tagged frames) and, written to ``path``, what its VM
-    ports saw: the same frames untagged, plus the delivery copy of intra-host frames."""
-    rows = np.flatnonzero(cap.frames.host_column() == host)
-    tagged = FrameBatch(
-        data=cap.frames.data, offset=cap.frames.offset[rows], caplen=cap.frames.caplen[rows],
-        origlen=cap.frames.origlen[rows], ts_ns=cap.frames.ts_ns[rows],
-        linktype=cap.frames.linktype[rows],
-    )  # fmt: skip
-    plain = strip_tags(tagged, decode_batch(tagged), np.arange(len(tagged), dtype=np.int64))
-    with path.open("wb") as fh:
-        PcapWriter(fh).write_batch(plain)
-    return tagged
+from vspan_testing.hosts import host_capture
 
 
 @pytest.fixture
@@ -52,7 +35,7 @@ def _collect(tmp_path: Path, receiver: socket.socket, max_message: int | None
     cap = generate_small(seed=5)
     inventory = cap.inventory()
     host = inventory.hosts[0]
-    expected = _host_capture(cap, host.collector_id, tmp_path / "hv.pcap")
+    expected = host_capture(cap, host.collector_id, tmp_path / "hv.pcap")
     source = ReplaySource(tmp_path / "hv.pcap", inventory, speed=None, host=host.name)
     collector = Collector(
         CollectorSettings(collector_id=host.collector_id, host=host.name, max_message=max_message),
@@ -136,7 +119,7 @@ def test_sessions_created_on_the_analyzer_reach_the_collector(tmp_path: Path) ->
     cap = generate_small(seed=5)
     inventory = cap.inventory()
     host = inventory.hosts[0]
-    _host_capture(cap, host.collector_id, tmp_path / "hv.pcap")
+    host_capture(cap, host.collector_id, tmp_path / "hv.pcap")
     source = ReplaySource(tmp_path / "hv.pcap", inventory, speed=None, host=host.name)
     control = _Control()
     collector = Collector(
