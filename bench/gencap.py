@@ -21,22 +21,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's vspan
 
+from vspan.analysis.decode import decode_batch
+from vspan.analysis.export import strip_tags
 from vspan.batch import FrameBatch
 from vspan.synth import generate, write_capture, write_inventory_yaml
 
 
 def untag(batch: FrameBatch) -> FrameBatch:
-    """The frames without the 6 bytes of 0x8926 and tag after the MACs (frames back to back)."""
-    n = len(batch)
-    keep = np.ones(batch.data.size, dtype=np.bool_)
-    keep[((batch.offset + 12)[:, None] + np.arange(6)).ravel()] = False
-    return dataclasses.replace(
-        batch,
-        data=batch.data[keep],
-        offset=batch.offset - 6 * np.arange(n, dtype=np.int64),
-        caplen=batch.caplen - 6,
-        origlen=batch.origlen - 6,
-    )
+    """The frames without their VN-Tag (what the VM ports saw)."""
+    return strip_tags(batch, decode_batch(batch), np.arange(len(batch), dtype=np.int64))
 
 
 def _parser() -> argparse.ArgumentParser:
