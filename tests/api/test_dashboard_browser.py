@@ -1,10 +1,11 @@
 """The dashboard in a real headless Chromium (Debian's ``/usr/bin/chromium``, driven by
 Playwright): it loads without console errors, its charts carry the numbers the API returns,
 and its "download pcap" button produces a file tshark reads. Screenshots go to
-``docs/screenshots/``."""
+``docs/screenshots/`` (with ``VSPAN_UPDATE_SCREENSHOTS=1``)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections import Counter
@@ -17,7 +18,9 @@ import pytest
 from vspan_testing.served import Served, serve_views
 
 CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+DOCS_SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+"""Where ``VSPAN_UPDATE_SCREENSHOTS=1`` puts the screenshots; otherwise a temporary folder
+takes them, so that running the tests never changes the source tree."""
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 
@@ -56,14 +59,19 @@ def page(served: Served) -> Iterator[tuple[Any, list[str]]]:
             browser.close()
 
 
-def test_loads_without_console_errors_and_polls(page: tuple[Any, list[str]]) -> None:
+def test_loads_without_console_errors_and_polls(
+    page: tuple[Any, list[str]], tmp_path: Path
+) -> None:
+    shot_dir = tmp_path
     p, errors = page
     assert p.title() == "vspan — traffic visibility"
     assert errors == []
     assert p.locator("#status").get_attribute("class") != "error"
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    p.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
-    p.locator("#vm").screenshot(path=str(SCREENSHOTS / "dashboard-vm.png"))
+    shots = DOCS_SCREENSHOTS if os.environ.get("VSPAN_UPDATE_SCREENSHOTS") else shot_dir
+    shots.mkdir(parents=True, exist_ok=True)
+    p.screenshot(path=str(shots / "dashboard.png"), full_page=True)
+    p.locator("#vm").screenshot(path=str(shots / "dashboard-vm.png"))
+    assert (shots / "dashboard.png").stat().st_size > 10_000
 
 
 def test_host_charts_carry_the_apis_numbers(served: Served, page: tuple[Any, list[str]]) -> None:
