@@ -11,6 +11,7 @@ dashboard on the analyzer's app, behind ``api.auth``.
     GET  /api/v1/sessions[/{name}]                                  -> SessionsListOut
     POST /api/v1/sessions, PUT/DELETE /api/v1/sessions/{name}       (admin)
     GET  /api/v1/pcap                    vm host flow since until strip_tag format
+    GET  /api/v1/predictions/forecast|placement, POST /api/v1/predictions/whatif
     GET  /metrics                        Prometheus text 0.0.4
     GET  /                               the dashboard
 """
@@ -25,13 +26,14 @@ from vspan.analysis.span_sessions import SessionStore
 from vspan.api.auth import authorize, check_tokens
 from vspan.api.dashboard import install_dashboard
 from vspan.api.routers import hosts, matrix, metrics, pcap, profiles, sessions, top, vms
+from vspan.api.routers.predictions import router as predictions_router
 from vspan.api.views_deps import ViewContext, ViewSource, set_view_context
 
 __all__ = ["VIEW_ROUTERS", "install_views"]
 
 VIEW_ROUTERS = (
     hosts.router, vms.router, top.router, matrix.router, sessions.router, pcap.router,
-    metrics.router, profiles.router,
+    metrics.router, profiles.router, predictions_router,
 )  # fmt: skip
 
 

@@ -1,13 +1,19 @@
 """``vspan predict forecast|whatif|place``: traffic forecasts, migration what-if and
-placement advice over the flows of an analyzer's store."""
+placement advice over the flows of an analyzer's store. The inputs are built by
+``analysis.predict_views``, as for the API."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
+from vspan.errors import ConfigError
+
+if TYPE_CHECKING:  # pandas is imported when the command runs, not when the CLI is built
+    import pandas as pd
+
+    from vspan.analysis.predict_views import Placement
 
 __all__ = ["add_parser", "run"]
 
@@ -65,44 +71,39 @@ def _emit(sections: dict[str, pd.DataFrame], fmt: str) -> None:
         render(frame, fmt)
 
 
-def _placement(args: argparse.Namespace, flows: pd.DataFrame) -> tuple[dict[str, str], list[str]]:
-    from vspan.analysis.matrix import vm_hosts
+def _placement(args: argparse.Namespace, flows: pd.DataFrame) -> Placement:
+    from vspan.analysis.predict_views import placement_of
     from vspan.inventory import Inventory
 
-    placement = vm_hosts(flows)
-    hosts: list[str] = []
-    if args.inventory:
-        inventory = Inventory.load(args.inventory)
-        placement.update({vm.name: vm.host for vm in inventory.vms})
-        hosts = [h.name for h in inventory.hosts]
-    return placement, hosts
+    if not args.inventory:
+        return placement_of(flows)
+    inventory = Inventory.load(args.inventory)
+    return placement_of(flows, vms=inventory.vms, hosts=inventory.hosts)
 
 
 def _forecast(args: argparse.Namespace, flows: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    from vspan.analysis.forecast import backtest, fit_forecast, host_pair_series, uplink_series
-    from vspan.analysis.matrix import host_matrix, uplink_load
+    from vspan.analysis.forecast import backtest
+    from vspan.analysis.predict_views import forecast, series
 
-    hosts = host_matrix(flows, args.bin)
-    series = pd.concat(
-        [host_pair_series(hosts, args.bin), uplink_series(uplink_load(hosts), args.bin)], axis=1
-    ).fillna(0.0)
     if args.backtest:
-        return {"backtest": backtest(series, horizon=args.horizon).scores}
-    out = fit_forecast(series, horizon=args.horizon)
+        measured = series(flows, bin_s=args.bin)
+        return {"backtest": backtest(measured, horizon=args.horizon).scores}
+    out = forecast(flows, bin_s=args.bin, horizon=args.horizon).forecast
+    import pandas as pd
+
     out.insert(2, "time", pd.to_datetime(out["bin_ns"], unit="ns", utc=True))
     return {"forecast": out.drop(columns="bin_ns")}
 
 
 def _whatif(args: argparse.Namespace, flows: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    from vspan.analysis.matrix import vm_matrix
-    from vspan.analysis.whatif import mean_matrix, parse_move, rules_with_new_peers, what_if
+    from vspan.analysis.predict_views import predict_moves
+    from vspan.analysis.whatif import parse_move, rules_with_new_peers
 
     if not args.move:
         raise ValueError("whatif needs at least one --move VM=HOST")
     moves = [parse_move(m) for m in args.move]
-    placement, _ = _placement(args, flows)
-    pairs = mean_matrix(vm_matrix(flows, args.bin), last_bins=args.recent, bin_s=args.bin)
-    result = what_if(pairs, placement, moves)
+    placement = _placement(args, flows)
+    result = predict_moves(flows, placement, moves, bin_s=args.bin, recent=args.recent)
     sections = {
         "host pairs": result.host_pairs,
         "uplinks": result.uplinks,
@@ -115,23 +116,25 @@ def _whatif(args: argparse.Namespace, flows: pd.DataFrame) -> dict[str, pd.DataF
 
         inventory = Inventory.load(args.inventory) if args.inventory else None
         compiled = compile_policy(load_policy(args.profiles), inventory)
-        sections["rules with new peers"] = rules_with_new_peers(flows, compiled, placement, moves)
+        sections["rules with new peers"] = rules_with_new_peers(
+            flows, compiled, placement.vms, moves
+        )
     return sections
 
 
 def _place(args: argparse.Namespace, flows: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    from vspan.analysis.matrix import vm_matrix
-    from vspan.analysis.placement import Constraints, advise
-    from vspan.analysis.whatif import mean_matrix
+    from vspan.analysis.placement import Constraints
+    from vspan.analysis.predict_views import advise_moves
 
-    placement, hosts = _placement(args, flows)
-    pairs = mean_matrix(vm_matrix(flows, args.bin), last_bins=args.recent, bin_s=args.bin)
     constraints = Constraints(
         max_vms_per_host=args.max_vms_per_host,
         pinned=frozenset(args.pin),
         anti_affinity=tuple(frozenset(g.split(",")) for g in args.anti_affinity),
     )
-    moves = advise(pairs, placement, constraints, hosts=hosts, max_moves=args.max_moves)
+    moves = advise_moves(
+        flows, _placement(args, flows), constraints, bin_s=args.bin, recent=args.recent,
+        max_moves=args.max_moves,
+    )  # fmt: skip
     return {"moves": moves}
 
 
@@ -146,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         sections = _ACTIONS[args.action](args, flows)
-    except ValueError as exc:
+    except (ValueError, ConfigError) as exc:
         print(f"vspan predict {args.action}: error: {exc}", file=sys.stderr)
         return 2
     _emit(sections, args.format)

@@ -103,5 +103,46 @@ const VChart = (() => {
     container.appendChild(svg);
   }
 
-  return { stacked, hbars, heatmap, human };
+  // Forecast band: the measured line, then per forecast bin a rect from lower to upper and
+  // the forecast line through the medians. Points carry data-time/-value, bins data-lower,
+  // data-forecast and data-upper.
+  function band(container, measured, forecast, opts) {
+    container.replaceChildren();
+    const width = (opts && opts.width) || 900;
+    const height = (opts && opts.height) || 180;
+    const pad = 40;
+    const svg = el("svg", { width, height, viewBox: `0 0 ${width} ${height}`, role: "img" });
+    const times = [...measured.map((p) => p.time), ...forecast.map((b) => b.time)];
+    const t0 = Math.min(...times);
+    const t1 = Math.max(...times);
+    const max = Math.max(1, ...measured.map((p) => p.value), ...forecast.map((b) => b.upper));
+    const step = forecast.length > 1 ? forecast[1].time - forecast[0].time : 3600;
+    const x = (t) => pad + ((width - pad - 4) * (t - t0)) / Math.max(1, t1 - t0 + step);
+    const y = (v) => height - 14 - ((height - 24) * v) / max;
+    const w = Math.max(1, x(t0 + step) - x(t0));
+    for (const b of forecast) {
+      el("rect", {
+        class: "band", x: x(b.time), y: y(b.upper), width: w,
+        height: Math.max(0.5, y(b.lower) - y(b.upper)),
+        "data-time": b.time, "data-lower": b.lower, "data-forecast": b.forecast,
+        "data-upper": b.upper,
+      }, svg);
+    }
+    const line = (points, cls) => el("polyline", {
+      class: cls, points: points.map(([t, v]) => `${x(t) + w / 2},${y(v)}`).join(" "),
+    }, svg);
+    line(measured.map((p) => [p.time, p.value]), "measured");
+    line(forecast.map((b) => [b.time, b.forecast]), "fc");
+    for (const p of measured) {
+      el("circle", { class: "measured", cx: x(p.time) + w / 2, cy: y(p.value), r: 1.2,
+        "data-time": p.time, "data-value": p.value }, svg);
+    }
+    el("text", { x: 0, y: 10 }, svg).textContent = human(max);
+    el("text", { x: pad, y: height - 2 }, svg).textContent =
+      new Date(t0 * 1000).toISOString().slice(0, 16).replace("T", " ");
+    container.appendChild(svg);
+    return svg;
+  }
+
+  return { stacked, hbars, heatmap, band, human };
 })();

@@ -192,6 +192,81 @@
     });
   }
 
+  const SHOWN_BINS = 168;  // measured history drawn before the forecast: a week of hours
+
+  async function drawForecast() {
+    const note = $("#fc-note");
+    const path = `${API}/predictions/forecast`;
+    if (!available.has(path)) {
+      note.hidden = false;
+      note.textContent = "the predictions API is not served by this analyzer";
+      return;
+    }
+    const doc = await get(`${path}?level=host-pair&bin=3600&horizon=24`);
+    const select = $("#fc-pair");
+    const names = doc.series.map((s) => s.name);
+    const chosen = names.includes(select.value) ? select.value : names[0];
+    select.replaceChildren(...names.map((n) => new Option(n, n)));
+    const chart = $("#fc-chart");
+    note.hidden = names.length > 0;
+    note.textContent = doc.note || "no cross-host traffic to forecast";
+    if (!chosen) {
+      chart.replaceChildren();
+      return;
+    }
+    select.value = chosen;
+    const series = doc.series.find((s) => s.name === chosen);
+    chart.dataset.series = chosen;
+    VChart.band(chart, series.measured.slice(-SHOWN_BINS), series.forecast);
+  }
+
+  function fillWhatifForm(hosts, vms) {
+    const keep = (select, options) => {
+      const value = select.value;
+      select.replaceChildren(...options.map(([text, v]) => new Option(text, v)));
+      if (options.some(([, v]) => v === value)) select.value = value;
+    };
+    keep($("#wi-vm"), vms.map((v) => [`${v.name} (${v.host})`, v.name]));
+    keep($("#wi-host"), hosts.map((h) => [h.name, h.name]));
+  }
+
+  async function whatIf(event) {
+    event.preventDefault();
+    const note = $("#wi-note");
+    const move = { vm: $("#wi-vm").value, host: $("#wi-host").value };
+    const headers = { "Content-Type": "application/json" };
+    if (token) headers.Authorization = `Bearer ${token}`;
+    const response = await fetch(`${API}/predictions/whatif`,
+      { method: "POST", headers, body: JSON.stringify({ moves: [move] }) });
+    const doc = await response.json();
+    if (!response.ok) {
+      note.textContent = typeof doc.detail === "string" ? doc.detail : JSON.stringify(doc.detail);
+      return;
+    }
+    const sign = (v) => (v > 0 ? "up" : v < 0 ? "down" : "");
+    const round = (v) => Math.round(v).toLocaleString("en");
+    const changed = doc.host_pairs.filter((r) => Math.abs(r.bytes_delta) > 1e-9);
+    fill($("#wi-hosts tbody"), changed, (tr, r) => {
+      Object.assign(tr.dataset, { src: r.src, dst: r.dst, before: r.bytes_before,
+        after: r.bytes_after, delta: r.bytes_delta });
+      cell(tr, r.src);
+      cell(tr, r.dst);
+      cell(tr, r.class);
+      cell(tr, round(r.bytes_before), "num");
+      cell(tr, round(r.bytes_after), "num");
+      cell(tr, (r.bytes_delta > 0 ? "+" : "") + round(r.bytes_delta), `num ${sign(r.bytes_delta)}`);
+    });
+    fill($("#wi-pairs tbody"), doc.vm_pairs, (tr, r) => {
+      Object.assign(tr.dataset, { src: r.src, dst: r.dst, bytes: r.bytes, change: r.change });
+      cell(tr, r.src);
+      cell(tr, r.dst);
+      cell(tr, round(r.bytes), "num");
+      cell(tr, r.change);
+    });
+    note.textContent = `${move.vm} → ${move.host}: ${changed.length} host pairs change`;
+    $("#whatif").dataset.done = String(Number($("#whatif").dataset.done || 0) + 1);
+  }
+
   async function refresh() {
     if (busy) return;
     busy = true;
@@ -214,7 +289,8 @@
       VChart.hbars($("#top-vms .bars"), topVms.top.map((r) => ({ label: r.name, value: r.bytes })));
       VChart.hbars($("#top-pairs .bars"),
         topPairs.top.map((r) => ({ label: `${r.a} ↔ ${r.b}`, value: r.bytes })));
-      await Promise.all([drawVm(vms.vms), drawCollectors(), drawViolations()]);
+      fillWhatifForm(hosts.hosts, vms.vms);
+      await Promise.all([drawVm(vms.vms), drawCollectors(), drawViolations(), drawForecast()]);
       polls += 1;
       status.dataset.polls = String(polls);
       status.className = "";
@@ -239,7 +315,12 @@
     a.click();
     URL.revokeObjectURL(url);
   });
-  for (const id of ["#window", "#bin", "#vm-select"]) $(id).addEventListener("change", refresh);
+  for (const id of ["#window", "#bin", "#vm-select", "#fc-pair"]) {
+    $(id).addEventListener("change", refresh);
+  }
+  $("#whatif").addEventListener("submit", (event) => {
+    whatIf(event).catch((err) => { $("#wi-note").textContent = String(err.message || err); });
+  });
   refresh();
   setInterval(refresh, POLL_MS);
 })();

@@ -1,6 +1,7 @@
 """The dashboard in a real headless Chromium (Debian's ``/usr/bin/chromium``, driven by
 Playwright): it loads without console errors, its charts carry the numbers the API returns,
-and its "download pcap" button produces a file tshark reads. Screenshots go to
+its "download pcap" button produces a file tshark reads, and its prediction panel draws the
+API's forecast band and shows the deltas its what-if form gets back. Screenshots go to
 ``docs/screenshots/`` (with ``VSPAN_UPDATE_SCREENSHOTS=1``)."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from vspan_testing.hourly import serve_hourly
 from vspan_testing.served import Served, serve_views
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -162,3 +164,69 @@ def test_download_pcap_button_gives_a_capture_tshark_reads(
     assert len(frames) > 0
     assert all(web01_mac in macs for macs in frames)  # every frame is to or from web-01
     assert errors == []
+
+
+def test_forecast_band_and_whatif_form_show_the_apis_numbers(
+    page: tuple[Any, list[str]], tmp_path: Path
+) -> None:
+    # three weeks of hourly flows in their own server, in a new page of the same browser
+    with serve_hourly(tmp_path / "hourly") as served:
+        p = page[0].context.browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            errors: list[str] = []
+            p.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            p.on("pageerror", lambda exc: errors.append(str(exc)))
+            p.goto(f"{served.url}/?poll=700")
+            p.wait_for_function("document.querySelectorAll('#fc-chart rect.band').length > 0")
+            doc = served.get("/api/v1/predictions/forecast?level=host-pair&bin=3600&horizon=24")
+            series = {s["name"]: s for s in doc["series"]}
+            assert p.eval_on_selector_all("#fc-pair option", "els => els.map(e => e.value)") == [
+                s["name"] for s in doc["series"]
+            ]
+            shown = p.locator("#fc-chart").get_attribute("data-series")
+            assert shown == doc["series"][0]["name"]
+            bands = p.eval_on_selector_all(
+                "#fc-chart rect.band",
+                "els => els.map(e => ['time', 'lower', 'forecast', 'upper']"
+                ".map(k => Number(e.dataset[k])))",
+            )
+            assert bands == [
+                [b["time"], b["lower"], b["forecast"], b["upper"]]
+                for b in series[shown]["forecast"]
+            ]
+            points = p.eval_on_selector_all(
+                "#fc-chart circle.measured",
+                "els => els.map(e => [Number(e.dataset.time), Number(e.dataset.value)])",
+            )
+            assert points == [[m["time"], m["value"]] for m in series[shown]["measured"][-168:]]
+            p.select_option("#wi-vm", "web-01")
+            p.select_option("#wi-host", "hv02")
+            p.click("#whatif button[type=submit]")
+            p.wait_for_selector("#whatif[data-done='1']")
+            move = {"moves": [{"vm": "web-01", "host": "hv02"}]}
+            want = served.call("POST", "/api/v1/predictions/whatif", move)[1]
+            rows = p.eval_on_selector_all(
+                "#wi-hosts tbody tr",
+                "els => els.map(e => [e.dataset.src, e.dataset.dst, Number(e.dataset.delta)])",
+            )
+            assert rows == [
+                [r["src"], r["dst"], r["bytes_delta"]]
+                for r in want["host_pairs"]
+                if r["bytes_delta"]
+            ]
+            assert ["hv01", "hv02", pytest.approx(-sum(
+                r["bytes"] for r in want["vm_pairs"] if r["change"] == "to-intra-host"
+                and r["src"] == "web-01"
+            ) + sum(r["bytes"] for r in want["vm_pairs"] if r["change"] == "to-wire"
+                    and r["dst"] == "web-01"))] in rows  # fmt: skip
+            changes = p.eval_on_selector_all(
+                "#wi-pairs tbody tr", "els => els.map(e => [e.dataset.src, e.dataset.dst,"
+                " e.dataset.change])",
+            )  # fmt: skip
+            assert changes == [[r["src"], r["dst"], r["change"]] for r in want["vm_pairs"]]
+            shots = DOCS_SCREENSHOTS if os.environ.get("VSPAN_UPDATE_SCREENSHOTS") else tmp_path
+            shots.mkdir(parents=True, exist_ok=True)
+            p.locator("#predict").screenshot(path=str(shots / "dashboard-predict.png"))
+            assert errors == []
+        finally:
+            p.close()
