@@ -70,6 +70,11 @@ class HttpServer:
                 return int(sock.getsockname()[1])
         return int(self.config.port)
 
+    @property
+    def running(self) -> bool:
+        """Whether the server thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self, timeout_s: float = 10.0) -> None:
         """Serve in a thread; return once listening (or raise)."""
         self._thread = threading.Thread(target=self.server.run, name="vspan-http", daemon=True)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -14,7 +12,6 @@ from http import HTTPStatus
 from typing import Any
 
 import pytest
-import uvicorn
 
 from vspan.analysis.inventory_state import InventoryState
 from vspan.api.control import PREFIX, create_control_app
@@ -22,6 +19,7 @@ from vspan.collectors.control_client import ControlClient, ControlError, heartbe
 from vspan.collectors.model import CaptureCounters, Port
 from vspan.collectors.sessions import SessionSet
 from vspan.inventory import Host, Vm
+from vspan_testing.readstore import serve
 
 U_WEB = "6f1c2d9e-0000-4000-8000-000000000001"
 U_DB = "6f1c2d9e-0000-4000-8000-000000000002"
@@ -74,22 +72,8 @@ class Served:
 def served() -> Iterator[Served]:
     state, clock = InventoryState(), Clock()
     app = create_control_app(state, sessions_for=sessions_for, profiles_for=profiles_for, now=clock)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn-control", daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert thread.is_alive(), "uvicorn stopped while starting"
-            assert time.monotonic() < deadline, "uvicorn did not start within 10 s"
-            time.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield Served(f"http://127.0.0.1:{port}", state, clock)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-    assert not thread.is_alive()
+    with serve(app) as url:
+        yield Served(url, state, clock)
 
 
 def test_register_answers_with_the_collectors_config(served: Served) -> None:

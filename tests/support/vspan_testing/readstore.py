@@ -12,8 +12,6 @@ derived from the same records with pandas, or from the ground truth.
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import uvicorn
 from fastapi import FastAPI
 
 from vspan.analysis.decode import decode_batch
@@ -32,6 +29,7 @@ from vspan.analysis.records import RECORD_COLUMNS
 from vspan.analysis.report import analyze_captures
 from vspan.analysis.ring import PacketRing
 from vspan.analysis.store import Store
+from vspan.api.server import HttpServer
 from vspan.batch import FrameBatch
 from vspan.synth import SynthCapture, generate_small, write_capture, write_inventory_yaml
 
@@ -132,21 +130,12 @@ def build(folder: Path, *, seed: int = 2, ring: bool = False) -> ReadData:
 
 @contextmanager
 def serve(app: FastAPI) -> Iterator[str]:
-    """``app`` served by uvicorn on 127.0.0.1 (a free port) in a thread; yields its URL and
-    stops it on the way out (the pattern of ``tests/api/test_control.py``)."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="uvicorn-read-api", daemon=True)
-    thread.start()
+    """``app`` served by uvicorn on 127.0.0.1 (a free port) in a thread (the analyzer's own
+    ``HttpServer``); yields its URL and stops it on the way out."""
+    server = HttpServer(app, "127.0.0.1", 0)
+    server.start()
     try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert thread.is_alive(), "uvicorn stopped while starting"
-            assert time.monotonic() < deadline, "uvicorn did not start within 10 s"
-            time.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{server.port}"
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-    assert not thread.is_alive()
+        server.stop()
+    assert not server.running
