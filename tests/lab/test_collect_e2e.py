@@ -32,15 +32,11 @@ kernel enables a new link up to a second later and drops what is sent through it
 from __future__ import annotations
 
 import contextlib
-import json
 import queue
 import re
 import secrets
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -57,7 +53,7 @@ from vspan.analysis.ingest import ingest
 from vspan.analysis.receivers import Chunk, ReceiverConfig, TcpReceiver, UdpReceiver
 from vspan.tunnel import decode_message
 from vspan.vntag import decode_vntag
-from vspan_testing.netlab import Lab, Mgmt, Vm, in_netns, make_lab
+from vspan_testing.netlab import CollectorProcess, Lab, Mgmt, Vm, in_netns, make_lab
 
 pytestmark = pytest.mark.root
 
@@ -380,42 +376,22 @@ def _number(text: str) -> int:
     return int(text.replace(",", ""))
 
 
-def vspan_command() -> list[str]:
-    """The installed ``vspan`` script next to this interpreter, else the module's entry point."""
-    script = Path(sys.executable).with_name("vspan")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "import sys; from vspan.cli import main; sys.exit(main())"]
-
-
-class CollectorProc:
-    """``vspan collect`` running in a host namespace, stderr to a file."""
+class CollectorProc(CollectorProcess):
+    """The e2e test's collector: UDP port ``PORT``, its start line and final stats."""
 
     def __init__(
         self, lab: Lab, mgmt: Mgmt, host: str, workdir: Path, extra: tuple[str, ...] = ()
     ) -> None:
-        self.host, self.cid = host, CID[host]
-        self.state_dir = workdir / f"state-{host}"
-        self.log_path = workdir / f"collect-{host}.stderr"
-        self._log = self.log_path.open("w")
-        argv = [
-            *vspan_command(),
-            "collect",
-            "--bridge", "br0",
-            "--uplink", UPLINK[host],
-            "--uplink", mgmt.port,
-            "--analyzer", f"{mgmt.ip}:{PORT}",
-            "--collector-id", str(self.cid),
-            "--host-name", host,
-            "--state-dir", str(self.state_dir),
-            "--stats-interval", "1",
-            *extra,
-        ]  # fmt: skip
-        quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL}
-        self.proc = lab.spawn(lab.hosts[host], *argv, stderr=self._log, **quiet)
-
-    def stderr(self) -> str:
-        return self.log_path.read_text()
+        super().__init__(
+            lab,
+            mgmt,
+            host,
+            cid=CID[host],
+            uplink=UPLINK[host],
+            port=PORT,
+            workdir=workdir,
+            extra=extra,
+        )
 
     def wait_ready(self, deadline: float) -> None:
         """Until the start line says its 3 VM ports are captured."""
@@ -430,27 +406,10 @@ class CollectorProc:
 
     def read_vifs(self) -> dict[str, int]:
         """Port name → vif, from the collector's state file."""
-        doc = json.loads((self.state_dir / "vifs.json").read_text())
-        out = {}
-        for row in doc["vifs"]:
-            kind, _, port = row["identity"].partition(":")
-            assert kind == "port", f"{self.host}: unexpected identity {row['identity']!r}"
-            out[port] = int(row["vif"])
-        return out
+        return self.vifs()
 
-    def terminate(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-
-    def wait(self) -> int:
-        try:
-            return self.proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(STOP_TIMEOUT)
-            raise AssertionError(f"vspan collect on {self.host} ignored SIGTERM") from None
-        finally:
-            self._log.close()
+    def wait(self, timeout: float = STOP_TIMEOUT) -> int:
+        return super().wait(timeout)
 
     def stats(self) -> Stats:
         found = list(STOPPED.finditer(self.stderr()))

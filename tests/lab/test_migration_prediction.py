@@ -48,7 +48,6 @@ import dataclasses
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -66,7 +65,7 @@ from vspan.analysis.matrix import host_matrix, pair_class, vm_matrix
 from vspan.analysis.service import Analyzer
 from vspan.analysis.whatif import Move, mean_matrix, what_if
 from vspan_testing import netlab
-from vspan_testing.netlab import Lab, Mgmt, in_netns
+from vspan_testing.netlab import CollectorProcess, Lab, Mgmt, in_netns
 
 pytestmark = pytest.mark.root
 
@@ -101,38 +100,20 @@ CROSS = (("h1", "h2"), ("h2", "h1"))
 # ---------------------------------------------------------------- the collectors
 
 
-def vspan_command() -> list[str]:
-    """The installed ``vspan`` script next to this interpreter, else the module's entry point."""
-    script = Path(sys.executable).with_name("vspan")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "import sys; from vspan.cli import main; sys.exit(main())"]
-
-
-class Collector:
-    """``vspan collect --bridge br0`` in a host namespace, stderr to a file."""
+class Collector(CollectorProcess):
+    """A collector of this test: tunnel port ``TUNNEL_PORT``, stats every 0.5 s."""
 
     def __init__(self, lab: Lab, mgmt: Mgmt, host: str, workdir: Path) -> None:
-        self.host, self.cid = host, CID[host]
-        self.state_dir = workdir / f"state-{host}"
-        self.log_path = workdir / f"collect-{host}.stderr"
-        self._log = self.log_path.open("w")
-        argv = [
-            *vspan_command(), "collect",
-            "--bridge", "br0",
-            "--uplink", UPLINK[host],
-            "--uplink", mgmt.port,
-            "--analyzer", f"{mgmt.ip}:{TUNNEL_PORT}",
-            "--collector-id", str(self.cid),
-            "--host-name", host,
-            "--state-dir", str(self.state_dir),
-            "--stats-interval", "0.5",
-        ]  # fmt: skip
-        quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL}
-        self.proc = lab.spawn(lab.hosts[host], *argv, stderr=self._log, **quiet)
-
-    def stderr(self) -> str:
-        return self.log_path.read_text()
+        super().__init__(
+            lab,
+            mgmt,
+            host,
+            cid=CID[host],
+            uplink=UPLINK[host],
+            port=TUNNEL_PORT,
+            workdir=workdir,
+            stats_interval="0.5",
+        )
 
     def ports(self) -> int | None:
         """VM ports captured, per the last stats line."""
@@ -147,26 +128,6 @@ class Collector:
                     f"(exit {self.proc.poll()}):\n{self.stderr()}"
                 )
             time.sleep(0.05)
-
-    def vifs(self) -> dict[str, int]:
-        """Port name → vif, from the collector's state file."""
-        doc = json.loads((self.state_dir / "vifs.json").read_text())
-        return {
-            row["identity"].partition(":")[2]: int(row["vif"])
-            for row in doc["vifs"]
-            if row["identity"].startswith("port:")
-        }
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(15)
-        finally:
-            self._log.close()
 
 
 @contextlib.contextmanager
@@ -443,9 +404,10 @@ def test_what_if_predicts_a_real_migration(lab: Lab, tmp_path: Path) -> None:
             procs[moved.host].wait_ports(2, deadline)
             procs[TARGET].wait_ports(4, deadline)
             new_vif = procs[TARGET].vifs()[moved.port]
-            peers = sorted({d for s, d, _, _ in FLOWS if s == MOVED} | {
-                s for s, d, _, _ in FLOWS if d == MOVED
-            })  # fmt: skip
+            peers = sorted(
+                {d for s, d, _, _ in FLOWS if s == MOVED}
+                | {s for s, d, _, _ in FLOWS if d == MOVED}
+            )
             while True:  # the VM speaks from its new port: bridges and the analyzer learn it
                 for peer in peers:
                     lab.ping(MOVED, lab.vms[peer].ip, 1, timeout=0.5)
@@ -484,11 +446,15 @@ def test_what_if_predicts_a_real_migration(lab: Lab, tmp_path: Path) -> None:
         f"({total_err:+.2%})"
     )
     print(f"  migrations: {migrations}; stored: {stored_moves.to_dict(orient='records')}")
-    print(f"  tunnel messages shed by the analyzer: {shed}; datagrams it missed per pair: "
-          f"phase 1 {missed1}, phase 2 {missed2}")  # fmt: skip
+    print(
+        f"  tunnel messages shed by the analyzer: {shed}; datagrams it missed per pair: "
+        f"phase 1 {missed1}, phase 2 {missed2}"
+    )
     print(f"  runtime {time.monotonic() - started:.1f} s")
-    print(f"  datagrams delivered: phase 1 {sum(received1.values())}, "
-          f"phase 2 {sum(received2.values())}")  # fmt: skip
+    print(
+        f"  datagrams delivered: phase 1 {sum(received1.values())}, "
+        f"phase 2 {sum(received2.values())}"
+    )
 
     sent = {(s, d): int(rate * PERIOD) for s, d, rate, _ in FLOWS}
     assert dict(received1) == sent, "the lab lost datagrams in phase 1"

@@ -397,6 +397,95 @@ class Lab:
         return done.stdout
 
 
+def vspan_command() -> list[str]:
+    """The installed ``vspan`` script next to this interpreter, else the module's entry point."""
+    script = Path(sys.executable).with_name("vspan")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from vspan.cli import main; sys.exit(main())"]
+
+
+class CollectorProcess:
+    """``vspan collect --bridge br0`` in a host namespace, sending to the management network;
+    its stderr (start line, stats lines) goes to a file."""
+
+    def __init__(
+        self,
+        lab: Lab,
+        mgmt: Mgmt,
+        host: str,
+        *,
+        cid: int,
+        uplink: str,
+        port: int,
+        workdir: Path,
+        stats_interval: str = "1",
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        self.host, self.cid = host, cid
+        self.state_dir = workdir / f"state-{host}"
+        self.log_path = workdir / f"collect-{host}.stderr"
+        self._log = self.log_path.open("w")
+        argv = [
+            *vspan_command(),
+            "collect",
+            "--bridge",
+            "br0",
+            "--uplink",
+            uplink,
+            "--uplink",
+            mgmt.port,
+            "--analyzer",
+            f"{mgmt.ip}:{port}",
+            "--collector-id",
+            str(cid),
+            "--host-name",
+            host,
+            "--state-dir",
+            str(self.state_dir),
+            "--stats-interval",
+            stats_interval,
+            *extra,
+        ]
+        quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL}
+        self.proc = lab.spawn(lab.hosts[host], *argv, stderr=self._log, **quiet)
+
+    def stderr(self) -> str:
+        return self.log_path.read_text()
+
+    def vifs(self) -> dict[str, int]:
+        """Port name → vif, from the collector's state file (bridge ports: ``port:`` ids)."""
+        doc = json.loads((self.state_dir / "vifs.json").read_text())
+        out = {}
+        for row in doc["vifs"]:
+            kind, _, port = row["identity"].partition(":")
+            assert kind == "port", f"{self.host}: unexpected identity {row['identity']!r}"
+            out[port] = int(row["vif"])
+        return out
+
+    def terminate(self) -> None:
+        """SIGTERM: the collector flushes what is queued and exits."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int:
+        """Its exit status; an ``AssertionError`` if it ignored SIGTERM (then killed)."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout)
+            raise AssertionError(f"vspan collect on {self.host} ignored SIGTERM") from None
+        finally:
+            self._log.close()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Terminate, and kill it if it does not exit in time (for clean-up paths)."""
+        self.terminate()
+        with contextlib.suppress(AssertionError):
+            self.wait(timeout)
+
+
 def _echo_request(ident: int, seq: int, payload: bytes) -> bytes:
     head = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
     return struct.pack("!BBHHH", 8, 0, _checksum(head + payload), ident, seq) + payload
