@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, TypeVar
 
 import pandas as pd
 from fastapi import Depends, Request
@@ -24,7 +24,10 @@ from vspan.analysis.inventory_state import InventoryState
 from vspan.analysis.store import Store
 from vspan.inventory import Host, Vm
 
+T = TypeVar("T")
+
 __all__ = [
+    "AppContext",
     "Clock",
     "ClockDep",
     "ContextDep",
@@ -76,21 +79,35 @@ class ControlContext:
     """Wall clock, seconds since the epoch."""
 
 
-_KEY = "vspan_control"
+class AppContext(Generic[T]):
+    """A context object kept on an app's ``state`` under one key, for dependencies to read.
+
+    ``install`` puts it there; ``get`` (a FastAPI dependency) takes it back, and fails
+    clearly when the part that needs it was not installed on the app.
+    """
+
+    def __init__(self, key: str, kind: type[T], missing: str) -> None:
+        self.key, self.kind, self.missing = key, kind, missing
+
+    def install(self, app_state: Any, context: T) -> None:
+        """Install ``context`` on an app's ``state``."""
+        setattr(app_state, self.key, context)
+
+    def get(self, request: Request) -> T:
+        """The context installed on the request's app."""
+        context = getattr(request.app.state, self.key, None)
+        if not isinstance(context, self.kind):
+            raise RuntimeError(self.missing)
+        return context
 
 
-def get_context(request: Request) -> ControlContext:
-    """The ``ControlContext`` installed on the app."""
-    context = getattr(request.app.state, _KEY, None)
-    if not isinstance(context, ControlContext):
-        raise RuntimeError("control plane not installed: call install_control(app, state)")
-    return context
-
-
-def set_context(app_state: Any, context: ControlContext) -> None:
-    """Install ``context`` on an app's ``state``."""
-    setattr(app_state, _KEY, context)
-
+_CONTROL = AppContext(
+    "vspan_control", ControlContext, "control plane not installed: call install_control(app, state)"
+)
+get_context = _CONTROL.get
+"""The ``ControlContext`` installed on the app."""
+set_context = _CONTROL.install
+"""Install a ``ControlContext`` on an app's ``state``."""
 
 ContextDep = Annotated[ControlContext, Depends(get_context)]
 

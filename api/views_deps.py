@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 
-from fastapi import Depends, Request
+from fastapi import Depends
 
 from vspan.analysis.inventory_state import InventoryState
 from vspan.analysis.policy import PolicySet
 from vspan.analysis.span_sessions import SessionStore
 from vspan.analysis.store import Store
+from vspan.api.deps import AppContext
 
 __all__ = [
     "ContextDep",
@@ -67,20 +68,13 @@ class ViewContext:
     """Bearer token → role (``read`` or ``admin``); None: loopback clients only."""
 
 
-_KEY = "vspan_views"
-
-
-def get_view_context(request: Request) -> ViewContext:
-    """The ``ViewContext`` installed on the app."""
-    context = getattr(request.app.state, _KEY, None)
-    if not isinstance(context, ViewContext):
-        raise RuntimeError("views not installed: call install_views(app, analyzer)")
-    return context
-
-
-def set_view_context(app_state: Any, context: ViewContext) -> None:
-    """Install ``context`` on an app's ``state``."""
-    setattr(app_state, _KEY, context)
+_VIEWS = AppContext(
+    "vspan_views", ViewContext, "views not installed: call install_views(app, analyzer)"
+)
+get_view_context = _VIEWS.get
+"""The ``ViewContext`` installed on the app."""
+set_view_context = _VIEWS.install
+"""Install a ``ViewContext`` on an app's ``state``."""
 
 
 ContextDep = Annotated[ViewContext, Depends(get_view_context)]
