@@ -21,9 +21,13 @@ import numpy.typing as npt
 from vspan.batch import FrameBatch, LinkType
 from vspan.synth import TIER_SHARES, TIERS, UUID_NAMESPACE
 from vspan.synth_frames import FrameColumns, build_frames
-from vspan.synth_packets import FramePlan
+from vspan.synth_packets import ACK, COPY_DELAY_NS, PSH, FramePlan, excl_cumsum
 from vspan.synth_plan import (
     CROSS,
+    EPHEMERAL,
+    EXT_CLIENT_V4,
+    EXT_SERVER_V4,
+    EXT_V6_HI,
     EXTERNAL,
     INTRA,
     KIND_ICMP,
@@ -214,15 +218,7 @@ def make_vms(rng: np.random.Generator, hosts: int, per_host: int) -> tuple[SimVm
 
 # --- one window of simulated time ---------------------------------------------------------
 
-PSH_ACK: Final = 0x18
-EPHEMERAL: Final = (32768, 61000)
-COPY_DELAY_NS: Final = (20_000, 200_001)
-"""Delay between a frame on the sender's port and on the receiver's port."""
-EXT_CLIENT_V4: Final = 0xC6120000
-"""198.18.0.0/15: remote clients."""
-EXT_SERVER_V4: Final = 0xC6336400
-"""198.51.100.0/24: remote services (denied to the app tier by the example profiles)."""
-EXT_V6_HI: Final = 0x20010DB800000000
+PSH_ACK: Final = PSH | ACK
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -409,11 +405,6 @@ class PoolPackets:
     receiver: I64
 
 
-def _excl_cumsum(values: I64, first: I64) -> I64:
-    cs = np.cumsum(values) - values
-    return cs - cs[first]
-
-
 def _vm_address(vms: SimVms, vm: I64, v6: npt.NDArray[np.bool_]) -> tuple[U64, U64]:
     hi = np.where(v6, vms.ip6_hi[vm], np.uint64(0)).astype(np.uint64)
     return hi, np.where(v6, vms.ip6_lo[vm], vms.ip4[vm]).astype(np.uint64)
@@ -436,8 +427,8 @@ def pool_packets(
     conn, ts, d = conn[order], ts[order], d[order]
     first = np.concatenate(([0], np.cumsum(pairs * 2)[:-1])).astype(np.int64)[conn]
     payload = np.where(d == 0, rng.integers(40, 400, m), rng.integers(100, 1461, m))
-    sent = [_excl_cumsum(payload * (d == j), first) + pools.sent[conn, j] for j in (0, 1)]
-    sent_n = [_excl_cumsum((d == j).astype(np.int64), first) for j in (0, 1)]
+    sent = [excl_cumsum(payload * (d == j), first) + pools.sent[conn, j] for j in (0, 1)]
+    sent_n = [excl_cumsum((d == j).astype(np.int64), first) for j in (0, 1)]
     own, other = np.where(d == 0, sent[0], sent[1]), np.where(d == 0, sent[1], sent[0])
     ip_id = (pools.packets[conn, d] + np.where(d == 0, sent_n[0], sent_n[1])) & 0xFFFF
     for j in (0, 1):

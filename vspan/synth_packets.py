@@ -17,7 +17,7 @@ from vspan.synth_frames import FrameColumns
 from vspan.synth_plan import CROSS, INTRA, KIND_ICMP, KIND_TCP, KIND_UDP_BULK, FlowPlan, VmTable
 from vspan.vntag import encode_vntag_array
 
-__all__ = ["GATEWAY_MAC", "FramePlan", "plan_frames"]
+__all__ = ["ACK", "COPY_DELAY_NS", "GATEWAY_MAC", "PSH", "FramePlan", "excl_cumsum", "plan_frames"]
 
 I64 = npt.NDArray[np.int64]
 Rng = np.random.Generator
@@ -53,7 +53,7 @@ class FramePlan:
     """0, or 1 for the receiving host's copy of a cross-host packet."""
 
 
-def _excl_cumsum(values: I64, first: I64) -> I64:
+def excl_cumsum(values: I64, first: I64) -> I64:
     """Per-flow sum of ``values`` over the earlier packets of the flow."""
     cs = np.cumsum(values) - values
     return cs - cs[first]
@@ -98,8 +98,8 @@ def plan_frames(rng: Rng, vms: VmTable, fl: FlowPlan, *, duration_ns: int) -> Fr
     ip_base = rng.integers(0, 1 << 16, (n.size, 2))
     window = rng.integers(500, 65535, (n.size, 2))
     consume = payload + ((flags & (SYN | FIN)) > 0)
-    sent = [_excl_cumsum(consume * (direction == d), first) for d in (0, 1)]
-    count = [_excl_cumsum((direction == d).astype(np.int64), first) for d in (0, 1)]
+    sent = [excl_cumsum(consume * (direction == d), first) for d in (0, 1)]
+    count = [excl_cumsum((direction == d).astype(np.int64), first) for d in (0, 1)]
     own = np.where(direction == 0, sent[0], sent[1])
     other = np.where(direction == 0, sent[1], sent[0])
     seq = (isn[flow, direction] + own) & 0xFFFFFFFF
@@ -195,7 +195,7 @@ def _times(
     gap_ns = np.where(k > 0, np.maximum(gap.astype(np.int64), 1), 0)
     span = np.minimum(total, cap).astype(np.int64)
     begin = (rng.random(n.size) * np.maximum(duration_ns - span, 1)).astype(np.int64)
-    return begin[flow] + _excl_cumsum(gap_ns, first) + gap_ns
+    return begin[flow] + excl_cumsum(gap_ns, first) + gap_ns
 
 
 def _observe(

@@ -16,7 +16,11 @@ import numpy.typing as npt
 
 __all__ = [
     "CROSS",
+    "EPHEMERAL",
     "EXTERNAL",
+    "EXT_CLIENT_V4",
+    "EXT_SERVER_V4",
+    "EXT_V6_HI",
     "INTRA",
     "KIND_ICMP",
     "KIND_TCP",
