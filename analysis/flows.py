@@ -24,6 +24,7 @@ the hosts that saw the flow.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -303,7 +304,7 @@ class FlowTable:
         key_row = np.maximum.reduceat(r["row"], bounds)
         has_row = key_row >= 0
         pick = np.where(has_row, key_row, 0)
-        out: dict[str, npt.NDArray[np.int64]] = {}
+        out: dict[str, npt.NDArray[Any]] = {}  # int64 columns, float64 time sums
         for name in KEY_COLUMNS:
             out[name] = np.where(has_row, keys[name][pick].view(np.int64), prior_col(name))
         out["hash"] = np.where(has_row, hashes[pick].view(np.int64), prior_col("hash"))
@@ -318,7 +319,7 @@ class FlowTable:
                 sel = (rrev == d) & (rrole == k)
                 sums = np.bincount(rseg[sel], weights=offset[sel], minlength=nseg)
                 column = f"tsum{suffix}_{name}"
-                out[column] = sums + prior_float(column)  # type: ignore[assignment]
+                out[column] = sums + prior_float(column)
         for d, suffix in enumerate(_DIRS):
             mine = rrev == d
             flags = _or_by_segment(rseg[mine], rflags[mine], nseg)
