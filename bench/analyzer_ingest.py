@@ -14,8 +14,8 @@ on at each replay of the set) at a fixed rate to, in turn:
 Loss is what the sender sent minus what the receiver counted (kernel and backpressure drops
 both show up there). The table gives the frames/s received at each rate and, per receiver,
 the highest rate with zero loss and its ratio to the ceiling. Then the memory of the flow
-table: ``FlowTable._open.memory_usage(deep=True)`` per open flow at ``--flows`` distinct
-flows, and the process RSS delta. Loopback only; every loop is bounded in time.
+table: ``FlowTable.memory_bytes`` (its arrays at their capacity) per open flow at
+``--flows`` distinct flows, and the process RSS delta. Loopback only; every loop is bounded in time.
 """
 
 from __future__ import annotations
@@ -228,9 +228,13 @@ def flow_memory(n: int) -> dict[str, float]:
     took = time.perf_counter() - started
     del dec, eps
     gc.collect()
-    frame_bytes = float(table._open.memory_usage(deep=True).sum())
-    return {"flows": table.open_flows, "frame_bytes_per_flow": frame_bytes / table.open_flows,
-            "rss_delta_per_flow": (_rss() - rss0) / table.open_flows, "update_s": took}  # fmt: skip
+    n = table.open_flows
+    return {
+        "flows": n,
+        "table_bytes_per_flow": table.memory_bytes / n,
+        "rss_delta_per_flow": (_rss() - rss0) / n,
+        "update_s": took,
+    }
 
 
 def _rss() -> int:
@@ -286,11 +290,11 @@ def main() -> None:
         ratio = best[kind] / best["bare"] if best["bare"] else float("nan")
         print(f"| {kind} | {best[kind]:,.0f} | {ratio:.2f} |")
     m = flow_memory(args.flows)
-    print("\n| open flows | DataFrame bytes/flow | RSS delta bytes/flow | update s |")
+    print("\n| open flows | table bytes/flow | RSS delta bytes/flow | update s |")
     print("|---:|---:|---:|---:|")
     cells = [
         f"{m['flows']:,}",
-        f"{m['frame_bytes_per_flow']:.0f}",
+        f"{m['table_bytes_per_flow']:.0f}",
         f"{m['rss_delta_per_flow']:.0f}",
     ]
     print("| " + " | ".join([*cells, f"{m['update_s']:.2f}"]) + " |")

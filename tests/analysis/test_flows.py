@@ -282,3 +282,74 @@ def test_the_delay_between_the_two_observation_points_is_kept(order: list[int]) 
 def test_no_delay_without_both_observation_points() -> None:
     dec = decoded(2, ts_ns=[0, 1], src_ip="10.0.0.1", dst_ip="10.0.0.2", ip_proto=17)
     assert np.isnan(run(FlowTable(), dec)["delay_ns"].iloc[0])
+
+
+# --- the hash table under churn: growth, expiry and eviction against a model ------------
+
+
+def model_with_evictions(
+    batches: list[list[tuple[int, int]]], evicts: list[int], idle: int, active: int
+) -> list[tuple[int, int, int, int]]:
+    """(key, start, last, packets) per flow: the per-packet rule, idle expiry at the end
+    of each batch, then the ``evicts[b]`` flows seen longest ago finished."""
+    done, live = [], {}
+    now = -(1 << 62)
+    for batch, evict in zip(batches, evicts, strict=True):
+        for t, k in batch:
+            if k in live:
+                start, last, n = live[k]
+                if t - last <= idle and t - start < active:
+                    live[k] = (start, t, n + 1)
+                    continue
+                done.append((k, start, last, n))
+            live[k] = (t, t, 1)
+            now = max(now, t)
+        for k in [k for k, (_, last, _) in live.items() if now - last > idle]:
+            done.append((k, *live.pop(k)))
+        for k in sorted(live, key=lambda k: live[k][1])[:evict]:
+            done.append((k, *live.pop(k)))
+    done.extend((k, s, last, n) for k, (s, last, n) in live.items())
+    return sorted((k, s, last, n) for k, s, last, n in done)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 3_000), st.integers(0, 300)), min_size=1, max_size=600),
+    st.lists(st.tuples(st.integers(1, 599), st.integers(0, 40)), max_size=8),
+    st.integers(1, 64),
+)
+def test_many_flows_with_expiry_and_eviction_match_the_model(
+    steps: list[tuple[int, int]], cuts: list[tuple[int, int]], initial_rows: int
+) -> None:
+    # Distinct, increasing times (gaps in ms) over up to 300 keys; short timeouts so that
+    # flows idle out, restart and get evicted while the table grows from a few rows.
+    ts = np.cumsum([gap for gap, _ in steps]) * 1_000_000
+    key = [k for _, k in steps]
+    bounds = sorted({c for c, _ in cuts if c < len(steps)})
+    evict_at = dict(cuts)
+    edges = [0, *bounds, len(steps)]
+    batches = [
+        list(zip(ts[lo:hi].tolist(), key[lo:hi], strict=True))
+        for lo, hi in itertools.pairwise(edges)
+    ]
+    evicts = [evict_at.get(hi, 0) if hi < len(steps) else 0 for hi in edges[1:]]
+    dec = decoded(len(steps), ts_ns=ts, src_ip="10.0.0.1", dst_ip="10.0.0.2", ip_proto=17,
+                  src_port=np.array(key) + 1000, dst_port=9)  # fmt: skip
+    idle, active = 2 * S, 20 * S
+    table = FlowTable(FlowConfig(idle_timeout_s=2, active_timeout_s=20), initial_rows=initial_rows)
+    resolver = EndpointResolver()
+    parts = []
+    for (lo, hi), evict in zip(itertools.pairwise(edges), evicts, strict=True):
+        part = dec.take(np.arange(lo, hi))
+        parts.append(table.update(part, resolver.resolve(part)))
+        parts.append(table.evict(evict))
+    parts.append(table.flush())
+    assert table.open_flows == 0
+    flows = pd.concat(parts, ignore_index=True)
+    got = sorted(
+        (int(p) - 1000, int(s), int(last), int(n))
+        for p, s, last, n in zip(
+            flows["port_a"], flows["start_ns"], flows["last_ns"], flows["packets"], strict=True
+        )
+    )
+    assert got == model_with_evictions(batches, evicts, idle, active)

@@ -1,0 +1,366 @@
+"""The flow table's compiled kernels and its memory layout (private to ``flows``).
+
+An open flow is one row of three arrays: ``keys`` (``KEY_WORDS`` uint64 words: the key
+columns of ``flowkeys.KEY_COLUMNS`` packed), ``state`` (``STATE`` int64 columns) and
+``times`` (``TIME_SUMS`` float64 columns). Rows are dense (0 .. n-1): a finished row is
+replaced by the last one. ``index`` is an open-addressing hash table (linear probing, a
+power-of-two size at least twice the rows) holding ``row + 1`` (0 = empty); deletion
+shifts the probe chain back, so the table never needs tombstones or a rebuild.
+
+``run_frames`` walks a batch in time order and applies the per-packet rule to each frame:
+a frame continues its key's open flow unless the gap since the flow's last frame exceeds
+the idle timeout or the flow has lasted the active timeout, in which case the open flow is
+finished (copied to the ``fin_*`` arrays) and the frame starts a new one in the same row.
+Kernels stop early and say why when an output is full (``Need``); the caller grows it and
+calls again from where they stopped.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Final, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from vspan._capture import kernel
+
+__all__ = [
+    "FIRST_REV_BIT",
+    "ICMP_TYPE_CODE",
+    "KEY_WORDS",
+    "STATE",
+    "TAGGED_BIT",
+    "TIME_SUMS",
+    "Need",
+    "clear_index",
+    "find_row",
+    "flow_ports",
+    "mix",
+    "rebuild_index",
+    "remove_rows",
+    "run_frames",
+]
+
+U8 = npt.NDArray[np.uint8]
+U16 = npt.NDArray[np.uint16]
+I32 = npt.NDArray[np.int32]
+I64 = npt.NDArray[np.int64]
+U64 = npt.NDArray[np.uint64]
+F64 = npt.NDArray[np.float64]
+Rows = tuple[U64, I64, F64]
+"""``keys``, ``state`` and ``times`` of a set of flows."""
+Index = npt.NDArray[np.int32]
+_H = TypeVar("_H", np.uint64, U64)
+
+KEY_WORDS: Final = (
+    "ep_a", "ep_b", "ip_a_hi", "ip_a_lo", "ip_b_hi", "ip_b_lo",
+    "ports",  # port_a << 32 | port_b
+    "misc",  # proto << 32 | vlan << 16 | ethertype
+)  # fmt: skip
+"""The packed key of a flow."""
+ROLE_COUNTERS: Final = tuple(
+    f"{what}{d}_{role}"
+    for role in ("s", "r", "o")
+    for d in ("", "_rev")
+    for what in ("packets", "bytes")
+)
+"""Packets and bytes per copy role (sender, receiver, other) and direction."""
+STATE: Final = ("hash", "start_ns", "last_ns", "anchor_ns", *ROLE_COUNTERS, "copies", "bits",
+                "observer", "observer_other")  # fmt: skip
+"""int64 columns of an open flow; ``bits`` packs ``tcp_flags`` (bits 0-15),
+``tcp_flags_rev`` (16-31), ``first_rev`` (32) and ``tagged`` (33)."""
+TIME_SUMS: Final = ("tsum_s", "tsum_rev_s", "tsum_r", "tsum_rev_r")
+"""float64 columns: capture-time offsets from ``anchor_ns`` summed per direction over the
+sender copies and the receiver copies."""
+
+_HASH, _START, _LAST, _ANCHOR = 0, 1, 2, 3
+_COUNTERS = 4
+"""First role counter: ``_COUNTERS + role * 4 + rev * 2`` packets, ``+ 1`` bytes."""
+_COPIES, _BITS, _OBSERVER, _OTHER = 16, 17, 18, 19
+if STATE[_OTHER] != "observer_other" or len(ROLE_COUNTERS) != _COPIES - _COUNTERS:
+    raise AssertionError("the state offsets do not match STATE")  # pragma: no cover
+FIRST_REV_BIT, TAGGED_BIT = 32, 33
+
+_M1: Final = np.uint64(0x9E3779B97F4A7C15)
+_M2: Final = np.uint64(0xBF58476D1CE4E5B9)
+_M3: Final = np.uint64(0x94D049BB133111EB)
+"""The multipliers of the key hash (splitmix64's finalizer after an xor)."""
+_R31, _R29 = np.uint64(31), np.uint64(29)
+_U32, _U16, _U8 = np.uint64(32), np.uint64(16), np.uint64(8)
+_LOW16 = np.uint64(0xFFFF)
+ICMP_TYPE_CODE: Final = np.uint64(1 << 16)
+"""Marks a key "port" that holds ICMP ``type << 8 | code`` (non-echo messages); echo
+messages hold the identifier (< 2^16) in both ports."""
+_ICMP, _ICMPV6 = 1, 58
+
+
+class Need(IntEnum):
+    """Why ``run_frames``/``remove_rows`` returned."""
+
+    DONE = 0
+    ROWS = 1
+    """The state arrays are full."""
+    FINISHED = 2
+    """The finished-flow arrays are full."""
+
+
+@kernel
+def mix(h: _H, col: _H) -> _H:
+    """One round of the key hash (also over uint64 arrays)."""
+    h = (h ^ col) * _M1
+    h ^= h >> _R31
+    h *= _M2
+    h ^= h >> _R29
+    return h * _M3
+
+
+@kernel
+def flow_ports(
+    l3: tuple[U8, U8, I32],
+    l4: tuple[U16, U16, U8, U8, U16],
+    out: tuple[U64, U64],
+) -> None:
+    """Key "ports" of every frame: ports, the ICMP/ICMPv6 echo identifier on both sides
+    (request and reply share a flow), or ``ICMP_TYPE_CODE | type << 8 | code`` and 0.
+
+    ``l3``: ip_version, ip_proto, l4_offset; ``l4``: src_port, dst_port, icmp_type,
+    icmp_code, icmp_id; ``out``: the source and destination "port" of each frame.
+    """
+    ip_version, ip_proto, l4_offset = l3
+    src_port, dst_port, icmp_type, icmp_code, icmp_id = l4
+    sport, dport = out
+    for i in range(ip_proto.size):
+        p = ip_proto[i]
+        if (p in (_ICMP, _ICMPV6)) and ip_version[i] != 0 and l4_offset[i] >= 0:
+            t = icmp_type[i]
+            echo = (t in (0, 8)) if p == _ICMP else (t in (128, 129))
+            if echo:
+                sport[i] = np.uint64(icmp_id[i])
+                dport[i] = np.uint64(icmp_id[i])
+            else:
+                sport[i] = ICMP_TYPE_CODE | (np.uint64(t) << _U8) | np.uint64(icmp_code[i])
+                dport[i] = np.uint64(0)
+        else:
+            sport[i] = np.uint64(src_port[i])
+            dport[i] = np.uint64(dst_port[i])
+
+
+@kernel
+def find_row(index: npt.NDArray[np.int32], keys: U64, state: I64, h: np.int64, k: U64) -> int:
+    """The row holding key ``k`` (hash ``h``), or -1."""
+    mask = index.size - 1
+    pos = h & mask
+    while True:
+        e = index[pos]
+        if e == 0:
+            return -1
+        row = e - 1
+        if state[row, _HASH] == h:
+            same = True
+            for w in range(k.size):
+                if keys[row, w] != k[w]:
+                    same = False
+                    break
+            if same:
+                return row  # type: ignore[no-any-return]
+        pos = (pos + 1) & mask
+
+
+@kernel
+def _insert(index: npt.NDArray[np.int32], h: np.int64, row: int) -> None:
+    mask = index.size - 1
+    pos = h & mask
+    while index[pos] != 0:
+        pos = (pos + 1) & mask
+    index[pos] = row + 1
+
+
+@kernel
+def _unlink(index: npt.NDArray[np.int32], state: I64, row: int) -> None:
+    """Take ``row`` out of the index, shifting its probe chain back (no tombstones)."""
+    mask = index.size - 1
+    p = state[row, _HASH] & mask
+    while index[p] != row + 1:
+        p = (p + 1) & mask
+    index[p] = 0
+    q = p
+    while True:
+        q = (q + 1) & mask
+        e = index[q]
+        if e == 0:
+            return
+        home = state[e - 1, _HASH] & mask
+        # The entry at q may fill the hole at p unless its home lies cyclically in (p, q].
+        stays = (p < home <= q) if p <= q else (home > p or home <= q)
+        if not stays:
+            index[p] = e
+            index[q] = 0
+            p = q
+
+
+@kernel
+def _relink(index: npt.NDArray[np.int32], state: I64, old: int, new: int) -> None:
+    """Point the index entry of ``old`` (whose row moved) at ``new``."""
+    mask = index.size - 1
+    p = state[new, _HASH] & mask
+    while index[p] != old + 1:
+        p = (p + 1) & mask
+    index[p] = new + 1
+
+
+@kernel
+def rebuild_index(index: npt.NDArray[np.int32], state: I64, n: int) -> None:
+    """Fill an empty index with rows 0 .. n-1."""
+    for row in range(n):
+        _insert(index, state[row, _HASH], row)
+
+
+@kernel
+def clear_index(index: npt.NDArray[np.int32]) -> None:
+    """Empty the index."""
+    index[:] = 0
+
+
+@kernel
+def _copy_out(row: int, rows: Rows, fin: Rows, nfin: int) -> None:
+    """Copy ``row`` of the open flows to row ``nfin`` of the finished ones."""
+    fin[0][nfin, :] = rows[0][row, :]
+    fin[1][nfin, :] = rows[1][row, :]
+    fin[2][nfin, :] = rows[2][row, :]
+
+
+@kernel
+def _start(state: I64, times: F64, row: int, h: np.int64, frame: tuple[np.int64, int, int]) -> None:
+    """Make ``row`` a new flow with hash ``h`` at ``frame`` (time, rev, host)."""
+    ts, rev, host = frame
+    state[row, :] = 0
+    times[row, :] = 0.0
+    state[row, _HASH] = h
+    state[row, _START] = ts
+    state[row, _LAST] = ts
+    state[row, _ANCHOR] = ts
+    state[row, _BITS] = rev << FIRST_REV_BIT
+    state[row, _OBSERVER] = host
+    state[row, _OTHER] = -1
+
+
+@kernel
+def run_frames(
+    keycols: tuple[U64, U64, U64, U64, U64, U64, U64, U64],
+    facts: tuple[U64, I64, I32, U16, npt.NDArray[np.uint32], U8, npt.NDArray[np.bool_]],
+    table: tuple[Rows, Index, int],
+    fin: tuple[Rows, int],
+    walk: tuple[I64, int, int, int],
+) -> tuple[int, int, int, int]:
+    """Add frames to the table; return (next frame, open rows, finished rows, ``Need``).
+
+    ``keycols``: source and destination endpoint, address (hi, lo) and "port" per frame;
+    ``facts``: packed proto/vlan/ethertype (``misc``), time, wire length, TCP flags, host,
+    copy role (0 sender, 1 receiver, 2 other) and tagged; ``table``: the open rows, their
+    index and count; ``fin``: the finished rows and their count; ``walk``: the frames in
+    time order, where to start in it, and the idle and active timeouts in ns.
+    """
+    s_ep, d_ep, s_hi, s_lo, d_hi, d_lo, sport, dport = keycols
+    misc, ts_ns, wirelen, flags, host, role, tagged = facts
+    rows, index, n = table
+    keys, state, times = rows
+    fin_rows, nfin = fin
+    order, j0, idle, active = walk
+    k = np.empty(len(KEY_WORDS), np.uint64)
+    for j in range(j0, order.size):
+        i = order[j]
+        gt = s_hi[i] > d_hi[i] or (
+            s_hi[i] == d_hi[i]
+            and (
+                s_lo[i] > d_lo[i]
+                or (
+                    s_lo[i] == d_lo[i]
+                    and (sport[i] > dport[i] or (sport[i] == dport[i] and s_ep[i] > d_ep[i]))
+                )
+            )
+        )
+        if gt:
+            k[0], k[1], k[2], k[3], k[4], k[5] = (
+                d_ep[i],
+                s_ep[i],
+                d_hi[i],
+                d_lo[i],
+                s_hi[i],
+                s_lo[i],
+            )
+            pa, pb = dport[i], sport[i]
+        else:
+            k[0], k[1], k[2], k[3], k[4], k[5] = (
+                s_ep[i],
+                d_ep[i],
+                s_hi[i],
+                s_lo[i],
+                d_hi[i],
+                d_lo[i],
+            )
+            pa, pb = sport[i], dport[i]
+        k[6] = (pa << _U32) | pb
+        k[7] = m = misc[i]
+        hu = np.uint64(0)
+        for w in range(6):
+            hu = mix(hu, k[w])
+        for v in (pa, pb, m >> _U32, (m >> _U16) & _LOW16, m & _LOW16):
+            hu = mix(hu, v)
+        h = np.int64(hu)
+        ts = ts_ns[i]
+        rev = 1 if gt else 0
+        row = find_row(index, keys, state, h, k)
+        if row >= 0:
+            if ts - state[row, _LAST] > idle or ts - state[row, _START] >= active:
+                if nfin == fin_rows[0].shape[0]:
+                    return j, n, nfin, Need.FINISHED
+                _copy_out(row, rows, fin_rows, nfin)
+                nfin += 1
+                _start(state, times, row, h, (ts, rev, host[i]))
+        else:
+            if n == keys.shape[0]:
+                return j, n, nfin, Need.ROWS
+            row = n
+            n += 1
+            keys[row, :] = k
+            _start(state, times, row, h, (ts, rev, host[i]))
+            _insert(index, h, row)
+        state[row, _START] = min(state[row, _START], ts)
+        state[row, _LAST] = max(state[row, _LAST], ts)
+        r = role[i]
+        c = _COUNTERS + r * 4 + rev * 2
+        state[row, c] += 1
+        state[row, c + 1] += wirelen[i]
+        if r < 2:
+            times[row, r * 2 + rev] += float(ts - state[row, _ANCHOR])
+        state[row, _COPIES] += 1
+        state[row, _BITS] |= np.int64(flags[i]) << (16 * rev)
+        if tagged[i]:
+            state[row, _BITS] |= 1 << TAGGED_BIT
+        if host[i] != state[row, _OBSERVER]:
+            state[row, _OTHER] = max(state[row, _OTHER], np.int64(host[i]))
+    return order.size, n, nfin, Need.DONE
+
+
+@kernel
+def remove_rows(
+    drop: I64, table: tuple[Rows, Index, int], fin: tuple[Rows, int]
+) -> tuple[int, int]:
+    """Finish the rows ``drop`` (sorted descending; ``fin`` has room for them): copy each
+    out, then move the last row into its place. Return the rows left and finished."""
+    rows, index, n = table
+    keys, state, times = rows
+    fin_rows, nfin = fin
+    for row in drop:
+        _copy_out(row, rows, fin_rows, nfin)
+        nfin += 1
+        _unlink(index, state, row)
+        last = n - 1
+        if row != last:
+            keys[row, :] = keys[last, :]
+            state[row, :] = state[last, :]
+            times[row, :] = times[last, :]
+            _relink(index, state, last, row)
+        n -= 1
+    return n, nfin
