@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
+from typing import Final
 
 from vspan import __version__
 from vspan.errors import VspanError
@@ -12,27 +14,39 @@ from vspan.errors import VspanError
 __all__ = ["main"]
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    from vspan import cli_analyze, cli_collect, cli_demo, cli_predict, cli_query, cli_report
+_OWN_MODULE: Final = {
+    "report": "cli_report",
+    "demo": "cli_demo",
+    "collect": "cli_collect",
+    "analyze": "cli_analyze",
+    "predict": "cli_predict",
+}
+"""Commands with a module of their own; the rest (flows, policy, ...) are ``cli_query``'s."""
 
+
+def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command`` one of ``_OWN_MODULE`` only that command's (so that a
+    run imports only what it needs: ``vspan report`` starts without the service modules)."""
     parser = argparse.ArgumentParser(
         prog="vspan",
         description="Traffic visibility and remote SPAN for virtualized datacenters.",
     )
     parser.add_argument("--version", action="version", version=f"vspan {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    cli_report.add_parser(sub)
-    cli_demo.add_parser(sub)
-    cli_collect.add_parser(sub)
-    cli_analyze.add_parser(sub)
-    cli_predict.add_parser(sub)
-    cli_query.add_parsers(sub)
+    names = [_OWN_MODULE[command]] if command in _OWN_MODULE else [*_OWN_MODULE.values()]
+    for name in names:
+        importlib.import_module(f"vspan.{name}").add_parser(sub)
+    if command not in _OWN_MODULE:
+        from vspan import cli_query
+
+        cli_query.add_parsers(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vspan`` console script; returns the exit status."""
-    parser = _build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     try:
         status: int = args.run(args)
