@@ -7,7 +7,11 @@ Method: a **robust seasonal profile model in log space**, fitted to all series a
 
 - ``daily`` and ``weekly`` are medians of the detrended values per slot (centred); the
   ``hourweek`` interaction is the median of what is left per hour-of-week slot, shrunk
-  towards 0 by ``k/(k+2)`` (``k`` = weeks seen), so one odd week does not become a rule;
+  towards 0 by its empirical-Bayes signal share (what stands out of the noise of a median
+  of a few weeks), so one odd week does not become a rule;
+- each of the three profiles is partially pooled across the series fitted together, with
+  an empirical-Bayes weight (``_pool``): host pairs that share the datacenter's rhythm
+  estimate it together, with far less noise than one short series alone;
 - the trend ``a + b·t`` is a least-squares line through the deseasonalised values, refitted
   once without the points more than 3 robust standard deviations away (bursts);
 - the three steps are backfitted three times;
@@ -48,6 +52,8 @@ __all__ = [
 ]
 
 F64 = npt.NDArray[np.float64]
+_MIN_POOL: Final = 3
+"""Series needed to pool seasonal profiles across series."""
 DAY_NS: Final = 86_400 * 10**9
 _MONDAY_OFFSET: Final = 3
 """Day 0 of the epoch was a Thursday: ``(days + 3) % 7`` is 0 on Mondays."""
@@ -93,11 +99,42 @@ def _step(index: pd.Index) -> int:
 
 
 def _slot_median(r: F64, slot: npt.NDArray[np.int64], size: int) -> tuple[F64, F64]:
-    """Median of ``r`` (n×S) per slot value → (size×S), and the count per slot."""
+    """Median of ``r`` (n×S) per slot value → (size×S), partially pooled across the series
+    (``_pool``), and the noise variance of each slot median (size×S).
+
+    A median of ``k`` noisy values varies by about ``(π/2)·σ²/k`` around the truth (``σ``
+    from the deviations within slots, robustly)."""
     med = pd.DataFrame(r).groupby(slot).median()
-    out = np.zeros((size, r.shape[1]))
-    out[med.index.to_numpy()] = med.to_numpy()
-    return out, np.bincount(slot, minlength=size).astype(np.float64)
+    own = np.zeros((size, r.shape[1]))
+    own[med.index.to_numpy()] = med.to_numpy()
+    count = np.bincount(slot, minlength=size).astype(np.float64)
+    sigma = 1.4826 * np.median(np.abs(r - own[slot]), axis=0)
+    noise = (np.pi / 2.0) * sigma[None, :] ** 2 / np.maximum(count, 1.0)[:, None]
+    return _pool(own, noise), noise
+
+
+def _pool(own: F64, noise: F64) -> F64:
+    """Each series' slot profile (size×S) shrunk towards the median profile of all series.
+
+    Empirical Bayes: the spread of the series' profiles around the common one beyond the
+    estimation ``noise`` is real; the weight of the own profile is ``real / (real +
+    noise)``. Series that share a rhythm (host pairs of one datacenter) borrow strength
+    from each other, a series with a rhythm of its own keeps it. Needs three series.
+    """
+    if own.shape[1] < _MIN_POOL:
+        return own
+    common = np.median(own, axis=1, keepdims=True)
+    weight = _signal_share(((own - common) ** 2).mean(axis=0), noise.mean(axis=0))
+    pooled: F64 = weight * own + (1.0 - weight) * common
+    return pooled
+
+
+def _signal_share(spread: F64, noise: F64) -> F64:
+    """``real / (real + noise)`` with ``real = max(spread - noise, 0)`` (1 without noise)."""
+    real = np.maximum(spread - noise, 0.0)
+    total = real + noise
+    share: F64 = np.divide(real, total, out=np.ones_like(total), where=total > 0)
+    return share
 
 
 def _line(z: F64, t: F64, keep: npt.NDArray[np.bool_]) -> tuple[F64, F64]:
@@ -112,6 +149,24 @@ def _line(z: F64, t: F64, keep: npt.NDArray[np.bool_]) -> tuple[F64, F64]:
     return zm - b * tm, b
 
 
+def _shrink_slope(
+    z: F64, t: F64, keep: npt.NDArray[np.bool_], line: tuple[F64, F64]
+) -> tuple[F64, F64]:
+    """The line with its slope shrunk by ``b² / (b² + var(b))``: a slope within its own
+    noise (no real growth) goes to 0, a clear one stays; the line keeps its mean."""
+    a, b = line
+    w = keep.astype(np.float64)
+    n = np.maximum(w.sum(axis=0), 3.0)
+    tm = (w * t[:, None]).sum(axis=0) / n
+    e = (z - a - b * t[:, None]) * w
+    var_e = (e**2).sum(axis=0) / (n - 2.0)
+    sxx = (w * (t[:, None] - tm) ** 2).sum(axis=0)
+    var_b = np.divide(var_e, sxx, out=np.zeros_like(var_e), where=sxx > 0)
+    den = b**2 + var_b
+    shrunk = b * np.divide(b**2, den, out=np.zeros_like(den), where=den > 0)
+    return a + (b - shrunk) * tm, shrunk
+
+
 @dataclass(frozen=True, slots=True)
 class _Fit:
     a: F64
@@ -120,7 +175,7 @@ class _Fit:
     weekly: F64
     hourweek: F64
     resid: F64
-    params: int
+    params: float
 
 
 def _fit(y: F64, t: F64, cal: _Calendar, per_day: int, config: ForecastConfig) -> _Fit:
@@ -128,14 +183,17 @@ def _fit(y: F64, t: F64, cal: _Calendar, per_day: int, config: ForecastConfig) -
     a, b = np.median(y, axis=0), np.zeros(s_count)
     daily, weekly = np.zeros((per_day, s_count)), np.zeros((7, s_count))
     hourweek = np.zeros((7 * per_day, s_count))
+    share = np.zeros((7 * per_day, s_count))
     for _ in range(max(1, config.iterations)):
         r = y - a - b * t[:, None]
         daily, _ = _slot_median(r, cal.hod, per_day)
         daily -= daily.mean(axis=0)
         weekly, _ = _slot_median(r - daily[cal.hod], cal.dow, 7)
         weekly -= weekly.mean(axis=0)
-        inter, count = _slot_median(r - daily[cal.hod] - weekly[cal.dow], cal.how, 7 * per_day)
-        hourweek = inter * (count / (count + 2.0))[:, None]
+        inter, noise = _slot_median(r - daily[cal.hod] - weekly[cal.dow], cal.how, 7 * per_day)
+        # The interaction only where it stands out of its noise (empirical Bayes towards 0).
+        share = _signal_share((inter**2).mean(axis=0)[None, :], noise)
+        hourweek = inter * share
         seasonal = daily[cal.hod] + weekly[cal.dow] + hourweek[cal.how]
         z = y - seasonal
         if not config.trend:
@@ -144,9 +202,12 @@ def _fit(y: F64, t: F64, cal: _Calendar, per_day: int, config: ForecastConfig) -
         a, b = _line(z, t, np.ones_like(z, dtype=np.bool_))
         e = z - a - b * t[:, None]
         mad = 1.4826 * np.median(np.abs(e - np.median(e, axis=0)), axis=0)
-        a, b = _line(z, t, np.abs(e) <= 3.0 * np.maximum(mad, 1e-9))
+        keep = np.abs(e) <= 3.0 * np.maximum(mad, 1e-9)
+        a, b = _line(z, t, keep)
+        a, b = _shrink_slope(z, t, keep, (a, b))
     resid = y - a - b * t[:, None] - daily[cal.hod] - weekly[cal.dow] - hourweek[cal.how]
-    params = per_day + 7 + (2 if config.trend else 1) + int(np.count_nonzero(hourweek[:, 0]))
+    # Effective parameters: a shrunk interaction slot counts by the share it keeps.
+    params = per_day + 7 + (2 if config.trend else 1) + float(share.mean(axis=1).sum())
     return _Fit(a, b, daily, weekly, hourweek, resid, params)
 
 

@@ -13,11 +13,12 @@ The baselines and metrics are recomputed here from their definitions, independen
 ``analysis/forecast.py`` (as in ``test_forecast.py``); ``pytest -s`` prints the numbers for
 ``docs/prediction.md``.
 
-Result: the interval coverage target holds; the sMAPE gain over seasonal-naive does not
-(about 18 % for a target of 20 %: the simulator's hourly host-pair traffic at this rate is
-dominated by the randomness of a few hundred flows per pair and hour, which no seasonal
-model removes). That test is a strict ``xfail`` carrying the numbers: it asserts the real
-target and will report when the target starts to hold.
+Result: both targets hold. The simulator's hourly host-pair traffic at this rate is
+dominated by the randomness of a few hundred heavy-tailed flows per pair and hour (sMAPE
+around 50 % for any model); the gain over seasonal-naive comes from estimating the rhythm
+with little noise: profiles pooled across the host pairs and an hour-of-week interaction
+kept only where it stands out of its noise (``analysis/forecast.py``). Seeds 1–4 give
+gains of 20.5–21.1 % (18.2 % before the pooling) and coverage of 77–79 %.
 """
 
 from __future__ import annotations
@@ -135,11 +136,6 @@ def test_model_beats_both_baselines_on_simulator_truth(scores: Scores) -> None:
     assert scores.model < scores.last
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="target not met on the simulator's truth at 30,000 frames/h: sMAPE 51.95 % vs "
-    "seasonal-naive 63.50 %, a gain of 18.2 % (target 20 %); see docs/prediction.md",
-)
 def test_smape_gain_target_on_simulator_truth(scores: Scores) -> None:
     assert scores.model <= 0.8 * scores.naive
 
