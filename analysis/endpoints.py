@@ -156,10 +156,9 @@ class EndpointResolver:
         rows = np.flatnonzero(local)
         if rows.size == 0:
             return
-        # The newest frame of each MAC wins: keep each MAC's last row.
-        mac_rows = mac[rows][::-1]
-        _, last = np.unique(mac_rows, return_index=True)
-        pick = rows[::-1][last]
+        # The newest frame of each MAC wins: keep each MAC's last row (a hash pass).
+        newest_first = rows[::-1]
+        pick = newest_first[~pd.Series(mac[newest_first]).duplicated().to_numpy()]
         self._learn(mac[pick], KIND_VIF | (uniq[codes[pick]] & ~_LOCAL_KEY))
 
     def _learn(self, macs: U64, eps: U64) -> None:
