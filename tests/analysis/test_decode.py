@@ -1,5 +1,5 @@
 """``decode_batch``: frames built layer by layer, every truncation, malformed headers,
-vectorization (copies, halves, chunk boundaries) and arbitrary bytes.
+batches (copies, halves, the kernel's chunk boundaries, odd buffers) and arbitrary bytes.
 
 Expected values come from how each frame was built (``vspan_testing.decode_frames``), never from
 the decoder's output.
@@ -15,8 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vspan.analysis._decode_common import CHUNK
 from vspan.analysis.columns import Decoded, Layer, Status, TagKind
-from vspan.analysis.decode import CHUNK, decode_batch
+from vspan.analysis.decode import decode_batch
 from vspan.batch import FrameBatch, LinkType
 from vspan_testing.decode_frames import (
     IP4_TCP,
@@ -239,7 +240,7 @@ def test_tag_fields_from_the_spec_masks() -> None:
     assert (d["svif"], d["dvif"]) == (0x78123, 0x9A456)
 
 
-# --- vectorization ------------------------------------------------------------------------
+# --- batches ------------------------------------------------------------------------------
 
 
 def assert_same(a: Decoded, b: Decoded) -> None:
@@ -293,6 +294,52 @@ def test_offsets_outside_the_buffer_are_empty_frames() -> None:
     d = decode_batch(batch)
     assert d.status.tolist() == [Status.OK, Status.TRUNCATED, Status.TRUNCATED]
     assert d.layer.tolist() == [Layer.NONE, Layer.LINK, Layer.LINK]
+
+
+def test_a_read_only_buffer_decodes_the_same() -> None:
+    # Capture files are read through a read-only memory map.
+    batch = batch_of([b.data for b in CATALOGUE if b.linktype == LinkType.ETHERNET])
+    data = batch.data.copy()
+    data.flags.writeable = False
+    ro = FrameBatch(
+        data=data, offset=batch.offset, caplen=batch.caplen, origlen=batch.origlen,
+        ts_ns=batch.ts_ns, linktype=batch.linktype,
+    )  # fmt: skip
+    assert_same(decode_batch(ro), decode_batch(batch))
+
+
+JUMBO_UDP = patched(patched(IP6_UDP, 18, b"\x00\x00"), 58, b"\x00\x00")
+"""IPv6 payload length 0 (taken from the wire length), UDP length 0 (the IP payload is used)."""
+
+
+@pytest.mark.parametrize(
+    ("frame", "wirelen", "payload_len"),
+    [
+        pytest.param(patched(IP4_TCP, 16, b"\x00\x00"), 2**31 - 1, 2**31 - 1 - 14 - 20 - 20,
+                     id="ipv4 offload, largest wire length"),
+        pytest.param(patched(IP4_TCP, 16, b"\x00\x00"), -(2**31) + 10, 2**31 - 4 - 20 - 20,
+                     id="ipv4 offload, int32 wraps"),
+        pytest.param(JUMBO_UDP, 2**31 - 1, 2**31 - 1 - 14 - 40 - 8,
+                     id="ipv6 jumbogram, largest wire length"),
+        pytest.param(JUMBO_UDP, -(2**31) + 30, 2**31 - 24 - 8, id="ipv6 jumbogram, int32 wraps"),
+    ],
+)  # fmt: skip
+def test_lengths_taken_from_the_wire_are_int32(
+    frame: bytes, wirelen: int, payload_len: int
+) -> None:
+    # Computed as the int32 columns hold them: near the int32 limits the length wraps.
+    d = row(decode_batch(batch_of([frame], origlen=[wirelen])), 0)
+    assert d["payload_len"] == payload_len
+
+
+def test_link_types_must_match_the_frames() -> None:
+    batch = batch_of([IP4_TCP, IP4_TCP])
+    bad = FrameBatch(
+        data=batch.data, offset=batch.offset, caplen=batch.caplen, origlen=batch.origlen,
+        ts_ns=batch.ts_ns, linktype=batch.linktype[:1],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="link types"):
+        decode_batch(bad)
 
 
 # --- arbitrary bytes ----------------------------------------------------------------------
