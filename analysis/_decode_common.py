@@ -15,10 +15,9 @@ Stages read frame bytes with the readers below, which take absolute offsets into
 buffer. numba does not check bounds: a read past a frame would see the next frame's bytes,
 or fault past the buffer; so a stage reads a byte only once it checked it was captured.
 
-numba caches a kernel's machine code under its own source file only, and ``decode._decode``
-holds every stage compiled in: after an edit of a ``_decode_*`` module alone, delete the
-cached ``analysis/__pycache__/*.nbi`` and ``*.nbc`` files (a fresh checkout has none), or
-the old stage still runs.
+``decode._decode`` holds every stage compiled in; ``vspan._capture.kernel`` keys numba's
+cache by a digest of all sources, so an edit of a ``_decode_*`` module alone still
+recompiles it.
 
 ``out`` in the stages is the output: the decoded columns of a ``Decoded`` (all but those
 copied from the batch) as a named tuple with the same field names (numba takes a named

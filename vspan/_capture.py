@@ -7,9 +7,13 @@ numba kernels all take their offsets from the same table.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
+from pathlib import Path
 from typing import Any, Final, TypeVar, cast
 
 import numba
@@ -45,8 +49,42 @@ MAX_CAPLEN: Final = 262144
 _STRUCT_CODES: Final = {"u1": "B", "u2": "H", "u4": "I", "i4": "i", "u8": "Q", "i8": "q"}
 
 
+def _source_digest(package: Path) -> str:
+    """A digest of every Python source file of the package (its subpackages included)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for root, dirs, files in os.walk(package, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        for name in sorted(f for f in files if f.endswith(".py")):
+            path = Path(root, name)
+            digest.update(path.relative_to(package).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _use_cache_dir() -> None:
+    """Cache compiled kernels under a directory named after the package's source digest.
+
+    numba checks a cached kernel against its own source file only, but a kernel has the
+    functions it calls from other modules compiled in (the decoder's stages, the byte
+    readers): after an edit of one of those alone, numba would run the old machine code.
+    Keyed by the digest of all sources, any edit starts a fresh cache; the caches of
+    other digests are removed. ``NUMBA_CACHE_DIR`` moves the whole cache.
+    """
+    base = Path(os.environ.get("NUMBA_CACHE_DIR") or Path.home() / ".cache" / "vspan" / "numba")
+    here = base / _source_digest(Path(__file__).resolve().parent)
+    if not here.is_dir():
+        here.mkdir(parents=True, exist_ok=True)
+        for other in base.glob("*"):
+            if other != here and other.is_dir() and len(other.name) == len(here.name):
+                shutil.rmtree(other, ignore_errors=True)
+    cast(Any, numba.config).CACHE_DIR = str(here)
+
+
+_use_cache_dir()
+
+
 def kernel(fn: _F) -> _F:
-    """``numba.njit(cache=True, nogil=True)``, typed for mypy."""
+    """``numba.njit(cache=True, nogil=True)``, typed for mypy; cached per source digest."""
     return cast(_F, numba.njit(cache=True, nogil=True)(fn))
 
 

@@ -1,0 +1,38 @@
+"""The compiled-kernel cache is keyed by all package sources, not one file per kernel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numba
+
+from vspan import _capture
+
+
+def tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def test_an_edit_in_any_module_changes_the_digest(tmp_path: Path) -> None:
+    pkg = tree(tmp_path / "pkg", {"a.py": "x = 1\n", "sub/b.py": "y = 2\n"})
+    before = _capture._source_digest(pkg)
+    assert _capture._source_digest(pkg) == before  # deterministic
+    (pkg / "sub" / "b.py").write_text("y = 3\n")  # a module the kernel only calls into
+    assert _capture._source_digest(pkg) != before
+
+
+def test_bytecode_and_cache_files_do_not_change_the_digest(tmp_path: Path) -> None:
+    pkg = tree(tmp_path / "pkg", {"a.py": "x = 1\n"})
+    before = _capture._source_digest(pkg)
+    tree(pkg, {"__pycache__/a.cpython-311.pyc": "junk", "__pycache__/a.f-1.py311.nbi": "junk"})
+    tree(pkg, {"notes.txt": "not source"})
+    assert _capture._source_digest(pkg) == before
+
+
+def test_kernels_are_cached_under_this_checkouts_digest() -> None:
+    here = Path(_capture.__file__).resolve().parent
+    assert Path(numba.config.CACHE_DIR).name == _capture._source_digest(here)
