@@ -50,14 +50,17 @@ _STRUCT_CODES: Final = {"u1": "B", "u2": "H", "u4": "I", "i4": "i", "u8": "Q", "
 
 
 def _source_digest(package: Path) -> str:
-    """A digest of every Python source file of the package (its subpackages included)."""
+    """A digest of the package's modules with compiled code (those that use ``@kernel``,
+    its subpackages included): what any kernel may have compiled in."""
     digest = hashlib.blake2b(digest_size=8)
     for root, dirs, files in os.walk(package, followlinks=True):
         dirs[:] = sorted(d for d in dirs if d != "__pycache__")
         for name in sorted(f for f in files if f.endswith(".py")):
             path = Path(root, name)
-            digest.update(path.relative_to(package).as_posix().encode())
-            digest.update(path.read_bytes())
+            text = path.read_bytes()
+            if b"@kernel" in text:
+                digest.update(path.relative_to(package).as_posix().encode())
+                digest.update(text)
     return digest.hexdigest()
 
 
@@ -67,8 +70,8 @@ def _use_cache_dir() -> None:
     numba checks a cached kernel against its own source file only, but a kernel has the
     functions it calls from other modules compiled in (the decoder's stages, the byte
     readers): after an edit of one of those alone, numba would run the old machine code.
-    Keyed by the digest of all sources, any edit starts a fresh cache; the caches of
-    other digests are removed. ``NUMBA_CACHE_DIR`` moves the whole cache.
+    Keyed by the digest of all modules with kernels, an edit of any of them starts a fresh
+    cache; the caches of other digests are removed. ``NUMBA_CACHE_DIR`` moves the whole cache.
     """
     base = Path(os.environ.get("NUMBA_CACHE_DIR") or Path.home() / ".cache" / "vspan" / "numba")
     here = base / _source_digest(Path(__file__).resolve().parent)

@@ -17,12 +17,12 @@ import pandas as pd
 import pytest
 
 from vspan.analysis.endpoints import EndpointResolver
-from vspan.analysis.engine import Engine, EngineConfig
+from vspan.analysis.engine import _WARM_FRAME, Engine, EngineConfig
 from vspan.analysis.flows import FlowTable
 from vspan.analysis.receivers import Chunk, ReceiverConfig, UdpReceiver
 from vspan.analysis.records import HostNames, flow_records
 from vspan.analysis.report import analyze_captures
-from vspan.batch import FrameBatch
+from vspan.batch import FrameBatch, LinkType
 from vspan.synth import SynthCapture, generate_small, write_capture
 from vspan.tunnel import encode_message
 from vspan.tunnel_stream import MessageBuilder
@@ -215,3 +215,22 @@ def test_bad_config_is_rejected() -> None:
         EngineConfig(max_flows=0)
     with pytest.raises(RuntimeError, match="needs a source queue"):
         Engine().start()
+
+
+def test_the_warm_up_frame_decodes_into_a_flow_and_leaves_the_engine_untouched() -> None:
+    # warm_up must exercise the whole compiled path: its frame has to be a usable flow.
+    batch = FrameBatch(
+        data=np.frombuffer(_WARM_FRAME, np.uint8), offset=np.zeros(1, np.int64),
+        caplen=np.array([len(_WARM_FRAME)], np.int32), origlen=np.array([len(_WARM_FRAME)], np.int32),
+        ts_ns=np.zeros(1, np.int64), linktype=np.full(1, LinkType.ETHERNET, np.uint16),
+    )  # fmt: skip
+    engine = Engine()
+    engine.process(batch)
+    engine.flush()
+    flows = engine.drain()
+    assert (engine.decoded, len(flows)) == (1, 1)
+    assert flows[["proto", "port_a", "port_b"]].to_numpy().tolist() == [[17, 8080, 53]]
+    fresh = Engine(source=queue.Queue())
+    fresh.start()
+    fresh.stop()
+    assert (fresh.frames, fresh.flows_finished) == (0, 0)

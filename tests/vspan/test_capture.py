@@ -1,4 +1,4 @@
-"""The compiled-kernel cache is keyed by all package sources, not one file per kernel."""
+"""The compiled-kernel cache is keyed by all modules with kernels, not one file per kernel."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 import numba
 
 from vspan import _capture
+
+KERNEL = "@kernel\ndef f(): pass\n"
 
 
 def tree(root: Path, files: dict[str, str]) -> Path:
@@ -18,15 +20,22 @@ def tree(root: Path, files: dict[str, str]) -> Path:
 
 
 def test_an_edit_in_any_module_changes_the_digest(tmp_path: Path) -> None:
-    pkg = tree(tmp_path / "pkg", {"a.py": "x = 1\n", "sub/b.py": "y = 2\n"})
+    pkg = tree(tmp_path / "pkg", {"a.py": KERNEL + "x = 1\n", "sub/b.py": KERNEL + "y = 2\n"})
     before = _capture._source_digest(pkg)
     assert _capture._source_digest(pkg) == before  # deterministic
-    (pkg / "sub" / "b.py").write_text("y = 3\n")  # a module the kernel only calls into
+    (pkg / "sub" / "b.py").write_text(KERNEL + "y = 3\n")  # a module the kernel calls into
     assert _capture._source_digest(pkg) != before
 
 
+def test_modules_without_kernels_do_not_change_the_digest(tmp_path: Path) -> None:
+    pkg = tree(tmp_path / "pkg", {"a.py": KERNEL + "x = 1\n", "api.py": "y = 2\n"})
+    before = _capture._source_digest(pkg)
+    (pkg / "api.py").write_text("y = 3\n")
+    assert _capture._source_digest(pkg) == before
+
+
 def test_bytecode_and_cache_files_do_not_change_the_digest(tmp_path: Path) -> None:
-    pkg = tree(tmp_path / "pkg", {"a.py": "x = 1\n"})
+    pkg = tree(tmp_path / "pkg", {"a.py": KERNEL + "x = 1\n"})
     before = _capture._source_digest(pkg)
     tree(pkg, {"__pycache__/a.cpython-311.pyc": "junk", "__pycache__/a.f-1.py311.nbi": "junk"})
     tree(pkg, {"notes.txt": "not source"})
