@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -100,24 +101,53 @@ def _swap(
     return np.where(rev, b, a), np.where(rev, a, b)
 
 
-def _ip_strings(hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64]) -> list[str | None]:
+Objects = npt.NDArray[np.object_]
+
+
+def _factorize(*columns: npt.NDArray[Any]) -> tuple[npt.NDArray[np.intp], list[tuple[int, ...]]]:
+    """Codes per row and the distinct value tuples of one or more integer columns (hash-based:
+    records are formatted once per distinct value, not once per row)."""
+    codes = np.zeros(len(columns[0]), dtype=np.int64)
+    levels: list[npt.NDArray[Any]] = []
+    for column in columns:  # mixed-radix codes of the columns' own codes
+        col_codes, uniq = pd.factorize(column)
+        levels.append(np.asarray(uniq))
+        codes = codes * len(uniq) + col_codes
+    codes, combined = pd.factorize(codes)
+    parts = []
+    rest = np.asarray(combined, dtype=np.int64)
+    for level in reversed(levels):
+        parts.append(level[rest % len(level)] if len(level) else rest)
+        rest = rest // max(len(level), 1)
+    rows = zip(*(p.tolist() for p in reversed(parts)), strict=True)
+    return codes, [tuple(int(x) for x in row) for row in rows]
+
+
+def _spread(codes: npt.NDArray[np.intp], values: list[Any]) -> Objects:
+    """``values[code]`` per row, as an object array (one shared object per distinct value)."""
+    table = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        table[i] = value
+    out: Objects = table[codes]
+    return out
+
+
+def _ip_strings(hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64]) -> Objects:
     """Text of each address; IPv4-mapped addresses print as IPv4; 0 (non-IP) as None."""
-    pairs = np.stack([hi, lo], axis=1)
-    uniq, inverse = np.unique(pairs, axis=0, return_inverse=True)
+    codes, uniq = _factorize(hi, lo)
     text: list[str | None] = []
-    for h, low in uniq.tolist():
+    for h, low in uniq:
         if h == 0 and low == 0:
             text.append(None)
             continue
-        addr = ipaddress.IPv6Address((int(h) << 64) | int(low))
+        addr = ipaddress.IPv6Address((h << 64) | low)
         text.append(str(addr.ipv4_mapped) if addr.ipv4_mapped is not None else str(addr))
-    return [text[i] for i in inverse.ravel().tolist()]
+    return _spread(codes, text)
 
 
-def _names(values: npt.NDArray[np.int64], table: Mapping[int, str | None]) -> list[str | None]:
-    uniq, inverse = np.unique(values, return_inverse=True)
-    mapped = [table.get(int(v)) for v in uniq.tolist()]
-    return [mapped[i] for i in inverse.ravel().tolist()]
+def _names(values: npt.NDArray[np.int64], table: Mapping[int, str | None]) -> Objects:
+    codes, uniq = _factorize(values)
+    return _spread(codes, [table.get(v) for (v,) in uniq])
 
 
 def _nullable(values: npt.ArrayLike, valid: npt.NDArray[np.bool_]) -> pd.Series:
@@ -157,7 +187,7 @@ def flow_records(
         "external",
     )
 
-    def vm_names(ep: npt.NDArray[np.uint64], kind: npt.NDArray[np.uint64]) -> list[str | None]:
+    def vm_names(ep: npt.NDArray[np.uint64], kind: npt.NDArray[np.uint64]) -> Objects:
         index = np.full(n, -1, dtype=np.int64)
         is_nic = kind == KIND_NIC
         if vm_of_nic is not None and is_nic.any():
@@ -167,7 +197,7 @@ def flow_records(
             names.update({i: v.name for i, v in enumerate(inventory.vms)})
         return _names(index, names)
 
-    def macs(ep: npt.NDArray[np.uint64], kind: npt.NDArray[np.uint64]) -> list[str | None]:
+    def macs(ep: npt.NDArray[np.uint64], kind: npt.NDArray[np.uint64]) -> Objects:
         value = np.where(kind == KIND_MAC, ep, np.uint64(1) << np.uint64(48)).astype(np.int64)
         table: dict[int, str | None] = {int(v): format_mac(int(v)) for v in np.unique(value)}
         table[1 << 48] = None
@@ -189,14 +219,14 @@ def flow_records(
     is_ip = col["ethertype"] != 0
     is_ip &= (col["ip_a_hi"] != 0) | (col["ip_a_lo"] != 0) | (col["ip_b_lo"] != 0)
     other = col["observer_other"]
-    observed = [
+    pair_codes, pairs = _factorize(observer, other)
+    observed = _spread(
+        pair_codes,
         [
-            name
-            for name in (host_table.get(int(a)), host_table.get(int(b)) if b >= 0 else None)
-            if name is not None
-        ]
-        for a, b in zip(observer.tolist(), other.tolist(), strict=True)
-    ]
+            [n for n in (host_table.get(a), host_table.get(b) if b >= 0 else None) if n is not None]
+            for a, b in pairs
+        ],
+    )
     first_ns, last_ns = col["start_ns"], col["last_ns"]
     out = pd.DataFrame(
         {
