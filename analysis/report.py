@@ -194,12 +194,11 @@ def analyze_captures(
     frames = 0
     for reader in readers:
 
-        def decoded(reader: CaptureReader = reader) -> Iterator[Decoded]:
-            for batch in reader:
-                yield _with_host(decode_batch(batch), _assign_hosts(batch, hosts, default_host))
-
-        # Reading and decoding run in a second thread, flows in this one.
-        for dec in prefetch(decoded()):
+        # Reading (walking the records, faulting the file's pages in) runs in a second
+        # thread; decoding (compiled, without the GIL) and flows in this one, which
+        # balances the two on two cores.
+        for batch in prefetch(iter(reader)):
+            dec = _with_host(decode_batch(batch), _assign_hosts(batch, hosts, default_host))
             ok = usable(dec)
             summaries.append(frame_summary(dec, ok))
             frames += len(dec)

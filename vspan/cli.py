@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Final
@@ -60,5 +62,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     return status
 
 
+_FAST_EXIT: Final = frozenset({"report"})
+"""Batch commands that hold nothing needing a clean shutdown (files are closed, no service
+threads, no database): the console script leaves them with ``os._exit`` once the output is
+flushed, skipping interpreter teardown — freeing hundreds of MB of arrays took ~0.2 s."""
+
+
+def entry() -> None:  # pragma: no cover - the console script; tests call main()
+    """The ``vspan`` console script: ``main`` with the exit status."""
+    argv = sys.argv[1:]
+    status = main(argv)
+    if argv and argv[0] in _FAST_EXIT:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError):  # a closed pipe: nothing left to say
+                stream.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()
