@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +97,7 @@ class Result:
     status: str
 
 
-def _vspan(ctx: Context) -> list[str] | str:
+def _vspan(ctx: Context, fmt: str = "json") -> list[str] | str:
     exe = Path(sys.executable).with_name("vspan")
     if not exe.exists():
         exe = REPO / ".venv" / "bin" / "vspan"
@@ -114,9 +115,9 @@ def _vspan(ctx: Context) -> list[str] | str:
         "--by",
         "flow",
         "--format",
-        "json",
+        fmt,
         "-o",
-        "/dev/null",
+        str(ctx.tmp / f"vspan.{fmt}"),
         "--no-progress",
     ]
     return cmd + (["--inventory", str(ctx.inventory)] if ctx.inventory else [])
@@ -185,7 +186,13 @@ def _softflowd(ctx: Context) -> list[str] | str:
 
 
 TOOLS = [
-    Tool("vspan", _vspan, note="vspan report --by flow --format json"),
+    Tool("vspan", _vspan, untagged=True, note="vspan report --by flow --format json"),
+    Tool(
+        "vspan-parquet",
+        partial(_vspan, fmt="parquet"),
+        untagged=True,
+        note="same, --format parquet (binary records, as argus -w and nfpcapd -w write)",
+    ),
     Tool("tshark", _tshark, slow=True, note="-z conv,tcp -z conv,udp, all dissectors"),
     Tool("tshark-l2l4", _tshark_l2l4, slow=True, note="same, only " + ",".join(L2_L4[1:])),
     Tool("dpkt", _dpkt, note="plain dpkt loop, 5-tuples in a dict"),
