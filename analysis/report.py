@@ -193,7 +193,6 @@ def analyze_captures(
     done_before = 0
     frames = 0
     for reader in readers:
-
         # Reading (walking the records, faulting the file's pages in) runs in a second
         # thread; decoding (compiled, without the GIL) and flows in this one, which
         # balances the two on two cores.
