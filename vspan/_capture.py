@@ -7,9 +7,11 @@ numba kernels all take their offsets from the same table.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
@@ -64,6 +66,26 @@ def _source_digest(package: Path) -> str:
     return digest.hexdigest()
 
 
+def _cache_bases() -> list[Path]:
+    """Where the kernel cache may live, in order: ``NUMBA_CACHE_DIR``, the user's cache
+    directory (``XDG_CACHE_HOME`` or ``~/.cache``), a per-user temporary directory."""
+    out = [Path(env)] if (env := os.environ.get("NUMBA_CACHE_DIR")) else []
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    with contextlib.suppress(RuntimeError):  # no home directory
+        out.append((Path(xdg) if xdg else Path.home() / ".cache") / "vspan" / "numba")
+    out.append(Path(tempfile.gettempdir()) / f"vspan-numba-{os.getuid()}")
+    return out
+
+
+def _writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
+
+
 def _use_cache_dir() -> None:
     """Cache compiled kernels under a directory named after the package's source digest.
 
@@ -71,16 +93,19 @@ def _use_cache_dir() -> None:
     functions it calls from other modules compiled in (the decoder's stages, the byte
     readers): after an edit of one of those alone, numba would run the old machine code.
     Keyed by the digest of all modules with kernels, an edit of any of them starts a fresh
-    cache; the caches of other digests are removed. ``NUMBA_CACHE_DIR`` moves the whole cache.
+    cache; the caches of other digests are removed. The first writable place of
+    ``_cache_bases`` is used; with none, numba keeps its own default.
     """
-    base = Path(os.environ.get("NUMBA_CACHE_DIR") or Path.home() / ".cache" / "vspan" / "numba")
-    here = base / _source_digest(Path(__file__).resolve().parent)
-    if not here.is_dir():
-        here.mkdir(parents=True, exist_ok=True)
+    digest = _source_digest(Path(__file__).resolve().parent)
+    for base in _cache_bases():
+        here = base / digest
+        if not _writable_dir(here):
+            continue
         for other in base.glob("*"):
             if other != here and other.is_dir() and len(other.name) == len(here.name):
                 shutil.rmtree(other, ignore_errors=True)
-    cast(Any, numba.config).CACHE_DIR = str(here)
+        cast(Any, numba.config).CACHE_DIR = str(here)
+        return
 
 
 _use_cache_dir()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numba
@@ -45,3 +48,23 @@ def test_bytecode_and_cache_files_do_not_change_the_digest(tmp_path: Path) -> No
 def test_kernels_are_cached_under_this_checkouts_digest() -> None:
     here = Path(_capture.__file__).resolve().parent
     assert Path(numba.config.CACHE_DIR).name == _capture._source_digest(here)
+
+
+def test_an_unusable_cache_place_falls_back_to_the_next(tmp_path: Path) -> None:
+    # A path under a regular file cannot be created, even by root.
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    env = {
+        **os.environ,
+        "NUMBA_CACHE_DIR": str(blocked / "numba"),
+        "XDG_CACHE_HOME": str(blocked / "xdg"),
+        "TMPDIR": str(tmp_path / "tmp"),
+    }
+    (tmp_path / "tmp").mkdir()
+    code = "import numba, vspan._capture as c; c.new_records(0); print(numba.config.CACHE_DIR)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    used = Path(out.stdout.strip())
+    assert used.parent == tmp_path / "tmp" / f"vspan-numba-{os.getuid()}"
+    assert any(used.rglob("*.nbi"))  # the kernel was cached there
