@@ -1,4 +1,4 @@
-"""ACL rules of port-profiles: the model, the NX-OS-like one-line grammar, and its inverse.
+"""ACL rules of port-profiles: the NX-OS-like one-line grammar, and its inverse.
 
 A rule is written in absolute terms — the source is the side that opened the flow::
 
@@ -16,16 +16,33 @@ a bare address is a host. Sans-I/O: ``parse_rule`` takes text and returns a ``Ru
 ``format_rule`` is its inverse; the ``parse_*`` field parsers serve the mapping form, which
 ``policy.py`` reads from YAML. Every error is a ``PolicyError`` naming the offending token
 (the loader adds the file, line, profile and rule).
+
+The model (``Rule``, its addresses and port matches) and the keyword tables live in
+``policy_rule.py``; they are re-exported here, so this module is the one import for rules.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Final, TypeVar
 
+from vspan.analysis.policy_rule import (
+    ANY,
+    ICMP_TYPES,
+    PORT_NAMES,
+    PROTOCOLS,
+    Action,
+    Address,
+    AnyAddress,
+    Network,
+    PortMatch,
+    PortOp,
+    Prefix,
+    ProfileRef,
+    Rule,
+    VmRef,
+)
 from vspan.errors import PolicyError
 
 __all__ = [
@@ -51,134 +68,12 @@ __all__ = [
     "parse_rule",
 ]
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
 
-
-class Action(StrEnum):
-    """What a rule (or a profile's default) does with the flows it matches."""
-
-    PERMIT = "permit"
-    DENY = "deny"
-
-
-class PortOp(StrEnum):
-    """Port operators of the NX-OS grammar."""
-
-    EQ = "eq"
-    NEQ = "neq"
-    LT = "lt"
-    GT = "gt"
-    RANGE = "range"
-
-
-@dataclass(frozen=True, slots=True)
-class PortMatch:
-    """One port test."""
-
-    op: PortOp
-    """The operator."""
-    port: int
-    """The port of ``eq``/``neq``/``lt``/``gt``; the low end of a ``range``."""
-    high: int | None = None
-    """The high end of a ``range`` (inclusive); None for the other operators."""
-
-
-@dataclass(frozen=True, slots=True)
-class AnyAddress:
-    """``any``: every endpoint."""
-
-
-@dataclass(frozen=True, slots=True)
-class Prefix:
-    """An IPv4 or IPv6 prefix; a host address is a /32 or /128."""
-
-    network: Network
-    """The prefix, host bits clear."""
-
-
-@dataclass(frozen=True, slots=True)
-class VmRef:
-    """``vm:NAME``: the endpoint is a VM whose name or UUID matches (fnmatch, case-sensitive)."""
-
-    pattern: str
-    """A VM name, a UUID or a pattern like ``web-*``."""
-
-
-@dataclass(frozen=True, slots=True)
-class ProfileRef:
-    """``profile:NAME``: the endpoint is a VM bound to that port-profile."""
-
-    name: str
-    """A profile defined in the same file."""
-
-
-Address = AnyAddress | Prefix | VmRef | ProfileRef
-ANY: Final = AnyAddress()
-
-
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """One ACL entry; every field must match for the rule to match a flow."""
-
-    action: Action
-    """Permit or deny."""
-    protocol: int | None
-    """IP protocol number; None for ``ip`` (every IP flow)."""
-    source: Address = ANY
-    """The flow's initiator (the side that sent its first packet)."""
-    destination: Address = ANY
-    """The flow's responder."""
-    source_ports: tuple[PortMatch, ...] = ()
-    """Tests of the source port, any of which must hold; empty for any port."""
-    ports: tuple[PortMatch, ...] = ()
-    """Tests of the destination port, any of which must hold; empty for any port."""
-    icmp_type: int | None = None
-    """ICMP/ICMPv6 type; None for any."""
-    icmp_code: int | None = None
-    """ICMP/ICMPv6 code; None for any."""
-    sequence: int | None = None
-    """The NX-OS sequence number, when the one-line form has one (order is list order)."""
-    name: str | None = None
-    """Optional name (mapping form), shown beside hit counters."""
-    remark: str | None = None
-    """Optional free text (mapping form)."""
-
-
-PROTOCOLS: Final[dict[str, int | None]] = {
-    "ip": None, "icmp": 1, "igmp": 2, "tcp": 6, "udp": 17, "gre": 47, "esp": 50, "ahp": 51,
-    "icmpv6": 58, "eigrp": 88, "ospf": 89, "pim": 103, "sctp": 132,
-}  # fmt: skip
-"""Protocol keywords (NX-OS names) → numbers."""
 _PROTOCOL_NAMES: Final = {n: k for k, n in PROTOCOLS.items() if n is not None}
 _PORT_PROTOCOLS: Final = frozenset({6, 17, 132})
 _PORT_OPS: Final = frozenset(op.value for op in PortOp)
 _ACTIONS: Final = frozenset(a.value for a in Action)
-
-PORT_NAMES: Final[dict[str, int]] = {
-    "ftp-data": 20, "ftp": 21, "telnet": 23, "smtp": 25, "domain": 53, "bootps": 67,
-    "bootpc": 68, "tftp": 69, "www": 80, "pop3": 110, "ntp": 123, "snmp": 161, "snmptrap": 162,
-    "bgp": 179, "syslog": 514,
-}  # fmt: skip
-"""Named ports accepted after a port operator (a subset of NX-OS's)."""
-
-ICMP_TYPES: Final[dict[int, dict[str, tuple[int, int | None]]]] = {
-    1: {
-        "echo-reply": (0, None), "unreachable": (3, None), "net-unreachable": (3, 0),
-        "host-unreachable": (3, 1), "protocol-unreachable": (3, 2), "port-unreachable": (3, 3),
-        "packet-too-big": (3, 4), "source-quench": (4, None), "redirect": (5, None),
-        "echo": (8, None), "router-advertisement": (9, None), "router-solicitation": (10, None),
-        "time-exceeded": (11, None), "ttl-exceeded": (11, 0), "parameter-problem": (12, None),
-        "timestamp-request": (13, None), "timestamp-reply": (14, None),
-    },
-    58: {
-        "unreachable": (1, None), "packet-too-big": (2, None), "time-exceeded": (3, None),
-        "parameter-problem": (4, None), "echo": (128, None), "echo-reply": (129, None),
-        "router-solicitation": (133, None), "router-advertisement": (134, None),
-        "nd-ns": (135, None), "nd-na": (136, None), "redirect": (137, None),
-    },
-}  # fmt: skip
-"""ICMP (protocol 1) and ICMPv6 (58) type names → (type, code or None for any code)."""
 _ICMP_NAMES: Final = {p: {v: k for k, v in names.items()} for p, names in ICMP_TYPES.items()}
 assert all(len(_ICMP_NAMES[p]) == len(ICMP_TYPES[p]) for p in ICMP_TYPES), "ambiguous names"
 
