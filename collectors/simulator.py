@@ -6,15 +6,14 @@ once, in order, from ``(seed, k)`` alone: maybe a live migration (a VM moves to 
 same MAC and IPs, a new vif there), then new flows and segments of long-lived connections at
 the rates of the traffic model (daily and weekly rhythm of the *simulated* clock, bursts,
 some traffic the example port-profiles deny). Frames are built by the synth generator
-(``synth_packets.plan_frames``, ``synth_frames.build_frames``) and stripped of the VN-Tag, so
-they are what the VM ports show: a packet between two VMs once on the sender's port
-(``from_vm``) and once on the receiver's, on one host or two; a packet to or from the
-outside on its VM's port only.
+(``synth_packets.plan_frames``, ``synth_frames.build_frames``; see ``simulator_window``) and
+stripped of the VN-Tag, so they are what the VM ports show: a packet between two VMs once on
+the sender's port (``from_vm``) and once on the receiver's, on one host or two; a packet to
+or from the outside on its VM's port only.
 
-``SimulatedHostSource`` is a ``CaptureSource`` and ``PortDirectory`` for one host: ``poll``
-hands out window ``k`` once ``k + 1`` ticks of the ``now`` clock have passed since the first
-poll of any host; ``ports`` are the host's VM ports as of the last window it handed out.
-The content never depends on the clock; the clock only paces it.
+``SimulatedDatacenter.source`` gives one host's ``SimulatedHostSource``
+(``simulator_source``), a ``CaptureSource`` and ``PortDirectory`` paced by a clock; the
+content never depends on the clock.
 """
 
 from __future__ import annotations
@@ -30,20 +29,15 @@ from typing import TYPE_CHECKING, Final
 import numpy as np
 import numpy.typing as npt
 
-from vspan.batch import FrameBatch, LinkType
-from vspan.collectors.model import CaptureCounters, Port, PortBatch
-from vspan.collectors.simulator_model import (
-    POOL_SHARE,
-    SERVICES,
-    TIERS,
-    SimVms,
+from vspan.collectors.model import Port
+from vspan.collectors.simulator_model import POOL_SHARE, SERVICES, TIERS, SimVms, make_vms, rhythm
+from vspan.collectors.simulator_source import SimulatedHostSource
+from vspan.collectors.simulator_window import (
     WindowFrames,
     make_pools,
-    make_vms,
     plan_new_flows,
     pool_packets,
     port_frames,
-    rhythm,
 )
 from vspan.errors import ConfigError
 from vspan.inventory import Host, Inventory, Nic, Vm
@@ -334,74 +328,3 @@ class SimulatedDatacenter:
             "scope": scope, "packets": df["packets"].astype(np.int64),
             "bytes": df["bytes"].astype(np.int64),
         })  # fmt: skip
-
-
-class SimulatedHostSource:
-    """One simulated host's VM ports: a ``CaptureSource`` and a ``PortDirectory``."""
-
-    def __init__(
-        self,
-        datacenter: SimulatedDatacenter,
-        host: int,
-        *,
-        now: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self.datacenter = datacenter
-        self.host = host
-        self.name = datacenter.host_names[host]
-        self.collector_id = host + 1
-        self.now = now
-        self.sleep = sleep
-        self.counters = CaptureCounters()
-        self.next_window = 0
-        """The next window ``poll`` hands out."""
-        self._started = False
-
-    def ports(self) -> list[Port]:
-        """This host's VM ports as of the last window handed out."""
-        return self.datacenter.ports(self.host, max(self.next_window - 1, 0))
-
-    def start(self) -> None:
-        """Hold the windows this host has not taken yet (a late start skips those dropped)."""
-        self._started = True
-        self.next_window = self.datacenter._hold(self.host, self.next_window)
-
-    def stop(self) -> None:
-        """Stop holding windows; idempotent."""
-        self._started = False
-        self.datacenter._hold(self.host, None)
-
-    def poll(self, timeout_s: float) -> PortBatch | None:
-        """The next window once its end is due, sleeping up to ``timeout_s`` for it."""
-        if not self._started:
-            raise RuntimeError("SimulatedHostSource.poll before start()")
-        tick = self.datacenter.config.tick_s
-        now = self.now()
-        start = self.datacenter._start_clock(now)
-        wait = start + (self.next_window + 1) * tick - now
-        if wait > 0:
-            self.sleep(min(wait, max(timeout_s, 0.0)))
-            if wait > timeout_s:
-                return None
-        k = self.next_window
-        self.next_window += 1
-        win, rows = self.datacenter._take(self.host, k)
-        if rows.start == rows.stop:
-            return None
-        f = win.frames
-        frames = FrameBatch(
-            data=f.data, offset=f.offset[rows], caplen=f.caplen[rows], origlen=f.origlen[rows],
-            ts_ns=f.ts_ns[rows], linktype=np.full(rows.stop - rows.start, LinkType.ETHERNET,
-                                                  dtype=np.uint16),
-        )  # fmt: skip
-        vif = win.vif[rows]
-        c = self.counters
-        c.frames += len(frames)
-        c.bytes += int(frames.caplen.sum(dtype=np.int64))
-        names = {p.vif: p.name for p in self.ports()}
-        seen, count = np.unique(vif, return_counts=True)
-        for v, n in zip(seen.tolist(), count.tolist(), strict=True):
-            name = names.get(v, f"vif{v}")
-            c.per_port[name] = c.per_port.get(name, 0) + n
-        return PortBatch(frames, vif, win.from_vm[rows])
