@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import numpy as np
 import pandas as pd
@@ -353,3 +354,22 @@ def test_many_flows_with_expiry_and_eviction_match_the_model(
         )
     )
     assert got == model_with_evictions(batches, evicts, idle, active)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 5)), min_size=1, max_size=120),
+    st.randoms(use_true_random=False),
+)
+def test_frames_out_of_order_within_a_batch_give_the_same_flows(
+    pkts: list[tuple[int, int]], rng: random.Random
+) -> None:
+    # Collectors' messages interleave in a chunk: a batch is not in time order.
+    rng.shuffle(pkts)
+    ts = [t * S for t, _ in pkts]
+    key = [k for _, k in pkts]
+    dec = decoded(len(pkts), ts_ns=ts, src_ip="10.0.0.1", dst_ip="10.0.0.2", ip_proto=17,
+                  src_port=key, dst_port=9)  # fmt: skip
+    flows = run(FlowTable(FlowConfig(idle_timeout_s=60, active_timeout_s=300)), dec)
+    got = sorted(zip(flows["port_a"], flows["start_ns"], flows["packets"], strict=True))
+    assert [tuple(int(x) for x in g) for g in got] == reference(ts, key, 60 * S, 300 * S)
