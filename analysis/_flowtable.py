@@ -10,9 +10,9 @@ shifts the probe chain back, so the table never needs tombstones or a rebuild.
 ``run_frames`` walks a batch in time order and applies the per-packet rule to each frame:
 a frame continues its key's open flow unless the gap since the flow's last frame exceeds
 the idle timeout or the flow has lasted the active timeout, in which case the open flow is
-finished (copied to the ``fin_*`` arrays) and the frame starts a new one in the same row.
-Kernels stop early and say why when an output is full (``Need``); the caller grows it and
-calls again from where they stopped.
+finished (copied to the finished rows) and the frame starts a new one in the same row.
+``run_frames`` stops early and says why when an output is full (``Need``); the caller grows
+it and calls again from where it stopped.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ _ICMP, _ICMPV6 = 1, 58
 
 
 class Need(IntEnum):
-    """Why ``run_frames``/``remove_rows`` returned."""
+    """Why ``run_frames`` returned."""
 
     DONE = 0
     ROWS = 1
