@@ -51,11 +51,14 @@ _BYTE_ORDER_MAGIC: Final = 0x1A2B3C4D
 
 
 @kernel
-def _pack(data: U8, frames: I64, heads: U8, tails: U8, align: int) -> U8:
-    """Per row: its head, its frame (offset, length) padded with zeros to ``align``, its tail."""
+def _pack(data: U8, frames: I64, records: tuple[U8, U8, U8, I64], align: int) -> U8:
+    """Per row ``i``: ``heads[i]``, its frame (``frames[i]``: offset, length) padded with zeros
+    to ``align``, its options ``blob[opts[i, 0]:][:opts[i, 1]]``, then ``tails[i]``."""
+    heads, tails, blob, opts = records
     offset, caplen = frames[:, 0], frames[:, 1]
     padded = (caplen + align - 1) // align * align
-    out = np.empty(padded.sum() + caplen.shape[0] * (heads.shape[1] + tails.shape[1]), np.uint8)
+    size = padded.sum() + opts[:, 1].sum() + caplen.shape[0] * (heads.shape[1] + tails.shape[1])
+    out = np.empty(size, np.uint8)
     q = 0
     for i in range(caplen.shape[0]):
         out[q : q + heads.shape[1]] = heads[i]
@@ -64,9 +67,32 @@ def _pack(data: U8, frames: I64, heads: U8, tails: U8, align: int) -> U8:
         out[q : q + c] = data[o : o + c]
         out[q + c : q + padded[i]] = 0
         q += padded[i]
+        k, n = opts[i, 0], opts[i, 1]
+        out[q : q + n] = blob[k : k + n]
+        q += n
         out[q : q + tails.shape[1]] = tails[i]
         q += tails.shape[1]
     return out
+
+
+def _no_options(n: int) -> tuple[U8, I64]:
+    return np.zeros(0, np.uint8), np.zeros((n, 2), np.int64)
+
+
+def _comment_options(comments: Sequence[str | None]) -> tuple[U8, I64]:
+    """The EPB options of each row's comment (none for None), each distinct one encoded once:
+    a blob and per row its (offset, length) in it."""
+    index: dict[str | None, int] = {}
+    codes = np.fromiter(
+        (index.setdefault(c, len(index)) for c in comments), np.int64, len(comments)
+    )
+    encoded = [
+        b"" if c is None else _option(Option.COMMENT, c.encode()) + _END_OF_OPTIONS for c in index
+    ]
+    lengths = np.array([len(e) for e in encoded], np.int64)
+    starts = np.cumsum(lengths) - lengths
+    blob = np.frombuffer(b"".join(encoded), np.uint8)
+    return blob, np.stack([starts[codes], lengths[codes]], axis=1)
 
 
 def _rows(batch: FrameBatch, index: npt.NDArray[Any] | None) -> I64:
@@ -162,7 +188,8 @@ class PcapWriter(_Writer):
         head_bytes = heads.view(np.uint8).reshape(len(rows), _PCAP_RECORD.itemsize)
         no_tail = np.zeros((len(rows), 0), np.uint8)
         frames = np.stack([offset, caplen], axis=1)
-        self._out.write(_pack(batch.data, frames, head_bytes, no_tail, 1).data)
+        records = (head_bytes, no_tail, *_no_options(len(rows)))
+        self._out.write(_pack(batch.data, frames, records, 1).data)
 
 
 def _option(code: int, value: bytes) -> bytes:
@@ -239,25 +266,22 @@ class PcapngWriter(_Writer):
             )
         if (ts_ns < 0).any():
             raise ValueError("batch has a timestamp before 1970")
-        if comments is not None:
-            if len(comments) != len(rows):
-                raise ValueError(f"{len(comments)} comments for {len(rows)} frames")
-            for k, row in enumerate(rows):
-                frame, ts, orig = batch.frame(int(row)), int(ts_ns[k]), int(origlen[k])
-                self.write(frame, ts_ns=ts, iface=int(ifaces[k]), origlen=orig, comment=comments[k])
-            return
+        if comments is not None and len(comments) != len(rows):
+            raise ValueError(f"{len(comments)} comments for {len(rows)} frames")
+        blob, opts = _no_options(len(rows)) if comments is None else _comment_options(comments)
         snaplen = np.asarray(self._snaplen, np.int64)[ifaces]
         caplen = np.where(snaplen > 0, np.minimum(caplen, snaplen), caplen)
         heads = np.empty(len(rows), _EPB)
         heads["type"] = BlockType.EPB
-        heads["total_length"] = total = _EPB.itemsize + (caplen + 3) // 4 * 4 + BLOCK_TRAILER_LEN
+        total = _EPB.itemsize + (caplen + 3) // 4 * 4 + opts[:, 1] + BLOCK_TRAILER_LEN
+        heads["total_length"] = total
         heads["interface_id"] = ifaces
         heads["ts_high"], heads["ts_low"] = ts_ns >> 32, ts_ns & 0xFFFFFFFF
         heads["captured_len"], heads["original_len"] = caplen, origlen
         head_bytes = heads.view(np.uint8).reshape(len(rows), _EPB.itemsize)
         tails = total.astype("<u4").view(np.uint8).reshape(len(rows), BLOCK_TRAILER_LEN)
         frames = np.stack([offset, caplen], axis=1)
-        self._out.write(_pack(batch.data, frames, head_bytes, tails, 4).data)
+        self._out.write(_pack(batch.data, frames, (head_bytes, tails, blob, opts), 4).data)
 
 
 @overload

@@ -7,6 +7,7 @@ import io
 import shutil
 import struct
 import subprocess
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -143,14 +144,22 @@ def two_interfaces(out: io.BytesIO) -> PcapngWriter:
     return writer
 
 
+COMMENTS = {
+    "none": None,
+    "distinct": lambda i: f"frame {i}" if i % 2 else None,
+    # Few distinct comments (VM and verdict), encoded once each; lengths 1..4 mod 4, UTF-8.
+    "shared": lambda i: ["vm=db-ü verdict=deny", "a", None, "vm=web permit"][i % 4],
+}
+
+
 @pytest.mark.parametrize("index", INDEXES.values(), ids=INDEXES.keys())
-@pytest.mark.parametrize("with_comments", [False, True])
+@pytest.mark.parametrize("comment", COMMENTS.values(), ids=COMMENTS.keys())
 def test_pcapng_write_batch_is_write_repeated(
-    index: np.ndarray | None, with_comments: bool
+    index: np.ndarray | None, comment: Callable[[int], str | None] | None
 ) -> None:
     batch, iface = sample(), np.array([1, 0, 1, 1, 0])
     rows = np.arange(len(batch)) if index is None else np.arange(len(batch))[index]
-    comments = [f"frame {i}" if i % 2 else None for i in rows] if with_comments else None
+    comments = [comment(int(i)) for i in rows] if comment else None
     one, many = io.BytesIO(), io.BytesIO()
     writer = two_interfaces(one)
     for k, i in enumerate(rows):
