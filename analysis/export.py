@@ -49,7 +49,8 @@ from .export_select import (
     resolve,
     select,
 )
-from .ring_index import Interface, epb_comments, load_index
+from .ring_comments import epb_comments
+from .ring_index import Interface, load_index
 from .store import Store
 from .store_sql import StoreError
 

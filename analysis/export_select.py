@@ -14,6 +14,7 @@ from typing import Any, Final, TypeGuard
 
 import numpy as np
 import numpy.typing as npt
+import pandas as pd
 
 from vspan.errors import VspanError
 from vspan.inventory import InventoryView
@@ -262,15 +263,14 @@ def comments(
     verdicts: list[str | None],
 ) -> list[str | None]:
     """``"web-01 → db-01"`` plus ``"; verdict: …"`` per frame, each distinct text made once."""
-    table = sorted({v for v in verdicts if v is not None})
-    vcode = np.array(
-        [-1 if v is None else table.index(v) for v in verdicts] if table else [-1] * len(src),
-        np.int64,
-    )
-    combo = np.stack([src, dst, vcode], axis=1)
-    uniq, inverse = np.unique(combo, axis=0, return_inverse=True)
-    text = [
-        f"{names.text[s]} → {names.text[d]}" + (f"; verdict: {table[v]}" if v >= 0 else "")
-        for s, d, v in uniq.tolist()
-    ]
-    return [text[i] for i in inverse.ravel().tolist()]
+    vcode, table = pd.factorize(pd.Series(verdicts, dtype=object))  # None: -1
+    width, kinds = len(names.text), len(table) + 1
+    combo = (src * width + dst) * kinds + (vcode + 1)
+    codes, uniq = pd.factorize(combo)
+    text = np.empty(len(uniq), dtype=object)
+    for k, c in enumerate(np.asarray(uniq).tolist()):
+        pair, v = divmod(c, kinds)
+        s, d = divmod(pair, width)
+        text[k] = f"{names.text[s]} → {names.text[d]}" + (f"; verdict: {table[v - 1]}" if v else "")
+    out: list[str | None] = text[codes].tolist()
+    return out

@@ -29,7 +29,6 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from vspan.batch import FrameBatch
 from vspan.errors import CaptureFileError
 from vspan.inventory import InventoryView, format_mac
 from vspan.pcapfile import CaptureReader
@@ -42,7 +41,6 @@ __all__ = [
     "Interface",
     "SegmentInfo",
     "SegmentQuery",
-    "epb_comments",
     "frame_vifs",
     "host_name",
     "ip_key",
@@ -321,38 +319,4 @@ def load_index(directory: Path) -> list[SegmentInfo]:
     for segment in segment_files(directory):
         info = read_sidecar(segment)
         out.append(info if info is not None else SegmentInfo(segment.name))
-    return out
-
-
-_EPB_HEAD: Final = 28
-"""Enhanced Packet Block bytes before the packet data (type, length, interface, ts, lens)."""
-
-
-def epb_comments(batch: FrameBatch) -> list[str | None]:
-    """The ``opt_comment`` of each frame of a batch read from a little-endian pcapng file
-    (``CaptureReader`` keeps the file's bytes around each frame). Only frames whose block
-    has options are parsed one by one; a frame that is not in an EPB has None."""
-    n = len(batch)
-    out: list[str | None] = [None] * n
-    data, offset = batch.data, batch.offset.astype(np.int64)
-    ok = offset >= _EPB_HEAD
-    start = np.where(ok, offset - _EPB_HEAD, 0)
-    words = np.stack([start, start + 4], axis=1)[:, :, None] + np.arange(4)
-    raw = data[np.minimum(words, len(data) - 1)].astype(np.uint32)
-    value = raw[:, :, 0] | raw[:, :, 1] << 8 | raw[:, :, 2] << 16 | raw[:, :, 3] << 24
-    btype, total = value[:, 0], value[:, 1].astype(np.int64)
-    opt_start = offset + (batch.caplen.astype(np.int64) + 3) // 4 * 4
-    opt_end = start + total - 4
-    has = ok & (btype == 6) & (opt_end > opt_start) & (opt_end <= len(data))
-    for i in np.flatnonzero(has).tolist():
-        p, end = int(opt_start[i]), int(opt_end[i])
-        while p + 4 <= end:
-            code = int(data[p]) | int(data[p + 1]) << 8
-            length = int(data[p + 2]) | int(data[p + 3]) << 8
-            if code == 0 or p + 4 + length > end:
-                break
-            if code == 1:
-                out[i] = data[p + 4 : p + 4 + length].tobytes().decode("utf-8", "replace")
-                break
-            p += 4 + (length + 3) // 4 * 4
     return out

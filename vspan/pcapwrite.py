@@ -82,10 +82,8 @@ def _no_options(n: int) -> tuple[U8, I64]:
 def _comment_options(comments: Sequence[str | None]) -> tuple[U8, I64]:
     """The EPB options of each row's comment (none for None), each distinct one encoded once:
     a blob and per row its (offset, length) in it."""
-    index: dict[str | None, int] = {}
-    codes = np.fromiter(
-        (index.setdefault(c, len(index)) for c in comments), np.int64, len(comments)
-    )
+    index = {c: k for k, c in enumerate(dict.fromkeys(comments))}
+    codes = np.fromiter(map(index.__getitem__, comments), np.int64, len(comments))
     encoded = [
         b"" if c is None else _option(Option.COMMENT, c.encode()) + _END_OF_OPTIONS for c in index
     ]
