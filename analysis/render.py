@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import io
 import sys
-from typing import IO, Final
+from collections.abc import Callable
+from typing import IO, Any, Final
 
 import numpy as np
 import pandas as pd
@@ -53,33 +54,59 @@ def _iso_times(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+_COUNTS: Final = frozenset({
+    "packets", "bytes", "packets_rev", "bytes_rev", "flows", "packets_sent", "bytes_sent",
+    "packets_received", "bytes_received", "frames",
+})  # fmt: skip
+"""Columns shown with thousands separators."""
+
+
+def _per_distinct(values: pd.Series, text: Callable[[Any], str]) -> pd.Series:
+    """``text`` of each value, called once per distinct value."""
+    codes, uniq = pd.factorize(values, use_na_sentinel=False)
+    table = np.array([text(v) for v in uniq], dtype=object)
+    return pd.Series(table[codes], index=values.index, dtype=object)
+
+
+def _float_text(v: float) -> str:
+    """A float as a table shows it: up to 6 decimals, trailing zeros dropped, one kept."""
+    t = f"{v: .6f}".rstrip("0")  # a space where the sign of a negative goes
+    return t + "0" if t.endswith(".") else t
+
+
+def _cells(values: list[Any]) -> list[str]:
+    if any(type(v) is float for v in values):
+        return [_float_text(v) if type(v) is float else str(v) for v in values]
+    return list(map(str, values))
+
+
+def _fixed_width(frame: pd.DataFrame) -> str:
+    """Each column right-justified to its widest cell or header, one space between (the
+    layout of pandas' ``to_string(index=False)``, built directly: that took ~1 s for 20,000
+    flows)."""
+    columns = []
+    for name in frame.columns:
+        cells = [str(name), *_cells(frame[name].tolist())]
+        width = max(map(len, cells))
+        columns.append([c.rjust(width) for c in cells])
+    return "\n".join(map(" ".join, zip(*columns, strict=True)))
+
+
 def _table(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "(no rows)\n"
     shown = frame[[c for c in frame.columns if c not in _TABLE_HIDE]].copy()
     for col in ("tcp_flags", "tcp_flags_rev"):
         if col in shown:
-            shown[col] = shown[col].map(tcp_flag_letters, na_action=None)
+            shown[col] = _per_distinct(shown[col], tcp_flag_letters)
     if "last" in shown:
         shown["last"] = shown["last"].dt.strftime("%H:%M:%S.%f").str[:-3]
     shown = shown.astype(object).where(shown.notna(), "-")
-    for col in shown.columns:
-        if col in (
-            "packets",
-            "bytes",
-            "packets_rev",
-            "bytes_rev",
-            "flows",
-            "packets_sent",
-            "bytes_sent",
-            "packets_received",
-            "bytes_received",
-            "frames",
-        ):
-            shown[col] = shown[col].map(
-                lambda v: f"{v:,}" if isinstance(v, int | np.integer) else v
-            )
-    return shown.to_string(index=False) + "\n"
+    for col in _COUNTS.intersection(shown.columns):
+        shown[col] = _per_distinct(
+            shown[col], lambda v: f"{v:,}" if isinstance(v, int | np.integer) else v
+        )
+    return _fixed_width(shown) + "\n"
 
 
 def render(frame: pd.DataFrame, fmt: str, out: IO[bytes] | None = None) -> None:
