@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
@@ -232,13 +233,19 @@ def upsert_sql(spec: Table, given: list[str], sums: tuple[str, ...], latest: str
 
 
 def select_sql(
-    spec: Table, where: Where, order: str, limit: int | None
+    spec: Table, where: Where, order: str, limit: int | None, columns: Sequence[str] | None = None
 ) -> tuple[str, list[object]]:
-    """``SELECT *`` of a table with conditions, ``order`` (``-column``: descending), limit."""
+    """``SELECT`` of a table's ``columns`` (all by default) with conditions, ``order``
+    (``-column``: descending) and a limit."""
     name = order.removeprefix("-")
+    known = ", ".join(spec.names)
     if name not in spec.names:
-        raise StoreError(f"cannot order {spec.name} by {name!r}; columns: {', '.join(spec.names)}")
-    sql = f"SELECT * FROM {quote(spec.name)}{where.sql()} ORDER BY {quote(name)}"
+        raise StoreError(f"cannot order {spec.name} by {name!r}; columns: {known}")
+    for wanted in columns or ():
+        if wanted not in spec.names:
+            raise StoreError(f"table {spec.name} has no column {wanted!r}; columns: {known}")
+    picked = "*" if columns is None else ", ".join(quote(c) for c in columns)
+    sql = f"SELECT {picked} FROM {quote(spec.name)}{where.sql()} ORDER BY {quote(name)}"
     sql += " DESC" if order.startswith("-") else ""
     if limit is None:
         return sql, where.params

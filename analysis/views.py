@@ -66,8 +66,7 @@ def _flows(
     store: Store, since: int | None, until: int | None, vm: str | None = None
 ) -> pd.DataFrame:
     """The flows of the window with their totals (``total_bytes``, ``total_packets``)."""
-    rows = store.query_flows(vm=vm, since=since, until=until, limit=None)
-    rows = rows.loc[:, list(_FLOW_COLUMNS)]
+    rows = store.query_flows(vm=vm, since=since, until=until, limit=None, columns=_FLOW_COLUMNS)
     for side in ("src", "dst"):
         rows[f"{side}_vm"] = rows[f"{side}_vm"].astype(object).fillna(EXTERNAL)
         rows[f"{side}_host"] = rows[f"{side}_host"].astype(object).fillna(EXTERNAL)

@@ -129,6 +129,19 @@ def test_values_round_trip(dc: tuple[SynthCapture, pd.DataFrame], store: Store) 
     assert got["flow_uid"].notna().all()
 
 
+def test_a_query_reads_only_the_columns_asked_for(
+    dc: tuple[SynthCapture, pd.DataFrame], store: Store
+) -> None:
+    store.append_flows(dc[1])
+    wanted = ["bytes", "src_vm", "observed_at", "flow_id"]
+    some = store.query_flows(limit=None, order="flow_id", columns=wanted)
+    every = store.query_flows(limit=None, order="flow_id")
+    assert list(some.columns) == wanted
+    pd.testing.assert_frame_equal(some, every[wanted])
+    with pytest.raises(StoreError, match="table flows has no column 'colour'"):
+        store.query_flows(columns=["bytes", "colour"])
+
+
 def test_queries_take_values_as_parameters(
     dc: tuple[SynthCapture, pd.DataFrame], store: Store
 ) -> None:
