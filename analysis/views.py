@@ -2,9 +2,10 @@
 traffic matrix.
 
 Every function takes the ``Store`` and/or an ``InventoryView`` and the filters as the API
-gets them, and returns plain rows (lists of dicts of JSON values) computed with pandas
-``groupby`` over the flow records of ``[since, until)`` — a flow counts in full where it
-overlaps the window. A flow's traffic is both directions: ``bytes + bytes_rev`` and
+gets them, and returns plain rows (lists of dicts of JSON values). The store sums the flow
+records of ``[since, until)`` per (VMs, hosts, scope) in SQL — a flow counts in full where
+it overlaps the window — so a view reads a few thousand rows however many flows are
+stored; pandas shapes those. A flow's traffic is both directions: ``bytes + bytes_rev`` and
 ``packets + packets_rev``. ``intra`` is the traffic of ``intra-host`` flows, ``cross`` of
 ``cross-host`` flows; ``external`` flows have one side outside the inventory, shown as
 ``EXTERNAL``.
@@ -23,6 +24,7 @@ from vspan.inventory import InventoryView, Vm, format_mac
 
 from .queries import json_rows, parse_time
 from .store import Store
+from .store_sql import flows_where
 
 __all__ = [
     "EXTERNAL",
@@ -41,10 +43,9 @@ EXTERNAL: Final = "(external)"
 """The name of the side of a flow that is no VM (host) of the inventory."""
 TOP_BY: Final = ("vm", "vm-pair", "host-pair")
 TOP_METRICS: Final = ("bytes", "packets")
-_FLOW_COLUMNS: Final = (
-    "flow_uid", "src_vm", "dst_vm", "src_host", "dst_host", "scope", "packets", "bytes",
-    "packets_rev", "bytes_rev", "first_ns", "last_ns",
-)  # fmt: skip
+_DIMS: Final = ("src_vm", "dst_vm", "src_host", "dst_host", "scope")
+"""What the store groups flows by for the views."""
+_SUMS: Final = ("bytes", "bytes_rev", "packets", "packets_rev")
 
 
 class UnknownVmError(LookupError):
@@ -62,16 +63,29 @@ def window(
     return lo, hi
 
 
-def _flows(
-    store: Store, since: int | None, until: int | None, vm: str | None = None
-) -> pd.DataFrame:
-    """The flows of the window with their totals (``total_bytes``, ``total_packets``)."""
-    rows = store.query_flows(vm=vm, since=since, until=until, limit=None, columns=_FLOW_COLUMNS)
+def _totals(
+    store: Store, since: int | None, until: int | None, *, vm: str | None = None,
+    bin_s: int | None = None,
+) -> pd.DataFrame:  # fmt: skip
+    """The window's flows summed per ``_DIMS`` (and per ``time`` bin: epoch seconds of the
+    bin of each flow's first packet): ``flows`` and the ``_SUMS``, with ``total_bytes`` and
+    ``total_packets`` (both directions); a side outside the inventory is ``EXTERNAL``."""
+    where = flows_where(
+        vm=vm, host=None, scope=None, proto=None, ip=None, port=None, since=since, until=until
+    )
+    dims = [f'"{d}"' for d in _DIMS]
+    if bin_s is not None:
+        dims.append(f'("first_ns" // {int(bin_s) * 10**9}) * {int(bin_s)} AS "time"')
+    sums = [f'CAST(SUM("{c}") AS BIGINT) AS "{c}"' for c in _SUMS]
+    sql = f"SELECT {', '.join(dims)}, COUNT(*) AS flows, {', '.join(sums)} FROM flows"
+    rows = store.query(f"{sql}{where.sql()} GROUP BY ALL", where.params)
     for side in ("src", "dst"):
-        rows[f"{side}_vm"] = rows[f"{side}_vm"].astype(object).fillna(EXTERNAL)
-        rows[f"{side}_host"] = rows[f"{side}_host"].astype(object).fillna(EXTERNAL)
-    rows["total_bytes"] = (rows["bytes"] + rows["bytes_rev"]).astype("int64")
-    rows["total_packets"] = (rows["packets"] + rows["packets_rev"]).astype("int64")
+        for level in ("vm", "host"):
+            rows[f"{side}_{level}"] = rows[f"{side}_{level}"].astype(object).fillna(EXTERNAL)
+    counts = ["flows", *_SUMS]
+    rows[counts] = rows[counts].fillna(0).astype("int64")
+    rows["total_bytes"] = rows["bytes"] + rows["bytes_rev"]
+    rows["total_packets"] = rows["packets"] + rows["packets_rev"]
     return rows
 
 
@@ -87,13 +101,11 @@ def _split(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def _sides(rows: pd.DataFrame, level: str) -> pd.DataFrame:
-    """One row per (flow, side): ``name`` is the VM (``level="vm"``) or host on that side;
-    a flow within one host appears once for that host."""
-    keep = ["flow_uid", "scope", "total_bytes", "total_packets"]
-    src = rows[[*keep, f"src_{level}"]].rename(columns={f"src_{level}": "name"})
-    dst = rows[[*keep, f"dst_{level}"]].rename(columns={f"dst_{level}": "name"})
-    both = pd.concat([src, dst], ignore_index=True)
-    return both.drop_duplicates(["flow_uid", "name"], ignore_index=True)
+    """Each row once per side: ``name`` is the VM (``level="vm"``) or host on that side; a
+    flow within one host (or VM) counts once for it."""
+    src = rows.rename(columns={f"src_{level}": "name"})
+    dst = rows[rows[f"dst_{level}"] != rows[f"src_{level}"]]
+    return pd.concat([src, dst.rename(columns={f"dst_{level}": "name"})], ignore_index=True)
 
 
 def _present(inventory: InventoryView) -> tuple[Vm, ...]:
@@ -106,13 +118,9 @@ def hosts(store: Store, inventory: InventoryView, *, since: int | None = None,
           until: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Every host of the inventory, by name: its VMs (running now), flows and traffic in the window
     (``bytes``/``packets`` of the flows it is on, and their intra-/cross-host split)."""
-    rows = _split(_split(_flows(store, since, until), "bytes"), "packets")
-    sides = _sides(rows, "host").merge(
-        rows[["flow_uid", "intra_bytes", "cross_bytes", "intra_packets", "cross_packets"]],
-        on="flow_uid",
-    )
-    sums = sides.groupby("name").agg(
-        flows=("flow_uid", "size"), bytes=("total_bytes", "sum"),
+    rows = _split(_split(_totals(store, since, until), "bytes"), "packets")
+    sums = _sides(rows, "host").groupby("name").agg(
+        flows=("flows", "sum"), bytes=("total_bytes", "sum"),
         packets=("total_packets", "sum"), intra_bytes=("intra_bytes", "sum"),
         cross_bytes=("cross_bytes", "sum"), intra_packets=("intra_packets", "sum"),
         cross_packets=("cross_packets", "sum"),
@@ -141,9 +149,9 @@ def _vm_row(vm: Vm) -> dict[str, Any]:
 def vms(store: Store, inventory: InventoryView, *, since: int | None = None,
         until: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Every VM running now, by name, with its flows and traffic in the window."""
-    rows = _flows(store, since, until)
+    rows = _totals(store, since, until)
     sums = _sides(rows, "vm").groupby("name").agg(
-        flows=("flow_uid", "size"), bytes=("total_bytes", "sum"), packets=("total_packets", "sum")
+        flows=("flows", "sum"), bytes=("total_bytes", "sum"), packets=("total_packets", "sum")
     )  # fmt: skip
     listed = sorted(_present(inventory), key=lambda v: v.name)
     table = sums.reindex([vm.name for vm in listed], fill_value=0).astype("int64")
@@ -161,17 +169,18 @@ def vm_detail(store: Store, inventory: InventoryView, name_or_uuid: str, *,
     vm = inventory.vm(name_or_uuid) or inventory.vm(_canonical_uuid(name_or_uuid))
     if vm is None:
         raise UnknownVmError(f"no VM named or with UUID {name_or_uuid!r} in the inventory")
-    rows = _split(_flows(store, since, until, vm=vm.uuid), "bytes")
+    rows = _split(_totals(store, since, until, vm=vm.uuid), "bytes")
     is_src = rows["src_vm"] == vm.name
     sent = rows["bytes"].where(is_src, rows["bytes_rev"]).astype("int64")
     received = rows["total_bytes"] - sent
     peers = rows["dst_vm"].where(is_src, rows["src_vm"])
     top = (
-        rows.assign(peer=peers).groupby("peer")["total_bytes"].agg(["sum", "size"])
+        rows.assign(peer=peers).groupby("peer")[["total_bytes", "flows"]].sum()
+        .rename(columns={"total_bytes": "sum", "flows": "size"})
         .sort_values("sum", ascending=False).head(10)
     )  # fmt: skip
     summary = {
-        "flows": len(rows), "bytes": int(rows["total_bytes"].sum()),
+        "flows": int(rows["flows"].sum()), "bytes": int(rows["total_bytes"].sum()),
         "packets": int(rows["total_packets"].sum()), "bytes_sent": int(sent.sum()),
         "bytes_received": int(received.sum()), "intra_bytes": int(rows["intra_bytes"].sum()),
         "cross_bytes": int(rows["cross_bytes"].sum()),
@@ -205,8 +214,8 @@ def top(store: Store, *, by: str = "vm", metric: str = "bytes", since: int | Non
     if metric not in TOP_METRICS:
         raise ConfigError(f"unknown metric {metric!r}; expected one of {list(TOP_METRICS)}",
                           field="metric")  # fmt: skip
-    rows = _flows(store, since, until)
-    agg = {"flows": ("flow_uid", "size"), "bytes": ("total_bytes", "sum"),
+    rows = _totals(store, since, until)
+    agg = {"flows": ("flows", "sum"), "bytes": ("total_bytes", "sum"),
            "packets": ("total_packets", "sum")}  # fmt: skip
     if by == "vm":
         table = _sides(rows, "vm").groupby("name", as_index=False).agg(**agg)
@@ -230,14 +239,12 @@ def matrix(store: Store, *, level: Literal["vm", "host"] = "host", since: int | 
         raise ConfigError(f"unknown level {level!r}; expected 'vm' or 'host'", field="level")
     if bin_s < 1:
         raise ConfigError(f"expected a bin of 1 s or more, got {bin_s}", field="bin")
-    rows = _split(_split(_flows(store, since, until), "bytes"), "packets")
-    step = bin_s * 10**9
-    rows["time"] = (rows["first_ns"].astype("int64") // step) * bin_s
+    rows = _split(_split(_totals(store, since, until, bin_s=bin_s), "bytes"), "packets")
     table = (
         rows.rename(columns={f"src_{level}": "src", f"dst_{level}": "dst"})
         .groupby(["time", "src", "dst"], as_index=False)
         .agg(
-            flows=("flow_uid", "size"), bytes=("total_bytes", "sum"),
+            flows=("flows", "sum"), bytes=("total_bytes", "sum"),
             packets=("total_packets", "sum"), intra_bytes=("intra_bytes", "sum"),
             cross_bytes=("cross_bytes", "sum"), intra_packets=("intra_packets", "sum"),
             cross_packets=("cross_packets", "sum"),
