@@ -26,9 +26,11 @@ import numpy.typing as npt
 from vspan._capture import kernel
 
 __all__ = [
+    "DIRECTIONS",
     "FIRST_REV_BIT",
     "ICMP_TYPE_CODE",
     "KEY_WORDS",
+    "ROLES",
     "STATE",
     "TAGGED_BIT",
     "TIME_SUMS",
@@ -59,11 +61,12 @@ KEY_WORDS: Final = (
     "misc",  # proto << 32 | vlan << 16 | ethertype
 )  # fmt: skip
 """The packed key of a flow."""
+ROLES: Final = ("s", "r", "o")
+"""Copy roles: sender copy (VN-Tag d=0 with svif), receiver copy (d=1), other."""
+DIRECTIONS: Final = ("", "_rev")
+"""Column suffixes of the A → B and B → A directions."""
 ROLE_COUNTERS: Final = tuple(
-    f"{what}{d}_{role}"
-    for role in ("s", "r", "o")
-    for d in ("", "_rev")
-    for what in ("packets", "bytes")
+    f"{what}{d}_{role}" for role in ROLES for d in DIRECTIONS for what in ("packets", "bytes")
 )
 """Packets and bytes per copy role (sender, receiver, other) and direction."""
 STATE: Final = ("hash", "start_ns", "last_ns", "anchor_ns", *ROLE_COUNTERS, "copies", "bits",

@@ -60,18 +60,20 @@ _WARM_FRAME = bytes.fromhex(
 )
 
 
-def warm_up() -> None:
-    """Run one frame through decode, endpoints and a throwaway flow table, so that the
-    compiled kernels are loaded (from numba's cache) before traffic arrives."""
-    data = np.frombuffer(_WARM_FRAME, np.uint8)
-    one = np.ones(1, np.int32) * len(_WARM_FRAME)
-    batch = FrameBatch(
-        data=data, offset=np.zeros(1, np.int64), caplen=one, origlen=one,
-        ts_ns=np.zeros(1, np.int64), linktype=np.full(1, LinkType.ETHERNET, np.uint16),
+def warm_batch() -> FrameBatch:
+    """One UDP frame (``_WARM_FRAME``) as a batch: what ``warm_up`` runs through."""
+    one = np.full(1, len(_WARM_FRAME), np.int32)
+    return FrameBatch(
+        data=np.frombuffer(_WARM_FRAME, np.uint8), offset=np.zeros(1, np.int64), caplen=one,
+        origlen=one, ts_ns=np.zeros(1, np.int64),
+        linktype=np.full(1, LinkType.ETHERNET, np.uint16),
     )  # fmt: skip
-    dec = decode_batch(batch)
-    good = dec.take(np.flatnonzero(usable(dec)))
-    FlowTable().update(good, EndpointResolver().resolve(good))
+
+
+def warm_up() -> None:
+    """Run one frame through a throwaway engine (decode, endpoints, flow table), so that
+    the compiled kernels are loaded (from numba's cache) before traffic arrives."""
+    Engine().process(warm_batch())
 
 
 @dataclass(frozen=True, slots=True)

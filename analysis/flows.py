@@ -39,9 +39,6 @@ __all__ = ["FLOW_COLUMNS", "FlowConfig", "FlowTable"]
 
 NS = 1_000_000_000
 
-_DIRS = ("", "_rev")
-_ROLES = ("s", "r", "o")
-"""Copy roles: sender copy (VN-Tag d=0 with svif), receiver copy (d=1), other."""
 _UNPACKED = ("tcp_flags", "tcp_flags_rev", "first_rev", "tagged")
 _STATE = (
     *KEY_COLUMNS,
@@ -69,14 +66,14 @@ Columns = dict[str, npt.NDArray[np.int64] | npt.NDArray[np.float64]]
 def _add_totals(cols: Columns) -> None:
     """Add the packet and byte totals and the delay (see ``FLOW_COLUMNS``) to ``cols``."""
     for what in ("packets", "bytes"):
-        for d in _DIRS:
-            s, r, o = (cols[f"{what}{d}_{role}"] for role in _ROLES)
+        for d in kt.DIRECTIONS:
+            s, r, o = (cols[f"{what}{d}_{role}"] for role in kt.ROLES)
             cols[f"{what}{d}"] = np.maximum(s, r) + o
     # Mean receiver-copy time minus mean sender-copy time, per direction, weighted by the
     # packets seen at both points (exact when both saw every packet).
     weight = np.zeros(len(cols["hash"]))
     total = np.zeros(len(cols["hash"]))
-    for d in _DIRS:
+    for d in kt.DIRECTIONS:
         ns, nr = cols[f"packets{d}_s"], cols[f"packets{d}_r"]
         both = np.minimum(ns, nr).astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from vspan._capture import kernel
+from vspan._capture import kernel, u16, u32
 from vspan.batch import FrameBatch
 
 __all__ = ["epb_comments"]
@@ -33,14 +33,6 @@ _FNV_PRIME: Final = np.uint64(0x100000001B3)
 
 
 @kernel
-def _le(data: U8, p: int, width: int) -> int:
-    value = 0
-    for k in range(width):
-        value |= int(data[p + k]) << (8 * k)
-    return value
-
-
-@kernel
 def _spans(data: U8, offset: I64, caplen: I64) -> I64:
     """Per frame: (start, length, hash) of its block's comment, or (-1, 0, 0) (little-endian
     pcapng; a frame not in an Enhanced Packet Block has none)."""
@@ -49,14 +41,14 @@ def _spans(data: U8, offset: I64, caplen: I64) -> I64:
     out[:, 0] = -1
     for i in range(n):
         start = offset[i] - _EPB_HEAD
-        if start < 0 or start + 8 > data.size or _le(data, start, 4) != _EPB:
+        if start < 0 or start + 8 > data.size or u32(data, start, False) != _EPB:
             continue
-        end = start + _le(data, start + 4, 4) - 4  # the options end before the trailer
+        end = start + u32(data, start + 4, False) - 4  # the options end before the trailer
         p = offset[i] + (caplen[i] + 3) // 4 * 4
         if end > data.size:
             continue
         while p + 4 <= end:
-            code, length = _le(data, p, 2), _le(data, p + 2, 2)
+            code, length = u16(data, p, False), u16(data, p + 2, False)
             if code == 0 or p + 4 + length > end:
                 break
             if code == _COMMENT:

@@ -17,12 +17,12 @@ import pandas as pd
 import pytest
 
 from vspan.analysis.endpoints import EndpointResolver
-from vspan.analysis.engine import _WARM_FRAME, Engine, EngineConfig
+from vspan.analysis.engine import Engine, EngineConfig, warm_batch
 from vspan.analysis.flows import FlowTable
 from vspan.analysis.receivers import Chunk, ReceiverConfig, UdpReceiver
 from vspan.analysis.records import HostNames, flow_records
 from vspan.analysis.report import analyze_captures
-from vspan.batch import FrameBatch, LinkType
+from vspan.batch import FrameBatch
 from vspan.synth import SynthCapture, generate_small, write_capture
 from vspan.tunnel import encode_message
 from vspan.tunnel_stream import MessageBuilder
@@ -219,11 +219,7 @@ def test_bad_config_is_rejected() -> None:
 
 def test_the_warm_up_frame_decodes_into_a_flow_and_leaves_the_engine_untouched() -> None:
     # warm_up must exercise the whole compiled path: its frame has to be a usable flow.
-    batch = FrameBatch(
-        data=np.frombuffer(_WARM_FRAME, np.uint8), offset=np.zeros(1, np.int64),
-        caplen=np.array([len(_WARM_FRAME)], np.int32), origlen=np.array([len(_WARM_FRAME)], np.int32),
-        ts_ns=np.zeros(1, np.int64), linktype=np.full(1, LinkType.ETHERNET, np.uint16),
-    )  # fmt: skip
+    batch = warm_batch()
     engine = Engine()
     engine.process(batch)
     engine.flush()
