@@ -38,7 +38,12 @@ setup_python() {
     "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
     # A regular (non-editable) install: what users get, and what the tests exercise.
     "$VENV/bin/python" -m pip install -q "$HERE[dev]" 2>&1 | grep -v -E '^(WARNING: Location|$)' || true
-    "$VENV/bin/python" -c "import vspan.analysis.report" 
+    "$VENV/bin/python" -c "import vspan.analysis.report"
+    # The kernels, compiled ahead of time for this machine (once per source version; about
+    # half a minute): vspan then starts without loading numba. Without a C compiler vspan
+    # still runs, numba compiling the kernels instead.
+    command -v cc >/dev/null 2>&1 || apt_install gcc gcc
+    "$VENV/bin/python" -m vspan.aot || true
 }
 
 cmd=${1:-}

@@ -31,9 +31,9 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
-from numba import literal_unroll
 
 from vspan._capture import kernel
+from vspan._kernels import literal_unroll
 from vspan.batch import FrameBatch
 
 from ._decode_common import CHUNK, STATE_ROWS, U8, Frames

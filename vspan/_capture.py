@@ -7,20 +7,14 @@ numba kernels all take their offsets from the same table.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from pathlib import Path
-from typing import Any, Final, TypeVar, cast
+from typing import Final
 
-import numba
 import numpy as np
 import numpy.typing as npt
+
+from vspan._kernels import kernel
 
 __all__ = [
     "MAX_CAPLEN",
@@ -43,77 +37,11 @@ __all__ = [
 U8 = npt.NDArray[np.uint8]
 I64 = npt.NDArray[np.int64]
 Fields = tuple[tuple[str, str], ...]
-_F = TypeVar("_F", bound=Callable[..., Any])
 
 MAX_CAPLEN: Final = 262144
 """Captured lengths above ``max(snaplen, MAX_CAPLEN)`` mark a corrupt record (as libpcap)."""
 
 _STRUCT_CODES: Final = {"u1": "B", "u2": "H", "u4": "I", "i4": "i", "u8": "Q", "i8": "q"}
-
-
-def _source_digest(package: Path) -> str:
-    """A digest of the package's modules with compiled code (those that use ``@kernel``,
-    its subpackages included): what any kernel may have compiled in."""
-    digest = hashlib.blake2b(digest_size=8)
-    for root, dirs, files in os.walk(package, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-        for name in sorted(f for f in files if f.endswith(".py")):
-            path = Path(root, name)
-            text = path.read_bytes()
-            if b"@kernel" in text:
-                digest.update(path.relative_to(package).as_posix().encode())
-                digest.update(text)
-    return digest.hexdigest()
-
-
-def _cache_bases() -> list[Path]:
-    """Where the kernel cache may live, in order: ``NUMBA_CACHE_DIR``, the user's cache
-    directory (``XDG_CACHE_HOME`` or ``~/.cache``), a per-user temporary directory."""
-    out = [Path(env)] if (env := os.environ.get("NUMBA_CACHE_DIR")) else []
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    with contextlib.suppress(RuntimeError):  # no home directory
-        out.append((Path(xdg) if xdg else Path.home() / ".cache") / "vspan" / "numba")
-    out.append(Path(tempfile.gettempdir()) / f"vspan-numba-{os.getuid()}")
-    return out
-
-
-def _writable_dir(path: Path) -> bool:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            return True
-    except OSError:
-        return False
-
-
-def _use_cache_dir() -> None:
-    """Cache compiled kernels under a directory named after the package's source digest.
-
-    numba checks a cached kernel against its own source file only, but a kernel has the
-    functions it calls from other modules compiled in (the decoder's stages, the byte
-    readers): after an edit of one of those alone, numba would run the old machine code.
-    Keyed by the digest of all modules with kernels, an edit of any of them starts a fresh
-    cache; the caches of other digests are removed. The first writable place of
-    ``_cache_bases`` is used; with none, numba keeps its own default.
-    """
-    digest = _source_digest(Path(__file__).resolve().parent)
-    for base in _cache_bases():
-        here = base / digest
-        if not _writable_dir(here):
-            continue
-        for other in base.glob("*"):
-            if other != here and other.is_dir() and len(other.name) == len(here.name):
-                shutil.rmtree(other, ignore_errors=True)
-        cast(Any, numba.config).CACHE_DIR = str(here)
-        return
-
-
-_use_cache_dir()
-
-
-def kernel(fn: _F) -> _F:
-    """``numba.njit(cache=True, nogil=True)``, typed for mypy; cached per source digest."""
-    return cast(_F, numba.njit(cache=True, nogil=True)(fn))
 
 
 def layout(fields: Fields, order: str = "<") -> np.dtype[np.void]:
