@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["IPV4_MAPPED_PREFIX", "Decoded", "Layer", "Status", "TagKind"]
 
@@ -182,6 +184,8 @@ class Decoded:
 
     def to_pandas(self) -> pd.DataFrame:
         """The columns as a DataFrame (no copy where pandas allows)."""
+        import pandas as pd  # not at import: the per-batch path of ``vspan report`` needs none
+
         return pd.DataFrame(self.columns(), copy=False)
 
     def take(self, index: npt.NDArray[Any]) -> Decoded:

@@ -21,8 +21,8 @@ from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
 
+from vspan.analysis._factorize import factorize
 from vspan.analysis.columns import Decoded, TagKind
 
 __all__ = [
@@ -150,7 +150,7 @@ class EndpointResolver:
         return ep
 
     def _learn_pairs(
-        self, mac: U64, local: npt.NDArray[np.bool_], codes: npt.NDArray[np.intp], uniq: U64
+        self, mac: U64, local: npt.NDArray[np.bool_], codes: npt.NDArray[np.int64], uniq: U64
     ) -> None:
         """Learn MAC → (host, vif) from the frames whose tag names a local vif."""
         rows = np.flatnonzero(local)
@@ -158,7 +158,7 @@ class EndpointResolver:
             return
         # The newest frame of each MAC wins: keep each MAC's last row (a hash pass).
         newest_first = rows[::-1]
-        pick = newest_first[~pd.Series(mac[newest_first]).duplicated().to_numpy()]
+        pick = newest_first[factorize(mac[newest_first])[2]]
         self._learn(mac[pick], KIND_VIF | (uniq[codes[pick]] & ~_LOCAL_KEY))
 
     def _learn(self, macs: U64, eps: U64) -> None:
@@ -190,9 +190,9 @@ _LOCAL_KEY = np.uint64(1) << np.uint64(63)
 
 def _factorize_side(
     mac: U64, local: npt.NDArray[np.bool_], host: U32, vif: U32
-) -> tuple[npt.NDArray[np.intp], U64]:
+) -> tuple[npt.NDArray[np.int64], U64]:
     """Codes and distinct keys of one side: (host, vif) for local vifs, else the MAC."""
     hostvif = (host.astype(np.uint64) << _VIF_BITS) | vif.astype(np.uint64)
     key = np.where(local, _LOCAL_KEY | hostvif, mac)
-    codes, uniq = pd.factorize(key)
-    return codes, np.asarray(uniq, dtype=np.uint64)
+    codes, uniq, _ = factorize(np.ascontiguousarray(key, np.uint64))
+    return codes, uniq

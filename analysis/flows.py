@@ -23,19 +23,22 @@ the hosts that saw the flow.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
 
 from vspan.analysis import _flowtable as kt
 from vspan.analysis.columns import Decoded, TagKind
 from vspan.analysis.endpoints import Endpoints
 from vspan.analysis.flowkeys import KEY_COLUMNS, FragmentPorts, frame_ports
 
-__all__ = ["FLOW_COLUMNS", "FlowConfig", "FlowTable"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["FLOW_COLUMNS", "Finished", "FlowConfig", "FlowTable"]
 
 NS = 1_000_000_000
 
@@ -56,6 +59,8 @@ observation points of cross-host traffic. ``tsum*`` are per direction the sums o
 sender and receiver copies' capture-time offsets from ``anchor_ns``."""
 
 U64 = npt.NDArray[np.uint64]
+I64 = npt.NDArray[np.int64]
+F64 = npt.NDArray[np.float64]
 _U32, _U16 = np.uint64(32), np.uint64(16)
 _LOW16, _LOW32 = np.uint64(0xFFFF), np.uint64(0xFFFFFFFF)
 
@@ -84,10 +89,10 @@ def _add_totals(cols: Columns) -> None:
         cols["delay_ns"] = np.where(weight > 0, total / weight, np.nan)
 
 
-def _frame(
-    keys: npt.NDArray[np.uint64], state: npt.NDArray[np.int64], times: npt.NDArray[np.float64]
-) -> pd.DataFrame:
+def _frame(keys: U64, state: I64, times: F64) -> pd.DataFrame:
     """Rows of the table's arrays as a flow frame (``FLOW_COLUMNS``)."""
+    import pandas as pd  # here: the per-batch path of ``vspan report`` runs without it
+
     cols: Columns = {}
     for w, name in enumerate(kt.KEY_WORDS[:6]):
         cols[name] = keys[:, w].view(np.int64)
@@ -111,16 +116,41 @@ def _frame(
     return pd.DataFrame(cols, columns=list(FLOW_COLUMNS), copy=True)
 
 
-_EMPTY: Final = _frame(
-    np.zeros((0, len(kt.KEY_WORDS)), np.uint64),
-    np.zeros((0, len(kt.STATE)), np.int64),
-    np.zeros((0, len(kt.TIME_SUMS)), np.float64),
-)
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """Finished flows as rows of the table's arrays; ``frame()`` makes the flow frame."""
+
+    keys: U64
+    state: I64
+    times: F64
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+    def frame(self) -> pd.DataFrame:
+        """The flows as a frame with ``FLOW_COLUMNS``."""
+        return _frame(self.keys, self.state, self.times) if len(self) else _none()
+
+    @staticmethod
+    def concat(parts: list[Finished]) -> Finished:
+        """The rows of ``parts``, in order."""
+        if len(parts) == 1:
+            return parts[0]
+        return Finished(
+            np.concatenate([p.keys for p in parts]) if parts else _Rows(0).keys,
+            np.concatenate([p.state for p in parts]) if parts else _Rows(0).state,
+            np.concatenate([p.times for p in parts]) if parts else _Rows(0).times,
+        )
+
+
+@functools.cache
+def _empty() -> pd.DataFrame:
+    return _frame(*_Rows(0).arrays)
 
 
 def _none() -> pd.DataFrame:
     """No finished flows (a new empty frame with ``FLOW_COLUMNS``)."""
-    return _EMPTY.copy(deep=False)
+    return _empty().copy(deep=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,9 +187,9 @@ class _Rows:
         out.keys[:n], out.state[:n], out.times[:n] = self.keys[:n], self.state[:n], self.times[:n]
         return out
 
-    def frame(self, n: int) -> pd.DataFrame:
-        """The first ``n`` rows as finished flows."""
-        return _frame(self.keys[:n], self.state[:n], self.times[:n]) if n else _none()
+    def finished(self, n: int) -> Finished:
+        """A copy of the first ``n`` rows, as finished flows."""
+        return Finished(self.keys[:n].copy(), self.state[:n].copy(), self.times[:n].copy())
 
     @property
     def nbytes(self) -> int:
@@ -194,6 +224,10 @@ class FlowTable:
 
     def update(self, dec: Decoded, eps: Endpoints) -> pd.DataFrame:
         """Add a batch of usable frames; return the flows it finished."""
+        return self.update_rows(dec, eps).frame()
+
+    def update_rows(self, dec: Decoded, eps: Endpoints) -> Finished:
+        """``update``, the finished flows as rows (``Finished.frame`` makes the frame)."""
         n = len(dec)
         if n == 0:
             return self._expire()
@@ -242,11 +276,9 @@ class FlowTable:
                 fin = fin.grown(nfin, 2 * fin.capacity)
         self._now = max(self._now, int(ts.max()))
         self._oldest = min(self._oldest, int(ts.min()))
-        finished = fin.frame(nfin)
+        finished = fin.finished(nfin)
         idled = self._expire()
-        if idled.empty:
-            return finished
-        return pd.concat([finished, idled], ignore_index=True)
+        return Finished.concat([finished, idled]) if len(idled) else finished
 
     def advance(self, now_ns: int) -> pd.DataFrame:
         """Move capture time to ``now_ns`` without frames; return the flows that idled out.
@@ -255,11 +287,15 @@ class FlowTable:
         time, so that idle flows end even on a quiet network.
         """
         self._now = max(self._now, int(now_ns))
-        return self._expire()
+        return self._expire().frame()
 
     def flush(self) -> pd.DataFrame:
         """Finish every open flow (end of capture, shutdown)."""
-        done = self._rows.frame(self._n)
+        return self.flush_rows().frame()
+
+    def flush_rows(self) -> Finished:
+        """``flush``, the flows as rows."""
+        done = self._rows.finished(self._n)
         self._n = 0
         kt.clear_index(self._index)
         self._oldest = np.iinfo(np.int64).max
@@ -271,7 +307,7 @@ class FlowTable:
         if n <= 0:
             return _none()
         last = self._rows.state[: self._n, kt.STATE.index("last_ns")]
-        return self._remove(np.argpartition(last, n - 1)[:n])
+        return self._remove(np.argpartition(last, n - 1)[:n]).frame()
 
     # --- internals --------------------------------------------------------------------
 
@@ -280,18 +316,18 @@ class FlowTable:
         self._index = np.zeros(2 * capacity, np.int32)
         kt.rebuild_index(self._index, self._rows.state, self._n)
 
-    def _remove(self, rows: npt.NDArray[np.intp]) -> pd.DataFrame:
+    def _remove(self, rows: npt.NDArray[np.intp]) -> Finished:
         fin = _Rows(rows.size)
         desc = np.sort(rows.astype(np.int64))[::-1].copy()
         self._n, nfin = kt.remove_rows(
             desc, (self._rows.arrays, self._index, self._n), (fin.arrays, 0)
         )
-        return fin.frame(nfin)
+        return fin.finished(nfin)
 
-    def _expire(self) -> pd.DataFrame:
+    def _expire(self) -> Finished:
         """Finish the open flows idle for longer than the idle timeout at the newest time."""
         if self._n == 0 or self._now - self._oldest <= self._idle:
-            return _none()
+            return _Rows(0).finished(0)
         last = self._rows.state[: self._n, kt.STATE.index("last_ns")]
         done = self._remove(np.flatnonzero(self._now - last > self._idle))
         self._oldest = int(last[: self._n].min()) if self._n else np.iinfo(np.int64).max

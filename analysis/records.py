@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,6 +17,7 @@ import pandas as pd
 
 from vspan.analysis.endpoints import KIND_MAC, KIND_NIC, endpoint_host_vif
 from vspan.analysis.flowkeys import ICMP_TYPE_CODE
+from vspan.analysis.hostnames import HostNames
 from vspan.inventory import InventoryView, format_mac
 
 __all__ = ["RECORD_COLUMNS", "HostNames", "flow_records"]
@@ -64,35 +64,6 @@ RECORD_COLUMNS = (
 _KIND_MASK = ~((np.uint64(1) << np.uint64(62)) - np.uint64(1))
 _PAYLOAD = (np.uint64(1) << np.uint64(62)) - np.uint64(1)
 _NO_VLAN = 0xFFFF
-
-
-@dataclass
-class HostNames:
-    """collector_id ↔ host name, from the inventory and from capture interface names."""
-
-    names: dict[int, str]
-
-    @classmethod
-    def from_inventory(cls, inventory: InventoryView | None) -> HostNames:
-        """Names of the inventory's hosts."""
-        if inventory is None:
-            return cls({})
-        return cls({h.collector_id: h.name for h in inventory.hosts})
-
-    def id_for(self, name: str) -> int:
-        """The id of host ``name``, allocating one (above any collector's) when new."""
-        for cid, known in self.names.items():
-            if known == name:
-                return cid
-        cid = max([0xFFFF_0000, *self.names]) + 1
-        self.names[cid] = name
-        return cid
-
-    def name(self, cid: int) -> str | None:
-        """The name of ``cid``; None for 0 (unknown)."""
-        if cid == 0:
-            return self.names.get(0)
-        return self.names.get(cid, f"collector-{cid}")
 
 
 def _swap(

@@ -8,26 +8,29 @@ reported as partial with the byte offset, and what was read before it is kept.
 
 from __future__ import annotations
 
+import importlib
 import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
 
 from vspan.analysis.columns import Decoded, Layer, Status
 from vspan.analysis.decode import decode_batch
 from vspan.analysis.endpoints import EndpointResolver
 from vspan.analysis.flowkeys import usable
-from vspan.analysis.flows import FlowConfig, FlowTable
-from vspan.analysis.records import HostNames, flow_records
+from vspan.analysis.flows import Finished, FlowConfig, FlowTable
+from vspan.analysis.hostnames import HostNames
 from vspan.batch import FrameBatch
 from vspan.inventory import InventoryView
 from vspan.pcapfile import CaptureReader
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["CaptureReport", "FileStatus", "analyze_captures", "frame_summary", "prefetch"]
 
@@ -85,6 +88,13 @@ def _describe(code: int) -> tuple[str, str]:
 
 def frame_summary(dec: Decoded, ok: npt.NDArray[np.bool_]) -> pd.DataFrame:
     """Frames by outcome: IP and non-IP frames in flows; the rest by status and layer."""
+    return _summary_frame(*_summary_counts(dec, ok))
+
+
+def _summary_counts(
+    dec: Decoded, ok: npt.NDArray[np.bool_]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Distinct outcome codes of the frames (see ``_describe``) and their frame counts."""
     code = np.where(
         ok,
         np.where(
@@ -93,13 +103,21 @@ def frame_summary(dec: Decoded, ok: npt.NDArray[np.bool_]) -> pd.DataFrame:
         _BAD_BASE + dec.status.astype(np.int64) * 16 + dec.layer,
     )
     uniq, counts = np.unique(code, return_counts=True)
-    described = [_describe(int(c)) for c in uniq.tolist()]
+    return uniq.astype(np.int64), counts.astype(np.int64)
+
+
+def _summary_frame(codes: npt.NDArray[np.int64], counts: npt.NDArray[np.int64]) -> pd.DataFrame:
+    """The summary frame of distinct outcome codes and their counts."""
+    import pandas as pd
+
+    described = [_describe(int(c)) for c in codes.tolist()]
     return pd.DataFrame(
         {
             "category": [d[0] for d in described],
             "reason": [d[1] for d in described],
-            "frames": counts.astype(np.int64),
-        }
+            "frames": counts,
+        },
+        columns=["category", "reason", "frames"],
     )
 
 
@@ -181,12 +199,15 @@ def analyze_captures(
     ``host`` names the hypervisor the captures were taken on when the files do not say
     (a classic pcap has no interface names); it is looked up in the inventory.
     """
+    # pandas makes the records at the end; importing it takes longer than reading a large
+    # capture's first chunks, and the kernels leave the GIL to the import meanwhile.
+    pandas_ready = _import_in_background("pandas")
     hosts = HostNames.from_inventory(inventory)
     default_host = hosts.id_for(host) if host else 0
     resolver = EndpointResolver(inventory)
     table = FlowTable(flow_config)
-    finished: list[pd.DataFrame] = []
-    summaries: list[pd.DataFrame] = []
+    finished: list[Finished] = []
+    outcomes: dict[int, int] = {}
     files: list[FileStatus] = []
     readers = [CaptureReader(p, chunk_bytes=chunk_bytes) for p in paths]
     total = sum(os.path.getsize(p) for p in paths)
@@ -199,10 +220,11 @@ def analyze_captures(
         for batch in prefetch(iter(reader)):
             dec = _with_host(decode_batch(batch), _assign_hosts(batch, hosts, default_host))
             ok = usable(dec)
-            summaries.append(frame_summary(dec, ok))
+            for code, count in zip(*(c.tolist() for c in _summary_counts(dec, ok)), strict=True):
+                outcomes[code] = outcomes.get(code, 0) + count
             frames += len(dec)
             good = dec.take(np.flatnonzero(ok)) if not ok.all() else dec
-            finished.append(table.update(good, resolver.resolve(good)))
+            finished.append(table.update_rows(good, resolver.resolve(good)))
             if progress is not None:
                 progress(done_before + reader.bytes_read, total)
         done_before += reader.size
@@ -216,16 +238,29 @@ def analyze_captures(
                 error=None if error is None else str(error),
             )
         )
-    finished.append(table.flush())
-    flows = pd.concat(finished, ignore_index=True).sort_values(
-        ["start_ns", "hash"], ignore_index=True, kind="stable"
+    finished.append(table.flush_rows())
+    pandas_ready.join()
+    from vspan.analysis.records import flow_records
+
+    flows = (
+        Finished.concat(finished)
+        .frame()
+        .sort_values(["start_ns", "hash"], ignore_index=True, kind="stable")
     )
     records = flow_records(flows, inventory=inventory, hosts=hosts)
-    summary = pd.DataFrame({"category": [], "reason": [], "frames": []})
-    if summaries:
-        summary = (
-            pd.concat(summaries, ignore_index=True)
-            .groupby(["category", "reason"], as_index=False)
-            .agg(frames=("frames", "sum"))
-        )
+    codes = np.array(sorted(outcomes), np.int64)
+    summary = (
+        _summary_frame(codes, np.array([outcomes[c] for c in codes.tolist()], np.int64))
+        .groupby(["category", "reason"], as_index=False)
+        .agg(frames=("frames", "sum"))
+    )
     return CaptureReport(flows=records, frames=frames, summary=summary, files=files)
+
+
+def _import_in_background(module: str) -> threading.Thread:
+    """Start importing ``module`` in a thread (an ``import`` of it elsewhere waits for it)."""
+    thread = threading.Thread(
+        target=importlib.import_module, args=(module,), name="vspan-import", daemon=True
+    )
+    thread.start()
+    return thread
