@@ -28,13 +28,16 @@ from vspan._capture import (
     REC_ORIGLEN,
     REC_TS_HI,
     REC_TS_LO,
+    TOUCH_STEP,
     Fields,
     Parsed,
     Stop,
+    end_records,
     field_offsets,
     grow,
     kernel,
     layout,
+    load_lines,
     new_records,
     struct_format,
     u16,
@@ -160,7 +163,13 @@ def _walk(
     rec = new_records(end - start)
     n, p, need, status, a, b = 0, start, 0, 0, 0, 0
     n_if = snaplen.shape[0]
+    loaded, total = start, 0
     while True:
+        if p >= loaded < end:  # the next lines, ahead of the walk
+            total, loaded = (
+                total + load_lines(buf, loaded, loaded + TOUCH_STEP),
+                loaded + TOUCH_STEP,
+            )
         if end - p < 12:
             need = 12
             break
@@ -218,7 +227,7 @@ def _walk(
             rec[n, REC_IFACE], rec[n, REC_KIND] = iface, btype
             n += 1
         p += blen
-    return rec[:n], p, need, status, a, b
+    return end_records(rec, n, total), p, need, status, a, b
 
 
 def ticks_to_ns(ticks: npt.NDArray[np.uint64], *, pow2: bool, exp: int) -> I64:

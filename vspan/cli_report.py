@@ -95,8 +95,6 @@ def _summary(report: Any, err: IO[str]) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the report; exit status 0, or 1 when a capture could only be read in part."""
     from vspan.analysis.flows import FlowConfig
-    from vspan.analysis.groupings import group_flows, top
-    from vspan.analysis.render import render
     from vspan.analysis.report import analyze_captures
     from vspan.errors import ConfigError
     from vspan.inventory import Inventory
@@ -121,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
             flow_config=config,
             progress=progress,
         )
+    # Not before: pandas, which they import, loads while the capture is read (``report``).
+    from vspan.analysis.groupings import group_flows, top
+    from vspan.analysis.render import render
+
     table = top(group_flows(report.flows, args.by), sort=args.sort, n=args.top, by=args.by)
     if args.output:
         with open(args.output, "wb") as out:

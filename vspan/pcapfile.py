@@ -36,13 +36,16 @@ from vspan._capture import (
     REC_ORIGLEN,
     REC_TS_HI,
     REC_TS_LO,
+    TOUCH_STEP,
     Fields,
     Parsed,
     Stop,
+    end_records,
     field_offsets,
     grow,
     kernel,
     layout,
+    load_lines,
     new_records,
     u32,
 )
@@ -105,7 +108,13 @@ def _walk_pcap(
     """Walk pcap records from ``start``: (records, stop, need, Stop, captured length)."""
     rec = new_records(end - start)
     n, p, need, status, caplen = 0, start, 0, 0, 0
+    loaded, total = start, 0
     while True:
+        if p >= loaded < end:  # the next lines, ahead of the walk
+            total, loaded = (
+                total + load_lines(buf, loaded, loaded + TOUCH_STEP),
+                loaded + TOUCH_STEP,
+            )
         if end - p < _REC_LEN:
             need = _REC_LEN
             break
@@ -124,7 +133,7 @@ def _walk_pcap(
         rec[n, REC_IFACE], rec[n, REC_KIND] = 0, 0
         n += 1
         p += _REC_LEN + caplen
-    return rec[:n], p, need, status, caplen
+    return end_records(rec, n, total), p, need, status, caplen
 
 
 def _nothing(stop: int, need: int, error: str | None) -> Parsed:
@@ -269,8 +278,8 @@ class CaptureReader:
             end = min(size, stop + max(self.chunk_bytes, need))
             parts: list[Parsed] = []
             walked = stop
-            while walked < end:  # walk a step at a time while it is in cache
-                walked = min(end, walked + _READ_STEP)
+            while walked < end:  # one walk (it loads lines ahead of itself)
+                walked = end
                 parser = self._parser or self._sniff(buf[:walked])
                 parts.append(parser.parse(buf, stop, walked))
                 stop = parts[-1].stop
