@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vspan.analysis._factorize import factorize
@@ -17,6 +17,7 @@ _KEYS = st.lists(
 )
 
 
+@settings(deadline=None)  # the first call may load or compile the kernel (numba)
 @given(_KEYS)
 def test_codes_and_uniques_are_pandas_factorize(values: list[int]) -> None:
     keys = np.array(values, np.uint64)
