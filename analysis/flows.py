@@ -134,12 +134,12 @@ class Finished:
     @staticmethod
     def concat(parts: list[Finished]) -> Finished:
         """The rows of ``parts``, in order."""
-        if len(parts) == 1:
-            return parts[0]
+        if len(parts) <= 1:
+            return parts[0] if parts else _Rows(0).finished(0)
         return Finished(
-            np.concatenate([p.keys for p in parts]) if parts else _Rows(0).keys,
-            np.concatenate([p.state for p in parts]) if parts else _Rows(0).state,
-            np.concatenate([p.times for p in parts]) if parts else _Rows(0).times,
+            np.concatenate([p.keys for p in parts]),
+            np.concatenate([p.state for p in parts]),
+            np.concatenate([p.times for p in parts]),
         )
 
 

@@ -186,7 +186,7 @@ from vspan import _capture, _kernels
 from vspan.analysis.decode import decode_batch
 from vspan.analysis.engine import warm_batch
 before = (_kernels.kernel_mode(), "numba" in sys.modules)
-rec = np.arange(6, dtype=np.int32).reshape(3, 2)  # int32 rows: no entry was built for them
+# int32 rows: no entry was built for them
 grown = _capture.grow(np.ascontiguousarray(np.zeros((3, _capture.REC_COLUMNS), np.int32)))
 after = (_kernels.kernel_mode(), "numba" in sys.modules)
 dec = decode_batch(warm_batch())  # the decoder compiles with the swapped-in stages
