@@ -91,8 +91,13 @@ def _add_totals(cols: Columns) -> None:
 
 def _frame(keys: U64, state: I64, times: F64) -> pd.DataFrame:
     """Rows of the table's arrays as a flow frame (``FLOW_COLUMNS``)."""
-    import pandas as pd  # here: the per-batch path of ``vspan report`` runs without it
+    import pandas as pd  # here: ``vspan report`` runs without it
 
+    return pd.DataFrame(_columns(keys, state, times), columns=list(FLOW_COLUMNS), copy=True)
+
+
+def _columns(keys: U64, state: I64, times: F64) -> Columns:
+    """Rows of the table's arrays as named columns (``FLOW_COLUMNS``)."""
     cols: Columns = {}
     for w, name in enumerate(kt.KEY_WORDS[:6]):
         cols[name] = keys[:, w].view(np.int64)
@@ -113,7 +118,7 @@ def _frame(keys: U64, state: I64, times: F64) -> pd.DataFrame:
     cols["first_rev"] = (bits >> kt.FIRST_REV_BIT) & 1
     cols["tagged"] = (bits >> kt.TAGGED_BIT) & 1
     _add_totals(cols)
-    return pd.DataFrame(cols, columns=list(FLOW_COLUMNS), copy=True)
+    return cols
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +135,15 @@ class Finished:
     def frame(self) -> pd.DataFrame:
         """The flows as a frame with ``FLOW_COLUMNS``."""
         return _frame(self.keys, self.state, self.times) if len(self) else _none()
+
+    def columns(self) -> Columns:
+        """The flows as ``FLOW_COLUMNS`` arrays."""
+        cols = _columns(self.keys, self.state, self.times)
+        return {name: cols[name] for name in FLOW_COLUMNS}
+
+    def take(self, rows: npt.NDArray[np.int64]) -> Finished:
+        """The rows at ``rows``, in that order."""
+        return Finished(self.keys[rows], self.state[rows], self.times[rows])
 
     @staticmethod
     def concat(parts: list[Finished]) -> Finished:

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from vspan.analysis.options import GROUPINGS, SORTS
+from vspan.analysis.ranking import top
 
 __all__ = ["GROUPINGS", "SORTS", "group_flows", "top"]
 
@@ -133,26 +134,3 @@ def group_flows(records: pd.DataFrame, by: str) -> pd.DataFrame:
     if by not in table:
         raise ValueError(f"unknown grouping {by!r}; expected one of {', '.join(GROUPINGS)}")
     return table[by](records).reset_index(drop=True)
-
-
-def top(frame: pd.DataFrame, *, sort: str, n: int | None, by: str) -> pd.DataFrame:
-    """Rows sorted by ``sort`` (descending; both directions for flows), the first ``n``."""
-    if sort not in SORTS:
-        raise ValueError(f"unknown sort {sort!r}; expected one of {', '.join(SORTS)}")
-    if by == "flow":
-        key = (
-            frame["bytes"] + frame["bytes_rev"]
-            if sort == "bytes"
-            else frame["packets"] + frame["packets_rev"]
-            if sort == "packets"
-            else frame["first_ns"]
-        )
-        order = (
-            np.argsort(-key.to_numpy(), kind="stable")
-            if sort != "flows"
-            else np.argsort(key.to_numpy(), kind="stable")
-        )
-    else:
-        order = np.argsort(-frame[sort].to_numpy(), kind="stable")
-    out = frame.iloc[order]
-    return (out if n is None else out.head(n)).reset_index(drop=True)

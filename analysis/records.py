@@ -1,26 +1,40 @@
 """Flow records: finished flows (A/B oriented state) → user-facing rows with names.
 
 Orients each flow so that ``src`` is the side that sent its first counted packet, resolves
-endpoints to VMs and hosts, and decides the scope. Vectorized over flows; only the final
-rendering of addresses and names to strings touches Python objects, once per distinct value.
+endpoints to VMs and hosts, and decides the scope. Vectorized over flows; addresses and
+names become strings once per distinct value, in a ``RecordTable`` of dictionary-coded
+columns (no pandas: ``vspan report`` writes JSON and Parquet from it directly).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
 
+from vspan.analysis._factorize import factorize
 from vspan.analysis.endpoints import KIND_MAC, KIND_NIC, endpoint_host_vif
 from vspan.analysis.flowkeys import ICMP_TYPE_CODE
 from vspan.analysis.hostnames import HostNames
+from vspan.analysis.recordtable import (
+    Column,
+    Floats,
+    Ints,
+    Lists,
+    RecordTable,
+    Seconds,
+    Texts,
+    Times,
+)
 from vspan.inventory import InventoryView, format_mac
 
-__all__ = ["RECORD_COLUMNS", "HostNames", "flow_records"]
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["RECORD_COLUMNS", "HostNames", "flow_records", "flow_table"]
 
 RECORD_COLUMNS = (
     "flow_id",
@@ -64,73 +78,77 @@ RECORD_COLUMNS = (
 _KIND_MASK = ~((np.uint64(1) << np.uint64(62)) - np.uint64(1))
 _PAYLOAD = (np.uint64(1) << np.uint64(62)) - np.uint64(1)
 _NO_VLAN = 0xFFFF
+_SCOPES = ("intra-host", "cross-host", "external")
+
+I64 = npt.NDArray[np.int64]
 
 
-def _swap(
-    a: npt.NDArray[np.int64], b: npt.NDArray[np.int64], rev: npt.NDArray[np.bool_]
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+def _swap(a: I64, b: I64, rev: npt.NDArray[np.bool_]) -> tuple[I64, I64]:
     return np.where(rev, b, a), np.where(rev, a, b)
 
 
-Objects = npt.NDArray[np.object_]
-
-
-def _factorize(*columns: npt.NDArray[Any]) -> tuple[npt.NDArray[np.intp], list[tuple[int, ...]]]:
-    """Codes per row and the distinct value tuples of one or more integer columns (hash-based:
-    records are formatted once per distinct value, not once per row)."""
+def _factorize(*columns: npt.NDArray[Any]) -> tuple[I64, list[tuple[int, ...]]]:
+    """Codes per row and the distinct value tuples of one or more 64-bit integer columns
+    (hash-based: records are formatted once per distinct value, not once per row)."""
     codes = np.zeros(len(columns[0]), dtype=np.int64)
-    levels: list[npt.NDArray[Any]] = []
+    levels: list[npt.NDArray[np.uint64]] = []
     for column in columns:  # mixed-radix codes of the columns' own codes
-        col_codes, uniq = pd.factorize(column)
-        levels.append(np.asarray(uniq))
+        keys = np.ascontiguousarray(column).astype(np.int64, copy=False).view(np.uint64)
+        col_codes, uniq, _ = factorize(keys)
+        levels.append(uniq)
         codes = codes * len(uniq) + col_codes
-    codes, combined = pd.factorize(codes)
+    codes, combined, _ = factorize(codes.view(np.uint64))
     parts = []
-    rest = np.asarray(combined, dtype=np.int64)
+    rest = combined.view(np.int64)
     for level in reversed(levels):
         parts.append(level[rest % len(level)] if len(level) else rest)
         rest = rest // max(len(level), 1)
-    rows = zip(*(p.tolist() for p in reversed(parts)), strict=True)
-    return codes, [tuple(int(x) for x in row) for row in rows]
+    signed = [np.asarray(p).view(np.int64) for p in reversed(parts)]
+    rows = zip(*(p.tolist() for p in signed), strict=True)
+    return codes, [tuple(row) for row in rows]
 
 
-def _spread(codes: npt.NDArray[np.intp], values: list[Any]) -> Objects:
-    """``values[code]`` per row, as an object array (one shared object per distinct value)."""
-    table = np.empty(len(values), dtype=object)
-    for i, value in enumerate(values):
-        table[i] = value
-    out: Objects = table[codes]
-    return out
-
-
-def _ip_strings(hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64]) -> Objects:
+def _ip_strings(hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64]) -> Texts:
     """Text of each address; IPv4-mapped addresses print as IPv4; 0 (non-IP) as None."""
     codes, uniq = _factorize(hi, lo)
     text: list[str | None] = []
+    mask = (1 << 64) - 1
     for h, low in uniq:
         if h == 0 and low == 0:
             text.append(None)
             continue
-        addr = ipaddress.IPv6Address((h << 64) | low)
+        addr = ipaddress.IPv6Address(((h & mask) << 64) | (low & mask))
         text.append(str(addr.ipv4_mapped) if addr.ipv4_mapped is not None else str(addr))
-    return _spread(codes, text)
+    return Texts(codes, tuple(text))
 
 
-def _names(values: npt.NDArray[np.int64], table: Mapping[int, str | None]) -> Objects:
+def _names(values: I64, table: Mapping[int, str | None]) -> Texts:
     codes, uniq = _factorize(values)
-    return _spread(codes, [table.get(v) for (v,) in uniq])
+    return Texts(codes, tuple(table.get(v) for (v,) in uniq))
 
 
-def _nullable(values: npt.ArrayLike, valid: npt.NDArray[np.bool_]) -> pd.Series:
-    return pd.Series(pd.array(np.where(valid, values, 0), dtype="Int64")).mask(~valid)
+def _nullable(values: npt.ArrayLike, valid: npt.NDArray[np.bool_]) -> Ints:
+    return Ints(np.asarray(values, dtype=np.int64), np.asarray(valid, dtype=np.bool_))
 
 
 def flow_records(
     flows: pd.DataFrame, *, inventory: InventoryView | None, hosts: HostNames, first_id: int = 1
 ) -> pd.DataFrame:
-    """User-facing flow records (``RECORD_COLUMNS``) of finished flows."""
-    n = len(flows)
-    col = {c: flows[c].to_numpy() for c in flows.columns}
+    """User-facing flow records (``RECORD_COLUMNS``) of finished flows, as a frame."""
+    columns = {c: flows[c].to_numpy() for c in flows.columns}
+    return flow_table(columns, inventory=inventory, hosts=hosts, first_id=first_id).frame()
+
+
+def flow_table(
+    col: Mapping[str, npt.NDArray[Any]],
+    *,
+    inventory: InventoryView | None,
+    hosts: HostNames,
+    first_id: int = 1,
+) -> RecordTable:
+    """User-facing flow records (``RECORD_COLUMNS``) of finished flows (the columns of
+    ``flows.FLOW_COLUMNS``)."""
+    n = len(col["hash"])
     rev = col["first_rev"].astype(np.bool_)
     ep_src, ep_dst = (x.view(np.uint64) for x in _swap(col["ep_a"], col["ep_b"], rev))
     ip_src_hi, ip_dst_hi = _swap(col["ip_a_hi"], col["ip_b_hi"], rev)
@@ -152,13 +170,9 @@ def flow_records(
     src_local = src_kind != KIND_MAC
     dst_local = dst_kind != KIND_MAC
     observer = col["observer"]
-    scope = np.where(
-        src_local & dst_local,
-        np.where(src_host == dst_host, "intra-host", "cross-host"),
-        "external",
-    )
+    scope = np.where(src_local & dst_local, np.where(src_host == dst_host, 0, 1), 2)
 
-    def vm_names(ep: npt.NDArray[np.uint64], kind: npt.NDArray[np.uint64]) -> Objects:
+    def vm_names(ep: npt.NDArray[np.uint64], kind: npt.NDArray[np.uint64]) -> Texts:
         index = np.full(n, -1, dtype=np.int64)
         is_nic = kind == KIND_NIC
         if vm_of_nic is not None and is_nic.any():
@@ -168,11 +182,10 @@ def flow_records(
             names.update({i: v.name for i, v in enumerate(inventory.vms)})
         return _names(index, names)
 
-    def macs(ep: npt.NDArray[np.uint64], kind: npt.NDArray[np.uint64]) -> Objects:
+    def macs(ep: npt.NDArray[np.uint64], kind: npt.NDArray[np.uint64]) -> Texts:
         value = np.where(kind == KIND_MAC, ep, np.uint64(1) << np.uint64(48)).astype(np.int64)
-        table: dict[int, str | None] = {int(v): format_mac(int(v)) for v in np.unique(value)}
-        table[1 << 48] = None
-        return _names(value, table)
+        codes, uniq = _factorize(value)
+        return Texts(codes, tuple(None if v == 1 << 48 else format_mac(v) for (v,) in uniq))
 
     tagged = col["tagged"].astype(np.bool_)
     same_src = src_local & (src_host == observer)
@@ -189,53 +202,56 @@ def flow_records(
     has_ports = ~is_icmp & np.isin(col["proto"], [6, 17, 132])
     is_ip = col["ethertype"] != 0
     is_ip &= (col["ip_a_hi"] != 0) | (col["ip_a_lo"] != 0) | (col["ip_b_lo"] != 0)
-    other = col["observer_other"]
-    pair_codes, pairs = _factorize(observer, other)
-    observed = _spread(
+    pair_codes, pairs = _factorize(observer, col["observer_other"])
+    observed = Lists(
         pair_codes,
-        [
-            [n for n in (host_table.get(a), host_table.get(b) if b >= 0 else None) if n is not None]
+        tuple(
+            tuple(
+                n
+                for n in (host_table.get(a), host_table.get(b) if b >= 0 else None)
+                if n is not None
+            )
             for a, b in pairs
-        ],
+        ),
     )
     first_ns, last_ns = col["start_ns"], col["last_ns"]
-    out = pd.DataFrame(
-        {
-            "flow_id": np.arange(first_id, first_id + n, dtype=np.int64),
-            "src_vm": vm_names(ep_src, src_kind),
-            "dst_vm": vm_names(ep_dst, dst_kind),
-            "src_vif": _nullable(np.where(same_src, src_vif, 0), tagged),
-            "dst_vif": _nullable(np.where(same_dst, dst_vif, 0), tagged),
-            "host": _names(observer, host_table),
-            "src_host": _names(np.where(src_local, src_host, -1), host_table),
-            "dst_host": _names(np.where(dst_local, dst_host, -1), host_table),
-            "scope": scope,
-            "vlan": _nullable(col["vlan"], col["vlan"] != _NO_VLAN),
-            "ethertype": col["ethertype"],
-            "proto": _nullable(col["proto"], is_ip),
-            "src_ip": _ip_strings(ip_src_hi.view(np.uint64), ip_src_lo.view(np.uint64)),
-            "dst_ip": _ip_strings(ip_dst_hi.view(np.uint64), ip_dst_lo.view(np.uint64)),
-            "src_port": _nullable(port_src, has_ports),
-            "dst_port": _nullable(port_dst, has_ports),
-            "icmp_type": _nullable((port_src >> 8) & 0xFF, tc),
-            "icmp_code": _nullable(port_src & 0xFF, tc),
-            "icmp_id": _nullable(port_src & 0xFFFF, echo),
-            "packets": pk,
-            "bytes": by,
-            "packets_rev": pk_rev,
-            "bytes_rev": by_rev,
-            "first": pd.to_datetime(first_ns, unit="ns", utc=True),
-            "last": pd.to_datetime(last_ns, unit="ns", utc=True),
-            "first_ns": first_ns,
-            "last_ns": last_ns,
-            "duration_s": (last_ns - first_ns) / 1e9,
-            "tcp_flags": _nullable(fl, col["proto"] == 6),
-            "tcp_flags_rev": _nullable(fl_rev, col["proto"] == 6),
-            "src_mac": macs(ep_src, src_kind),
-            "dst_mac": macs(ep_dst, dst_kind),
-            "copies": col["copies"],
-            "observed_at": observed,
-            "delay_us": (col["delay_ns"] / 1e3) if "delay_ns" in col else np.full(n, np.nan),
-        }
-    )
-    return out[list(RECORD_COLUMNS)]
+    delay_us = col["delay_ns"] / 1e3 if "delay_ns" in col else np.full(n, np.nan)
+    is_tcp = col["proto"] == 6
+    columns: dict[str, Column] = {
+        "flow_id": Ints(np.arange(first_id, first_id + n, dtype=np.int64)),
+        "src_vm": vm_names(ep_src, src_kind),
+        "dst_vm": vm_names(ep_dst, dst_kind),
+        "src_vif": _nullable(np.where(same_src, src_vif, 0), tagged),
+        "dst_vif": _nullable(np.where(same_dst, dst_vif, 0), tagged),
+        "host": _names(observer, host_table),
+        "src_host": _names(np.where(src_local, src_host, -1), host_table),
+        "dst_host": _names(np.where(dst_local, dst_host, -1), host_table),
+        "scope": Texts(scope.astype(np.int64), _SCOPES),
+        "vlan": _nullable(col["vlan"], col["vlan"] != _NO_VLAN),
+        "ethertype": Ints(col["ethertype"].astype(np.int64)),
+        "proto": _nullable(col["proto"], is_ip),
+        "src_ip": _ip_strings(ip_src_hi.view(np.uint64), ip_src_lo.view(np.uint64)),
+        "dst_ip": _ip_strings(ip_dst_hi.view(np.uint64), ip_dst_lo.view(np.uint64)),
+        "src_port": _nullable(port_src, has_ports),
+        "dst_port": _nullable(port_dst, has_ports),
+        "icmp_type": _nullable((port_src >> 8) & 0xFF, tc),
+        "icmp_code": _nullable(port_src & 0xFF, tc),
+        "icmp_id": _nullable(port_src & 0xFFFF, echo),
+        "packets": Ints(pk.astype(np.int64)),
+        "bytes": Ints(by.astype(np.int64)),
+        "packets_rev": Ints(pk_rev.astype(np.int64)),
+        "bytes_rev": Ints(by_rev.astype(np.int64)),
+        "first": Times(first_ns.astype(np.int64)),
+        "last": Times(last_ns.astype(np.int64)),
+        "first_ns": Ints(first_ns.astype(np.int64)),
+        "last_ns": Ints(last_ns.astype(np.int64)),
+        "duration_s": Seconds((last_ns - first_ns).astype(np.int64)),
+        "tcp_flags": _nullable(fl, is_tcp),
+        "tcp_flags_rev": _nullable(fl_rev, is_tcp),
+        "src_mac": macs(ep_src, src_kind),
+        "dst_mac": macs(ep_dst, dst_kind),
+        "copies": Ints(col["copies"].astype(np.int64)),
+        "observed_at": observed,
+        "delay_us": Floats(delay_us.astype(np.float64)),
+    }
+    return RecordTable({name: columns[name] for name in RECORD_COLUMNS})

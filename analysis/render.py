@@ -1,16 +1,25 @@
-"""Render result tables for people (aligned text) and programs (CSV, JSON, Parquet)."""
+"""Render result tables for people (aligned text) and programs (CSV, JSON, Parquet).
+
+A ``RecordTable`` (``vspan report --by flow``) is written without pandas: Parquet through
+Arrow, JSON and CSV by a compiled writer (``textrows``). A pandas frame (groupings,
+queries) goes through pandas' own writers.
+"""
 
 from __future__ import annotations
 
 import io
 import sys
 from collections.abc import Callable
-from typing import IO, Any, Final
+from typing import IO, TYPE_CHECKING, Any, Final
 
 import numpy as np
-import pandas as pd
 
 from vspan.analysis.options import FORMATS
+from vspan.analysis.recordtable import RecordTable
+from vspan.analysis.textrows import TEXT_FORMATS, text_blocks
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["FORMATS", "render", "tcp_flag_letters"]
 
@@ -35,6 +44,8 @@ _TABLE_HIDE: Final = {
 
 def tcp_flag_letters(flags: object) -> str:
     """``0x12`` → ``"SA"``; empty for None."""
+    import pandas as pd
+
     if flags is None or flags is pd.NA or (isinstance(flags, float) and np.isnan(flags)):
         return ""
     value = int(flags)  # type: ignore[call-overload]
@@ -43,6 +54,8 @@ def tcp_flag_letters(flags: object) -> str:
 
 def _iso_times(frame: pd.DataFrame) -> pd.DataFrame:
     """Datetime columns as ISO 8601 UTC text with microseconds (numpy formats in C)."""
+    import pandas as pd
+
     times = [c for c in frame.columns if isinstance(frame[c].dtype, pd.DatetimeTZDtype)]
     if not times:
         return frame
@@ -63,6 +76,8 @@ _COUNTS: Final = frozenset({
 
 def _per_distinct(values: pd.Series, text: Callable[[Any], str]) -> pd.Series:
     """``text`` of each value, called once per distinct value."""
+    import pandas as pd
+
     codes, uniq = pd.factorize(values, use_na_sentinel=False)
     table = np.array([text(v) for v in uniq], dtype=object)
     return pd.Series(table[codes], index=values.index, dtype=object)
@@ -109,11 +124,25 @@ def _table(frame: pd.DataFrame) -> str:
     return _fixed_width(shown) + "\n"
 
 
-def render(frame: pd.DataFrame, fmt: str, out: IO[bytes] | None = None) -> None:
+def render(frame: pd.DataFrame | RecordTable, fmt: str, out: IO[bytes] | None = None) -> None:
     """Write ``frame`` as ``fmt`` to ``out`` (standard output when None)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     sink = out if out is not None else sys.stdout.buffer
+    if isinstance(frame, RecordTable):
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            buf = io.BytesIO()
+            pq.write_table(frame.arrow(), buf)
+            sink.write(buf.getvalue())
+            return
+        if fmt in TEXT_FORMATS:
+            for block in text_blocks(frame, fmt):
+                sink.write(block)
+            sink.flush()
+            return
+        frame = frame.frame()
     if fmt == "parquet":
         buf = io.BytesIO()
         frame.to_parquet(buf, index=False)

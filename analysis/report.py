@@ -8,6 +8,7 @@ reported as partial with the byte offset, and what was read before it is kept.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import queue
@@ -25,6 +26,8 @@ from vspan.analysis.endpoints import EndpointResolver
 from vspan.analysis.flowkeys import usable
 from vspan.analysis.flows import Finished, FlowConfig, FlowTable
 from vspan.analysis.hostnames import HostNames
+from vspan.analysis.records import flow_table
+from vspan.analysis.recordtable import RecordTable
 from vspan.batch import FrameBatch
 from vspan.inventory import InventoryView
 from vspan.pcapfile import CaptureReader
@@ -32,7 +35,14 @@ from vspan.pcapfile import CaptureReader
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["CaptureReport", "FileStatus", "analyze_captures", "frame_summary", "prefetch"]
+__all__ = [
+    "CaptureReport",
+    "FileStatus",
+    "analyze_captures",
+    "frame_summary",
+    "import_in_background",
+    "prefetch",
+]
 
 T = TypeVar("T")
 
@@ -55,18 +65,30 @@ class FileStatus:
 class CaptureReport:
     """Flow records and the accounting of every frame."""
 
-    flows: pd.DataFrame
-    """One row per flow (``records.RECORD_COLUMNS``)."""
+    records: RecordTable
+    """One row per flow (``records.RECORD_COLUMNS``), in order of their first packet."""
     frames: int
     """Frames read from all files."""
-    summary: pd.DataFrame
-    """Frames by outcome: ``category`` (flow / not decodable), ``reason``, ``frames``."""
+    outcomes: list[tuple[str, str, int]]
+    """Frames by outcome: (category — flow / not decodable —, reason, frames), sorted."""
     files: list[FileStatus] = field(default_factory=list)
 
     @property
     def partial(self) -> bool:
         """Whether any file could only be read in part."""
         return any(f.partial for f in self.files)
+
+    @functools.cached_property
+    def flows(self) -> pd.DataFrame:
+        """The flow records as a frame."""
+        return self.records.frame()
+
+    @property
+    def summary(self) -> pd.DataFrame:
+        """``outcomes`` as a frame: ``category``, ``reason``, ``frames``."""
+        import pandas as pd
+
+        return pd.DataFrame(self.outcomes, columns=["category", "reason", "frames"])
 
 
 _NON_IP = {0x0806: "ARP", 0: "802.3/LLC"}
@@ -88,7 +110,18 @@ def _describe(code: int) -> tuple[str, str]:
 
 def frame_summary(dec: Decoded, ok: npt.NDArray[np.bool_]) -> pd.DataFrame:
     """Frames by outcome: IP and non-IP frames in flows; the rest by status and layer."""
-    return _summary_frame(*_summary_counts(dec, ok))
+    import pandas as pd
+
+    codes, counts = _summary_counts(dec, ok)
+    described = [_describe(int(c)) for c in codes.tolist()]
+    return pd.DataFrame(
+        {
+            "category": [d[0] for d in described],
+            "reason": [d[1] for d in described],
+            "frames": counts,
+        },
+        columns=["category", "reason", "frames"],
+    )
 
 
 def _summary_counts(
@@ -104,21 +137,6 @@ def _summary_counts(
     )
     uniq, counts = np.unique(code, return_counts=True)
     return uniq.astype(np.int64), counts.astype(np.int64)
-
-
-def _summary_frame(codes: npt.NDArray[np.int64], counts: npt.NDArray[np.int64]) -> pd.DataFrame:
-    """The summary frame of distinct outcome codes and their counts."""
-    import pandas as pd
-
-    described = [_describe(int(c)) for c in codes.tolist()]
-    return pd.DataFrame(
-        {
-            "category": [d[0] for d in described],
-            "reason": [d[1] for d in described],
-            "frames": counts,
-        },
-        columns=["category", "reason", "frames"],
-    )
 
 
 def _assign_hosts(batch: FrameBatch, hosts: HostNames, default_host: int) -> npt.NDArray[np.uint32]:
@@ -199,9 +217,6 @@ def analyze_captures(
     ``host`` names the hypervisor the captures were taken on when the files do not say
     (a classic pcap has no interface names); it is looked up in the inventory.
     """
-    # pandas makes the records at the end; importing it takes longer than reading a large
-    # capture's first chunks, and the kernels leave the GIL to the import meanwhile.
-    pandas_ready = _import_in_background("pandas")
     hosts = HostNames.from_inventory(inventory)
     default_host = hosts.id_for(host) if host else 0
     resolver = EndpointResolver(inventory)
@@ -239,26 +254,25 @@ def analyze_captures(
             )
         )
     finished.append(table.flush_rows())
-    pandas_ready.join()
-    from vspan.analysis.records import flow_records
-
-    flows = (
-        Finished.concat(finished)
-        .frame()
-        .sort_values(["start_ns", "hash"], ignore_index=True, kind="stable")
-    )
-    records = flow_records(flows, inventory=inventory, hosts=hosts)
-    codes = np.array(sorted(outcomes), np.int64)
-    summary = (
-        _summary_frame(codes, np.array([outcomes[c] for c in codes.tolist()], np.int64))
-        .groupby(["category", "reason"], as_index=False)
-        .agg(frames=("frames", "sum"))
-    )
-    return CaptureReport(flows=records, frames=frames, summary=summary, files=files)
+    flows = Finished.concat(finished)
+    cols = flows.columns()
+    order = np.lexsort((cols["hash"], cols["start_ns"]))  # by first packet, then hash
+    records = flow_table({c: v[order] for c, v in cols.items()}, inventory=inventory, hosts=hosts)
+    return CaptureReport(records=records, frames=frames, outcomes=_outcomes(outcomes), files=files)
 
 
-def _import_in_background(module: str) -> threading.Thread:
-    """Start importing ``module`` in a thread (an ``import`` of it elsewhere waits for it)."""
+def _outcomes(counts: dict[int, int]) -> list[tuple[str, str, int]]:
+    """(category, reason, frames) of outcome codes' frame counts, by category and reason."""
+    totals: dict[tuple[str, str], int] = {}
+    for code, frames in counts.items():
+        key = _describe(code)
+        totals[key] = totals.get(key, 0) + frames
+    return [(category, reason, n) for (category, reason), n in sorted(totals.items())]
+
+
+def import_in_background(module: str) -> threading.Thread:
+    """Start importing ``module`` in a thread (an ``import`` of it elsewhere waits for it):
+    the compiled kernels leave the GIL to the import meanwhile."""
     thread = threading.Thread(
         target=importlib.import_module, args=(module,), name="vspan-import", daemon=True
     )

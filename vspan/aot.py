@@ -68,6 +68,7 @@ def _workload(tmp: Path) -> None:
     from vspan.analysis.flows import FlowTable
     from vspan.analysis.report import analyze_captures
     from vspan.analysis.ring_comments import epb_comments
+    from vspan.analysis.textrows import TEXT_FORMATS, text_blocks
     from vspan.inventory import Inventory
     from vspan.pcapfile import CaptureReader
     from vspan.pcapwrite import PcapngWriter
@@ -79,7 +80,9 @@ def _workload(tmp: Path) -> None:
     for fmt in ("pcapng", "pcap"):
         write_capture(capture, tmp / f"sample.{fmt}", fmt)
         for inv in (inventory, None):
-            analyze_captures([tmp / f"sample.{fmt}"], inventory=inv, chunk_bytes=1 << 16)
+            report = analyze_captures([tmp / f"sample.{fmt}"], inventory=inv, chunk_bytes=1 << 16)
+            for text in TEXT_FORMATS:
+                b"".join(text_blocks(report.records, text))
     warm_up()
     table = FlowTable(initial_rows=2)  # grows, evicts, expires, flushes
     decoded = decode_batch(capture.frames)

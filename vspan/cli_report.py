@@ -84,18 +84,20 @@ def _summary(report: Any, err: IO[str]) -> None:
                 f"vspan report: {f.path}: PARTIAL: read {f.frames} frames, then: {f.error}",
                 file=err,
             )
-    bad = report.summary[report.summary["category"] != "flow"]
-    total = int(report.summary["frames"].sum()) if len(report.summary) else 0
-    in_flows = total - int(bad["frames"].sum())
-    print(f"vspan report: {total:,} frames, {in_flows:,} in {len(report.flows):,} flows", file=err)
-    for row in bad.itertuples(index=False):
-        print(f"vspan report: not decodable: {row.frames:,} frames {row.reason}", file=err)
+    bad = [(reason, n) for category, reason, n in report.outcomes if category != "flow"]
+    total = sum(n for _, _, n in report.outcomes)
+    in_flows = total - sum(n for _, n in bad)
+    print(
+        f"vspan report: {total:,} frames, {in_flows:,} in {len(report.records):,} flows", file=err
+    )
+    for reason, n in bad:
+        print(f"vspan report: not decodable: {n:,} frames {reason}", file=err)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the report; exit status 0, or 1 when a capture could only be read in part."""
     from vspan.analysis.flows import FlowConfig
-    from vspan.analysis.report import analyze_captures
+    from vspan.analysis.report import analyze_captures, import_in_background
     from vspan.errors import ConfigError
     from vspan.inventory import Inventory
 
@@ -110,6 +112,9 @@ def run(args: argparse.Namespace) -> int:
     config = FlowConfig(idle_timeout_s=args.idle_timeout, active_timeout_s=args.active_timeout)
     size = sum(os.path.getsize(p) for p in args.captures)
     show = not args.no_progress and sys.stderr.isatty() and size >= _PROGRESS_MIN_BYTES
+    if args.by != "flow" or args.format == "table":
+        # pandas groups and lays out the rows; it loads while the capture is read.
+        import_in_background("pandas")
     with ExitStack() as stack:
         progress = _progress(show, stack)
         report = analyze_captures(
@@ -119,11 +124,15 @@ def run(args: argparse.Namespace) -> int:
             flow_config=config,
             progress=progress,
         )
-    # Not before: pandas, which they import, loads while the capture is read (``report``).
-    from vspan.analysis.groupings import group_flows, top
+    from vspan.analysis.ranking import top
     from vspan.analysis.render import render
 
-    table = top(group_flows(report.flows, args.by), sort=args.sort, n=args.top, by=args.by)
+    if args.by == "flow":
+        table: Any = top(report.records, sort=args.sort, n=args.top, by=args.by)
+    else:
+        from vspan.analysis.groupings import group_flows
+
+        table = top(group_flows(report.flows, args.by), sort=args.sort, n=args.top, by=args.by)
     if args.output:
         with open(args.output, "wb") as out:
             render(table, args.format, out)

@@ -136,17 +136,21 @@ import json, sys
 from vspan import _kernels
 from vspan.analysis.report import analyze_captures
 from vspan.analysis.engine import Engine, warm_batch
+from vspan.analysis.textrows import text_blocks
 from vspan.synth import generate_small
 report = analyze_captures(sys.argv[1:], chunk_bytes=1 << 14)
 engine = Engine()
 engine.process(generate_small(3).frames)
 engine.flush()
 flows = engine.drain()
+text = {f: b"".join(text_blocks(report.records, f)).decode() for f in ("json", "csv")}
 print(json.dumps({
     "mode": _kernels.kernel_mode(),
     "numba": "numba" in sys.modules,
     "flows": report.flows.to_json(orient="records"),
     "summary": report.summary.to_json(orient="records"),
+    "json": text["json"],
+    "csv": text["csv"],
     "engine": flows.sort_values(list(flows.columns)).to_json(orient="records"),
 }))
 """
@@ -174,7 +178,7 @@ def test_compiled_entries_serve_report_and_engine_without_numba(
     jit = json.loads(python(REPORT.replace("sys.argv[1:]", repr(files)), VSPAN_KERNELS="jit"))
     assert (ahead["mode"], ahead["numba"]) == ("aot", False)
     assert (jit["mode"], jit["numba"]) == ("jit", True)
-    for part in ("flows", "summary", "engine"):
+    for part in ("flows", "summary", "engine", "json", "csv"):
         assert ahead[part] == jit[part]
     assert len(json.loads(ahead["flows"])) > 100
 
