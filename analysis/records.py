@@ -190,11 +190,9 @@ def flow_table(
     tagged = col["tagged"].astype(np.bool_)
     same_src = src_local & (src_host == observer)
     same_dst = dst_local & (dst_host == observer)
+    seen = np.concatenate([observer, src_host, dst_host, col["observer_other"].clip(0)])
     host_table: dict[int, str | None] = {
-        int(h): hosts.name(int(h))
-        for h in np.unique(
-            np.concatenate([observer, src_host, dst_host, col["observer_other"].clip(0)])
-        )
+        h: hosts.name(h) for (h,) in _factorize(seen.astype(np.int64))[1]
     }
     is_icmp = (col["proto"] == 1) | (col["proto"] == 58)
     tc = ((port_src & int(ICMP_TYPE_CODE)) != 0) & is_icmp

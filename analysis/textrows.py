@@ -51,7 +51,8 @@ def _put(out: U8, p: int, src: U8, start: int, stop: int) -> int:
 
 @kernel
 def _put_digits(out: U8, p: int, value: np.uint64, width: int) -> int:
-    """``value`` in decimal, zero-padded to at least ``width`` digits."""
+    """``value`` in decimal, zero-padded to at least ``width`` digits. (Unsigned: numba's
+    signed division and remainder round toward minus infinity, with a fix-up each.)"""
     n = 1
     rest = value // np.uint64(10)
     while rest:
@@ -104,13 +105,15 @@ def _put_time(out: U8, p: int, ns: np.int64) -> int:
     day = doy - (153 * mp + 2) // 5 + 1
     month = mp + 3 if mp < 10 else mp - 9
     year = yoe + era * 400 + (1 if month <= 2 else 0)
-    fields = (year, month, day, sod // 3600, sod // 60 % 60, sod % 60)
+    p = _put_digits(out, p, np.uint64(year), 4)
+    two = (month, day, sod // 3600, sod // 60 % 60, sod % 60)
     marks = (45, 45, 84, 58, 58, 46)  # - - T : : .
-    for i in range(6):
-        p = _put_digits(out, p, np.uint64(fields[i]), 4 if i == 0 else 2)
-        out[p] = marks[i]
-        p += 1
-    p = _put_digits(out, p, np.uint64(us - secs * 1_000_000), 6)
+    out[p] = marks[0]
+    for i in range(5):
+        out[p + 1 + 3 * i] = 48 + two[i] // 10
+        out[p + 2 + 3 * i] = 48 + two[i] % 10
+        out[p + 3 + 3 * i] = marks[i + 1]
+    p = _put_digits(out, p + 16, np.uint64(us - secs * 1_000_000), 6)
     out[p] = 90  # Z
     return p + 1
 
@@ -118,13 +121,6 @@ def _put_time(out: U8, p: int, ns: np.int64) -> int:
 NULL, QUOTE, ROW_OPEN, ROW_CLOSE, ROW_SEP, PREFIX = range(6)
 """Pieces of text the writer copies: the first five, then each column's prefix, then the
 dictionary entries."""
-
-
-@kernel
-def _piece(out: U8, p: int, pieces: tuple[I64, U8], k: int) -> int:
-    """Copy piece ``k``."""
-    offsets, text = pieces
-    return _put(out, p, text, offsets[k], offsets[k + 1])
 
 
 @kernel
@@ -138,30 +134,34 @@ def _rows(
     """Rows ``start:stop`` as text. ``cells``: each column's kind, the values (rows ×
     columns), whether each is present, the piece of each coded column's first entry."""
     kinds, values, valid, entry = cells
+    offsets, text = pieces
     out = np.empty(capacity, np.uint8)
     p = 0
     for i in range(start, stop):
         if i > 0:
-            p = _piece(out, p, pieces, ROW_SEP)
-        p = _piece(out, p, pieces, ROW_OPEN)
+            p = _put(out, p, text, offsets[ROW_SEP], offsets[ROW_SEP + 1])
+        p = _put(out, p, text, offsets[ROW_OPEN], offsets[ROW_OPEN + 1])
         for c in range(kinds.size):
-            p = _piece(out, p, pieces, PREFIX + c)
+            p = _put(out, p, text, offsets[PREFIX + c], offsets[PREFIX + c + 1])
             v = values[i, c]
             kind = kinds[c]
             if not valid[i, c]:
-                p = _piece(out, p, pieces, NULL)
+                p = _put(out, p, text, offsets[NULL], offsets[NULL + 1])
             elif kind == CODED:
-                p = _piece(out, p, pieces, entry[c] + v)
+                p = _put(out, p, text, offsets[entry[c] + v], offsets[entry[c] + v + 1])
             elif kind == INT:
-                p, m = _magnitude(out, p, v)
-                p = _put_digits(out, p, m, 1)
+                if v >= 0:
+                    p = _put_digits(out, p, np.uint64(v), 1)
+                else:
+                    p, m = _magnitude(out, p, v)
+                    p = _put_digits(out, p, m, 1)
             elif kind == SECONDS:
                 p = _put_seconds(out, p, v)
             else:
-                p = _piece(out, p, pieces, QUOTE)
+                p = _put(out, p, text, offsets[QUOTE], offsets[QUOTE + 1])
                 p = _put_time(out, p, v)
-                p = _piece(out, p, pieces, QUOTE)
-        p = _piece(out, p, pieces, ROW_CLOSE)
+                p = _put(out, p, text, offsets[QUOTE], offsets[QUOTE + 1])
+        p = _put(out, p, text, offsets[ROW_CLOSE], offsets[ROW_CLOSE + 1])
     return out[:p]
 
 
