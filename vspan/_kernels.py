@@ -5,8 +5,9 @@ one, chosen when this module is imported:
 
 * **AOT.** ``python -m vspan.aot`` (``./run.sh`` runs it) compiles every kernel, for each
   argument types a workload calls it with, into one extension module in the kernel cache
-  (``<cache>/<digest>/aot``). When that module exists for the current source digest, a
-  kernel is a ``Kernel`` that calls its compiled entry for the types of its arguments, and
+  (``aot_dir``: ``<cache>/<digest>/aot-<python>-numpy<major>``). When that module exists
+  for the current source digest and interpreter, a kernel is a ``Kernel`` that calls its
+  compiled entry for the types of its arguments, and
   numba is not imported at all: a process starts about 0.25 s sooner (numba's import and its
   first-dispatch set-up), which is most of ``vspan report``'s start-up.
 * **JIT.** Otherwise (no module for this digest, ``VSPAN_KERNELS=jit``, or a call with
@@ -40,7 +41,15 @@ from typing import Any, Final, TypeVar, cast
 
 import numpy as np
 
-__all__ = ["AOT_MODULE", "Kernel", "arg_key", "kernel", "kernel_mode", "literal_unroll"]
+__all__ = [
+    "AOT_MODULE",
+    "Kernel",
+    "aot_dir",
+    "arg_key",
+    "kernel",
+    "kernel_mode",
+    "literal_unroll",
+]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _log = logging.getLogger(__name__)
@@ -150,13 +159,20 @@ class Kernel:
         return self.dispatcher(*args)
 
 
+def aot_dir(cache: Path) -> Path:
+    """Where the AOT module of a digest's ``cache`` is for this interpreter: an extension
+    module is built for one Python ABI and one numpy C API (major version)."""
+    numpy_major = np.__version__.split(".", 1)[0]
+    return cache / f"aot-{sys.implementation.cache_tag}-numpy{numpy_major}"
+
+
 def _load_aot(digest: str) -> dict[str, dict[Hashable, Callable[..., Any]]] | None:
     """The entries of the AOT module built for ``digest``, by kernel; None if there is none
     (or it cannot be loaded: another Python, a partial build)."""
     if os.environ.get(MODE_ENV) == "jit" or (here := cache_dir(digest)) is None:
         return None
-    built = sorted((here / "aot").glob(f"{AOT_MODULE}.*.so"))
-    manifest = here / "aot" / f"{AOT_MODULE}.json"
+    built = sorted(aot_dir(here).glob(f"{AOT_MODULE}.*.so"))
+    manifest = aot_dir(here) / f"{AOT_MODULE}.json"
     if not built or not manifest.is_file():
         return None
     try:

@@ -5,8 +5,9 @@ that goes through every path that calls kernels: ``vspan report`` over pcapng an
 pcap, the engine's decode, endpoints and flow table (with expiry and eviction), pcap and
 pcapng writing with comments, reading the comments back, and the AF_PACKET ring walk. Each
 kernel is then exported for every argument types numba compiled it for, with
-``numba.pycc``, into ``<kernel cache>/<digest>/aot/vspan_kernels.*.so``, and a manifest
-maps (kernel, argument types as ``_kernels.arg_key`` gives them) to its entry.
+``numba.pycc``, into ``<kernel cache>/<digest>/aot-<python>-numpy<major>/vspan_kernels.*.so``
+(``_kernels.aot_dir``: one per interpreter and numpy C API), and a manifest maps (kernel,
+argument types as ``_kernels.arg_key`` gives them) to its entry.
 
 The entries release the GIL as the JIT kernels do (``nogil=True``), and are compiled for
 this machine's CPU (the cache is per machine). A build takes about half a minute; it needs
@@ -29,7 +30,7 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
-from vspan._kernels import AOT_MODULE, MODE_ENV, cache_dir, source_digest
+from vspan._kernels import AOT_MODULE, MODE_ENV, aot_dir, cache_dir, source_digest
 
 __all__ = ["build", "main", "type_key"]
 
@@ -171,13 +172,13 @@ def build(*, force: bool = False, quiet: bool = False) -> Path:
     here = cache_dir(digest)
     if here is None:
         raise OSError("no writable place for the kernel cache")
-    final = here / "aot"
+    final = aot_dir(here)
     if not force and (final / f"{AOT_MODULE}.json").is_file():
         if not quiet:
             print(f"vspan: kernels already compiled ahead of time in {final}")
         return final
     started = time.monotonic()
-    staging = Path(tempfile.mkdtemp(prefix="aot-", dir=here))
+    staging = Path(tempfile.mkdtemp(prefix="staging-", dir=here))
     try:
         env = {**os.environ, MODE_ENV: "jit"}
         done = subprocess.run(

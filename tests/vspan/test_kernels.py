@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from enum import IntEnum
@@ -204,3 +205,16 @@ print(before, after, grown.shape, int(dec.src_port[0]), int(dec.dst_port[0]))
 
     dec = decode_batch(warm_batch())
     assert out[6:] == [str(int(dec.src_port[0])), str(int(dec.dst_port[0]))]
+
+
+def test_a_module_built_for_another_interpreter_is_not_loaded(built: Path, tmp_path: Path) -> None:
+    digest = _kernels.source_digest()
+    assert built == _kernels.aot_dir(built.parent)
+    assert sys.implementation.cache_tag in built.name
+    assert f"numpy{np.__version__.split('.')[0]}" in built.name
+    mode = "from vspan import _kernels; print(_kernels.kernel_mode())"
+    other = tmp_path / digest / "aot-cpython-399-numpy9"  # what another Python built
+    shutil.copytree(built, other)
+    assert python(mode, NUMBA_CACHE_DIR=str(tmp_path)).strip() == "jit"
+    other.rename(tmp_path / digest / built.name)  # the same files, for this Python
+    assert python(mode, NUMBA_CACHE_DIR=str(tmp_path)).strip() == "aot"
