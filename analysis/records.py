@@ -79,6 +79,7 @@ _KIND_MASK = ~((np.uint64(1) << np.uint64(62)) - np.uint64(1))
 _PAYLOAD = (np.uint64(1) << np.uint64(62)) - np.uint64(1)
 _NO_VLAN = 0xFFFF
 _SCOPES = ("intra-host", "cross-host", "external")
+_MASK64 = (1 << 64) - 1
 
 I64 = npt.NDArray[np.int64]
 
@@ -108,18 +109,24 @@ def _factorize(*columns: npt.NDArray[Any]) -> tuple[I64, list[tuple[int, ...]]]:
     return codes, [tuple(row) for row in rows]
 
 
-def _ip_strings(hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64]) -> Texts:
-    """Text of each address; IPv4-mapped addresses print as IPv4; 0 (non-IP) as None."""
-    codes, uniq = _factorize(hi, lo)
-    text: list[str | None] = []
-    mask = (1 << 64) - 1
-    for h, low in uniq:
-        if h == 0 and low == 0:
-            text.append(None)
-            continue
-        addr = ipaddress.IPv6Address(((h & mask) << 64) | (low & mask))
-        text.append(str(addr.ipv4_mapped) if addr.ipv4_mapped is not None else str(addr))
-    return Texts(codes, tuple(text))
+def _ip_text(hi: int, lo: int) -> str | None:
+    """An address as text: IPv4-mapped ones as IPv4, others as IPv6 (RFC 5952); None for
+    0 (non-IP)."""
+    hi, lo = hi & _MASK64, lo & _MASK64
+    if hi == 0 and lo >> 32 == 0xFFFF:
+        return f"{lo >> 24 & 0xFF}.{lo >> 16 & 0xFF}.{lo >> 8 & 0xFF}.{lo & 0xFF}"
+    if hi == 0 and lo == 0:
+        return None
+    return str(ipaddress.IPv6Address(hi << 64 | lo))
+
+
+def _ip_strings(src: tuple[I64, I64], dst: tuple[I64, I64]) -> tuple[Texts, Texts]:
+    """Source and destination addresses as texts (``_ip_text``), each distinct address of
+    either side formatted once."""
+    n = len(src[0])
+    codes, uniq = _factorize(np.concatenate([src[0], dst[0]]), np.concatenate([src[1], dst[1]]))
+    text = tuple(_ip_text(h, lo) for h, lo in uniq)
+    return Texts(codes[:n], text), Texts(codes[n:], text)
 
 
 def _names(values: I64, table: Mapping[int, str | None]) -> Texts:
@@ -212,6 +219,7 @@ def flow_table(
             for a, b in pairs
         ),
     )
+    src_ip, dst_ip = _ip_strings((ip_src_hi, ip_src_lo), (ip_dst_hi, ip_dst_lo))
     first_ns, last_ns = col["start_ns"], col["last_ns"]
     delay_us = col["delay_ns"] / 1e3 if "delay_ns" in col else np.full(n, np.nan)
     is_tcp = col["proto"] == 6
@@ -228,8 +236,8 @@ def flow_table(
         "vlan": _nullable(col["vlan"], col["vlan"] != _NO_VLAN),
         "ethertype": Ints(col["ethertype"].astype(np.int64)),
         "proto": _nullable(col["proto"], is_ip),
-        "src_ip": _ip_strings(ip_src_hi.view(np.uint64), ip_src_lo.view(np.uint64)),
-        "dst_ip": _ip_strings(ip_dst_hi.view(np.uint64), ip_dst_lo.view(np.uint64)),
+        "src_ip": src_ip,
+        "dst_ip": dst_ip,
         "src_port": _nullable(port_src, has_ports),
         "dst_port": _nullable(port_dst, has_ports),
         "icmp_type": _nullable((port_src >> 8) & 0xFF, tc),
