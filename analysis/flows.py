@@ -141,10 +141,6 @@ class Finished:
         cols = _columns(self.keys, self.state, self.times)
         return {name: cols[name] for name in FLOW_COLUMNS}
 
-    def take(self, rows: npt.NDArray[np.int64]) -> Finished:
-        """The rows at ``rows``, in that order."""
-        return Finished(self.keys[rows], self.state[rows], self.times[rows])
-
     @staticmethod
     def concat(parts: list[Finished]) -> Finished:
         """The rows of ``parts``, in order."""
