@@ -269,10 +269,9 @@ def text_blocks(table: RecordTable, fmt: str) -> Iterator[bytes]:
         kinds[c], entry[c], values[:, c] = CODED, len(parts), codes
         parts.extend(encoded)
         row_width += max(map(len, encoded), default=0)
-    pieces = _pieces(parts)
+    pieces, cells = _pieces(parts), (kinds, values, valid, entry)
     yield syntax.head(names).encode()
     for start in range(0, n, BLOCK_ROWS):
         stop = min(n, start + BLOCK_ROWS)
-        cells = (kinds, values, valid, entry)
         yield _rows(cells, pieces, start, stop, (stop - start) * row_width).tobytes()
     yield syntax.tail.encode()
