@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -202,10 +202,14 @@ GATHER_STEP: Final = 1 << 20
 """Output bytes per step of ``gather_runs``: its index arrays stay in the CPU cache."""
 
 
+_Item = TypeVar("_Item", bound=np.generic)
+
+
 def gather_runs(
-    data: npt.NDArray[np.uint8], start: npt.ArrayLike, length: npt.ArrayLike
-) -> npt.NDArray[np.uint8]:
-    """``data[start[i]:start[i] + length[i]]`` for every ``i``, back to back, in a new array.
+    data: npt.NDArray[_Item], start: npt.ArrayLike, length: npt.ArrayLike
+) -> npt.NDArray[_Item]:
+    """``data[start[i]:start[i] + length[i]]`` for every ``i``, back to back, in a new array
+    (of bytes, or of ``data``'s items whatever their type).
 
     A gather with index arithmetic (``repeat`` + ``arange``), done in steps of about
     ``GATHER_STEP`` output bytes (one step per MiB, not per run); runs that already sit back
@@ -214,7 +218,8 @@ def gather_runs(
     length = np.asarray(length, dtype=np.int64)
     start = np.asarray(start, dtype=np.int64)
     ends = np.cumsum(length)
-    out = np.empty(int(ends[-1]) if ends.size else 0, dtype=np.uint8)
+    out = np.empty(int(ends[-1]) if ends.size else 0, dtype=data.dtype)
+    step = max(1, GATHER_STEP // data.itemsize)
     if out.size == 0:
         return out
     if np.array_equal(start[1:], start[:-1] + length[:-1]):
@@ -223,7 +228,7 @@ def gather_runs(
     begin = ends - length
     first, n = 0, int(start.size)
     while first < n:
-        last = int(np.searchsorted(ends, begin[first] + GATHER_STEP, side="right"))
+        last = int(np.searchsorted(ends, begin[first] + step, side="right"))
         last = max(last, first + 1)
         lo, hi = int(begin[first]), int(ends[last - 1])
         pos = np.arange(lo, hi, dtype=np.int64)

@@ -243,3 +243,15 @@ def test_gather_runs_in_several_steps() -> None:
         gather_runs(data, back_to_back + 7, length).tobytes() == data[7 : 7 + len(want)].tobytes()
     )
     assert gather_runs(data, start[:0], length[:0]).size == 0
+
+
+def test_gather_runs_of_wider_items_in_several_steps() -> None:
+    rng = np.random.default_rng(6)
+    data = rng.integers(-(2**62), 2**62, 1 << 20)  # int64: a step holds 1/8 of the items
+    length = rng.integers(0, 1000, 1000).astype(np.int64)
+    start = rng.integers(0, data.size - 1000, 1000).astype(np.int64)
+    assert int(length.sum()) * data.itemsize > 3 * GATHER_STEP
+    got = gather_runs(data, start, length)
+    assert got.dtype == data.dtype
+    want = [v for s, n in zip(start, length, strict=True) for v in data[s : s + n].tolist()]
+    assert got.tolist() == want
