@@ -61,7 +61,6 @@ def _workload(tmp: Path) -> None:
     """Call every kernel the way vspan does (numba compiles each for those types)."""
     import numpy as np
 
-    from collectors import _tpacket
     from vspan.analysis.decode import decode_batch
     from vspan.analysis.endpoints import EndpointResolver
     from vspan.analysis.engine import Engine, EngineConfig, warm_up
@@ -70,6 +69,7 @@ def _workload(tmp: Path) -> None:
     from vspan.analysis.report import analyze_captures
     from vspan.analysis.ring_comments import epb_comments
     from vspan.analysis.textrows import TEXT_FORMATS, text_blocks
+    from vspan.collectors import _tpacket
     from vspan.inventory import Inventory
     from vspan.pcapfile import CaptureReader
     from vspan.pcapwrite import PcapngWriter

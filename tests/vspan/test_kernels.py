@@ -218,3 +218,17 @@ def test_a_module_built_for_another_interpreter_is_not_loaded(built: Path, tmp_p
     assert python(mode, NUMBA_CACHE_DIR=str(tmp_path)).strip() == "jit"
     other.rename(tmp_path / digest / built.name)  # the same files, for this Python
     assert python(mode, NUMBA_CACHE_DIR=str(tmp_path)).strip() == "aot"
+
+
+def test_the_collectors_ring_walk_has_compiled_entries(built: Path) -> None:
+    # Regression: the build imported the module as ``collectors._tpacket``, a name that
+    # only exists in a checkout's root, so its entries were keyed under a name the
+    # installed package never uses and the first ring switched the collector to numba.
+    code = """
+import sys
+from vspan import _kernels
+from vspan.collectors import _tpacket
+_tpacket._compile_kernels()
+print(_kernels.kernel_mode(), "numba" in sys.modules)
+"""
+    assert python(code).split() == ["aot", "False"]
