@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 
 import numpy as np
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vspan.analysis.records import _ip_strings, _ip_text
@@ -37,6 +37,7 @@ def test_an_address_prints_as_ipaddress_does(value: int) -> None:
     assert _ip_text(_signed(value >> 64), _signed(value & (2**64 - 1))) == _oracle(value)
 
 
+@settings(deadline=None)  # the first call may compile the factorize kernel
 @given(st.lists(st.tuples(ADDRESS, ADDRESS), max_size=20))
 def test_both_sides_share_one_table(pairs: list[tuple[int, int]]) -> None:
     def words(values: list[int]) -> tuple[np.ndarray, np.ndarray]:
