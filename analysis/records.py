@@ -91,22 +91,13 @@ def _swap(a: I64, b: I64, rev: npt.NDArray[np.bool_]) -> tuple[I64, I64]:
 def _factorize(*columns: npt.NDArray[Any]) -> tuple[I64, list[tuple[int, ...]]]:
     """Codes per row and the distinct value tuples of one or more 64-bit integer columns
     (hash-based: records are formatted once per distinct value, not once per row)."""
-    codes = np.zeros(len(columns[0]), dtype=np.int64)
-    levels: list[npt.NDArray[np.uint64]] = []
-    for column in columns:  # mixed-radix codes of the columns' own codes
-        keys = np.ascontiguousarray(column).astype(np.int64, copy=False).view(np.uint64)
-        col_codes, uniq, _ = factorize(keys)
-        levels.append(uniq)
+    ints = [np.ascontiguousarray(c).astype(np.int64, copy=False) for c in columns]
+    codes = np.zeros(len(ints[0]), dtype=np.int64)
+    for column in ints:  # mixed-radix codes of the columns' own codes
+        col_codes, uniq, _ = factorize(column.view(np.uint64))
         codes = codes * len(uniq) + col_codes
-    codes, combined, _ = factorize(codes.view(np.uint64))
-    parts = []
-    rest = combined.view(np.int64)
-    for level in reversed(levels):
-        parts.append(level[rest % len(level)] if len(level) else rest)
-        rest = rest // max(len(level), 1)
-    signed = [np.asarray(p).view(np.int64) for p in reversed(parts)]
-    rows = zip(*(p.tolist() for p in signed), strict=True)
-    return codes, [tuple(row) for row in rows]
+    codes, _, first = factorize(codes.view(np.uint64))
+    return codes, list(zip(*(c[first].tolist() for c in ints), strict=True))
 
 
 def _ip_text(hi: int, lo: int) -> str | None:
