@@ -37,8 +37,8 @@ from vspan.analysis.flowkeys import usable
 from vspan.analysis.flows import FLOW_COLUMNS, FlowConfig, FlowTable
 from vspan.analysis.ingest import ingest
 from vspan.analysis.receivers import Chunk
-from vspan.analysis.report import frame_summary
-from vspan.batch import FrameBatch, LinkType
+from vspan.analysis.report import undecodable
+from vspan.batch import FrameBatch
 
 __all__ = ["Engine", "EngineConfig"]
 
@@ -61,13 +61,10 @@ _WARM_FRAME = bytes.fromhex(
 
 
 def warm_batch() -> FrameBatch:
-    """One UDP frame (``_WARM_FRAME``) as a batch: what ``warm_up`` runs through."""
-    one = np.full(1, len(_WARM_FRAME), np.int32)
-    return FrameBatch(
-        data=np.frombuffer(_WARM_FRAME, np.uint8), offset=np.zeros(1, np.int64), caplen=one,
-        origlen=one, ts_ns=np.zeros(1, np.int64),
-        linktype=np.full(1, LinkType.ETHERNET, np.uint16),
-    )  # fmt: skip
+    """One UDP frame (``_WARM_FRAME``) as a batch: what ``warm_up`` runs through. Its buffer
+    is writable, as the receivers' are: numba compiles (and loads) a kernel separately for
+    read-only arrays."""
+    return FrameBatch.from_frames([_WARM_FRAME])
 
 
 def warm_up() -> None:
@@ -139,7 +136,7 @@ class Engine:
         self.decoded = 0
         """Frames usable for flows."""
         self.undecodable: dict[str, int] = {}
-        """Frames not usable for flows, by ``frame_summary`` reason."""
+        """Frames not usable for flows, by ``report.undecodable`` reason."""
         self.flows_finished = 0
         self.evicted = 0
         """Flows finished early because the table was full."""
@@ -213,10 +210,8 @@ class Engine:
         self.bytes += int(dec.wirelen.sum(dtype=np.int64))
         self.decoded += int(np.count_nonzero(ok))
         if not ok.all():
-            summary = frame_summary(dec, ok)
-            bad = summary[summary["category"] == "not decodable"]
-            for reason, n in zip(bad["reason"], bad["frames"], strict=True):
-                self.undecodable[reason] = self.undecodable.get(reason, 0) + int(n)
+            for reason, n in undecodable(dec, ok):
+                self.undecodable[reason] = self.undecodable.get(reason, 0) + n
         good = dec if ok.all() else dec.take(np.flatnonzero(ok))
         if self._inventory is not None:
             self._resolver.directory = self._inventory()

@@ -39,9 +39,9 @@ __all__ = [
     "CaptureReport",
     "FileStatus",
     "analyze_captures",
-    "frame_summary",
     "import_in_background",
     "prefetch",
+    "undecodable",
 ]
 
 T = TypeVar("T")
@@ -97,7 +97,7 @@ _BAD_BASE = 0x20000
 
 
 def _describe(code: int) -> tuple[str, str]:
-    """(category, reason) of a summary code (see ``frame_summary``)."""
+    """(category, reason) of a summary code (see ``_summary_counts``)."""
     if code < _NON_IP_BASE:
         return "flow", f"IPv{code}"
     if code < _BAD_BASE:
@@ -108,20 +108,14 @@ def _describe(code: int) -> tuple[str, str]:
     return "not decodable", reason
 
 
-def frame_summary(dec: Decoded, ok: npt.NDArray[np.bool_]) -> pd.DataFrame:
-    """Frames by outcome: IP and non-IP frames in flows; the rest by status and layer."""
-    import pandas as pd
-
-    codes, counts = _summary_counts(dec, ok)
-    described = [_describe(int(c)) for c in codes.tolist()]
-    return pd.DataFrame(
-        {
-            "category": [d[0] for d in described],
-            "reason": [d[1] for d in described],
-            "frames": counts,
-        },
-        columns=["category", "reason", "frames"],
-    )
+def undecodable(dec: Decoded, ok: npt.NDArray[np.bool_]) -> list[tuple[str, int]]:
+    """(reason, frames) of the frames not usable for flows, by status and layer."""
+    out = []
+    for code, frames in zip(*(c.tolist() for c in _summary_counts(dec, ok)), strict=True):
+        category, reason = _describe(code)
+        if category == "not decodable":
+            out.append((reason, frames))
+    return out
 
 
 def _summary_counts(
