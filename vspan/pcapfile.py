@@ -289,22 +289,15 @@ class CaptureReader:
                     mapped.madvise(mmap.MADV_DONTNEED, 0, behind)
             end = min(size, stop + max(self.chunk_bytes, need))
             _populate(mapped, stop, end)
-            parts: list[Parsed] = []
-            walked = stop
-            while walked < end:  # one walk (it loads lines ahead of itself)
-                walked = end
-                parser = self._parser or self._sniff(buf[:walked])
-                parts.append(parser.parse(buf, stop, walked))
-                stop = parts[-1].stop
-                if parts[-1].error is not None:
-                    break
-            need, error = parts[-1].need, parts[-1].error
-            eof = walked >= size
-            if error is None and stop < walked and eof and need > size - stop:
+            parser = self._parser or self._sniff(buf[:end])
+            part = parser.parse(buf, stop, end)  # one walk (it loads lines ahead of itself)
+            stop, need, error = part.stop, part.need, part.error
+            eof = end >= size
+            if error is None and stop < end and eof and need > size - stop:
                 error = f"{parser.unit} truncated: needs {need} bytes, the file has {size - stop}"
             self.bytes_read = stop
-            if any(len(part.rec) for part in parts):
-                yield self._batch(buf, parts, parser.names)
+            if len(part.rec):
+                yield self._batch(buf, [part], parser.names)
             if error is not None:
                 failure = self._fail(stop, error)
                 if self.strict:
