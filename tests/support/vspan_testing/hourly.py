@@ -19,9 +19,9 @@ import pandas as pd
 
 from vspan.analysis.inventory_state import InventoryState
 from vspan.analysis.store import Store
-from vspan.api.server import HttpServer
 from vspan.api.views_app import install_views
 from vspan.inventory import Host, Inventory, Nic, Vm
+from vspan_testing.readstore import serve
 from vspan_testing.served import Client, Source
 
 HOUR = 3600 * 10**9
@@ -110,9 +110,5 @@ def serve_hourly(folder: Path, *, seed: int = 1) -> Iterator[HourlyServed]:
 
         app = FastAPI()
         install_views(app, Source(store, state, folder, lambda: now))
-        server = HttpServer(app, "127.0.0.1", 0)
-        server.start()
-        try:
-            yield HourlyServed(f"http://127.0.0.1:{server.port}", data)
-        finally:
-            server.stop()
+        with serve(app) as url:
+            yield HourlyServed(url, data)
