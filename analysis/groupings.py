@@ -11,10 +11,9 @@ from typing import Final
 import numpy as np
 import pandas as pd
 
-from vspan.analysis.options import GROUPINGS, SORTS
-from vspan.analysis.ranking import top
+from vspan.analysis.options import GROUPINGS
 
-__all__ = ["GROUPINGS", "SORTS", "group_flows", "top"]
+__all__ = ["GROUPINGS", "group_flows"]
 
 
 PROTOCOL_NAMES: Final = {
