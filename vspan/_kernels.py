@@ -43,8 +43,11 @@ import numpy as np
 
 __all__ = [
     "AOT_MODULE",
+    "CACHE",
+    "DIGEST",
     "Kernel",
     "aot_dir",
+    "aot_files",
     "arg_key",
     "kernel",
     "kernel_mode",
@@ -166,17 +169,23 @@ def aot_dir(cache: Path) -> Path:
     return cache / f"aot-{sys.implementation.cache_tag}-numpy{numpy_major}"
 
 
-def _load_aot(digest: str) -> dict[str, dict[Hashable, Callable[..., Any]]] | None:
-    """The entries of the AOT module built for ``digest``, by kernel; None if there is none
-    (or it cannot be loaded: another Python, a partial build)."""
-    if os.environ.get(MODE_ENV) == "jit" or (here := cache_dir(digest)) is None:
+def aot_files(cache: Path) -> tuple[Path, Path] | None:
+    """The AOT module and its manifest in a digest's ``cache``, for this interpreter; None
+    unless both are there."""
+    here = aot_dir(cache)
+    built = sorted(here.glob(f"{AOT_MODULE}.*.so"))
+    manifest = here / f"{AOT_MODULE}.json"
+    return (built[0], manifest) if built and manifest.is_file() else None
+
+
+def _load_aot(cache: Path | None) -> dict[str, dict[Hashable, Callable[..., Any]]] | None:
+    """The entries of the AOT module in a digest's ``cache``, by kernel; None if there is
+    none (or it cannot be loaded: a partial build)."""
+    if os.environ.get(MODE_ENV) == "jit" or cache is None or (files := aot_files(cache)) is None:
         return None
-    built = sorted(aot_dir(here).glob(f"{AOT_MODULE}.*.so"))
-    manifest = aot_dir(here) / f"{AOT_MODULE}.json"
-    if not built or not manifest.is_file():
-        return None
+    built, manifest = files
     try:
-        spec = importlib.util.spec_from_file_location(AOT_MODULE, built[0])
+        spec = importlib.util.spec_from_file_location(AOT_MODULE, built)
         assert spec is not None
         assert spec.loader is not None
         module = importlib.util.module_from_spec(spec)
@@ -194,11 +203,14 @@ def _identity(container: Any) -> Any:
     return container
 
 
-_DIGEST: Final = source_digest()
+DIGEST: Final = source_digest()
+"""The digest of this package's sources, at import."""
+CACHE: Final = cache_dir(DIGEST)
+"""The kernel cache of ``DIGEST`` (None when no place is writable)."""
 
 
 class _State:
-    aot = _load_aot(_DIGEST)
+    aot = _load_aot(CACHE)
     """The entries while in AOT mode, else None."""
 
 
@@ -212,8 +224,8 @@ def _numba() -> Any:
     """numba, imported, with its cache under this digest's directory."""
     import numba
 
-    if (here := cache_dir(_DIGEST)) is not None:
-        cast(Any, numba.config).CACHE_DIR = str(here)
+    if CACHE is not None:
+        cast(Any, numba.config).CACHE_DIR = str(CACHE)
     return numba
 
 

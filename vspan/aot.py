@@ -30,7 +30,7 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
-from vspan._kernels import AOT_MODULE, MODE_ENV, aot_dir, cache_dir, source_digest
+from vspan._kernels import AOT_MODULE, CACHE, MODE_ENV, aot_dir, aot_files
 
 __all__ = ["build", "main", "type_key"]
 
@@ -168,12 +168,11 @@ def _compile(out: Path) -> int:
 def build(*, force: bool = False, quiet: bool = False) -> Path:
     """Build the AOT module for the current sources (unless built, or ``force``); return
     its directory."""
-    digest = source_digest()
-    here = cache_dir(digest)
+    here = CACHE
     if here is None:
         raise OSError("no writable place for the kernel cache")
     final = aot_dir(here)
-    if not force and (final / f"{AOT_MODULE}.json").is_file():
+    if not force and aot_files(here) is not None:
         if not quiet:
             print(f"vspan: kernels already compiled ahead of time in {final}")
         return final
