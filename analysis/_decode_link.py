@@ -14,7 +14,7 @@ import numpy as np
 
 from vspan._capture import kernel
 from vspan.batch import LinkType
-from vspan.vntag import ETAG_FIELDS, ETAG_LEN, VNTAG_FIELDS, VNTAG_LEN, EtherType
+from vspan.vntag import ETAG_FIELDS, ETAG_LAYOUT, ETAG_LEN, VNTAG_LAYOUT, VNTAG_LEN, EtherType
 
 from ._decode_common import (
     CAP,
@@ -84,19 +84,9 @@ _VID_MASK: Final = 0xFFF
 """The VLAN id in the TCI (after priority and DEI)."""
 
 
-def _layout(fields: tuple[tuple[str, int], ...], bits: int) -> dict[str, tuple[int, int]]:
-    """(shift, mask) of each field of a ``bits``-bit word, fields in wire order."""
-    out = {}
-    for name, width in fields:
-        bits -= width
-        out[name] = (bits, (1 << width) - 1)
-    return out
-
-
-_VN: Final = _layout(VNTAG_FIELDS, VNTAG_LEN * 8)
+_VN, _ET = VNTAG_LAYOUT, ETAG_LAYOUT
 _VN_D, _VN_P, _VN_L = _VN["d"], _VN["p"], _VN["l"]
 _VN_VERSION, _VN_DVIF, _VN_SVIF = _VN["version"], _VN["dvif"], _VN["svif"]
-_ET: Final = _layout(ETAG_FIELDS, ETAG_LEN * 8)
 _ET_PCP, _ET_DEI, _ET_GRP = _ET["pcp"], _ET["dei"], _ET["grp"]
 _ET_ECID, _ET_ECID_EXT = _ET["ecid_base"], _ET["ecid_ext"]
 _ET_IECID, _ET_IECID_EXT = _ET["iecid_base"], _ET["iecid_ext"]

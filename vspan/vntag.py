@@ -20,8 +20,10 @@ from vspan.errors import TruncatedError
 
 __all__ = [
     "ETAG_FIELDS",
+    "ETAG_LAYOUT",
     "ETAG_LEN",
     "VNTAG_FIELDS",
+    "VNTAG_LAYOUT",
     "VNTAG_LEN",
     "ETag",
     "EtherType",
@@ -91,8 +93,10 @@ def _layout(fields: tuple[tuple[str, int], ...], carrier_bits: int) -> dict[str,
     return out
 
 
-_VN: Final = _layout(VNTAG_FIELDS, VNTAG_LEN * 8)
-_ET: Final = _layout(ETAG_FIELDS, ETAG_LEN * 8)
+VNTAG_LAYOUT: Final = _layout(VNTAG_FIELDS, VNTAG_LEN * 8)
+"""(shift, mask) of each VN-Tag field in the 48-bit tag."""
+ETAG_LAYOUT: Final = _layout(ETAG_FIELDS, ETAG_LEN * 8)
+"""(shift, mask) of each E-TAG field in the 64-bit tag."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +121,7 @@ class VnTag:
     """The inner EtherType (or 802.3 length when at most 1500) after the tag."""
 
     def __post_init__(self) -> None:
-        for name, (_, mask) in _VN.items():
+        for name, (_, mask) in VNTAG_LAYOUT.items():
             value = getattr(self, name)
             if not 0 <= value <= mask:
                 raise ValueError(f"VN-Tag field {name}={value} out of range 0..{mask}")
@@ -172,14 +176,14 @@ def decode_vntag(data: bytes | memoryview, offset: int = 0) -> VnTag:
     """Decode the 4-byte VN-Tag and the inner EtherType at ``offset`` (just after 0x8926)."""
     _need(data, offset, VNTAG_LEN + 2, "VN-Tag")
     word, ethertype = struct.unpack_from("!IH", data, offset)
-    values = {name: (word >> shift) & mask for name, (shift, mask) in _VN.items()}
+    values = {name: (word >> shift) & mask for name, (shift, mask) in VNTAG_LAYOUT.items()}
     return VnTag(ethertype=ethertype, **values)
 
 
 def encode_vntag(tag: VnTag) -> bytes:
     """The 6 bytes of ``tag``: the 4-byte tag and the inner EtherType."""
     word = 0
-    for name, (shift, _) in _VN.items():
+    for name, (shift, _) in VNTAG_LAYOUT.items():
         word |= getattr(tag, name) << shift
     return struct.pack("!IH", word, tag.ethertype)
 
@@ -189,7 +193,7 @@ def decode_etag(data: bytes | memoryview, offset: int = 0) -> ETag:
     _need(data, offset, ETAG_LEN + 2, "E-TAG")
     hi, lo, ethertype = struct.unpack_from("!IHH", data, offset)
     word = (hi << 16) | lo
-    f = {name: (word >> shift) & mask for name, (shift, mask) in _ET.items()}
+    f = {name: (word >> shift) & mask for name, (shift, mask) in ETAG_LAYOUT.items()}
     return ETag(
         pcp=f["pcp"],
         dei=f["dei"],
@@ -214,7 +218,7 @@ def encode_etag(tag: ETag) -> bytes:
         "ecid_ext": tag.ecid >> 12,
     }
     word = 0
-    for name, (shift, _) in _ET.items():
+    for name, (shift, _) in ETAG_LAYOUT.items():
         word |= parts[name] << shift
     return struct.pack("!IHH", word >> 16, word & 0xFFFF, tag.ethertype)
 
@@ -238,7 +242,7 @@ class VnTagColumns:
 
 
 def _field(words: U32, name: str) -> U32:
-    shift, mask = _VN[name]
+    shift, mask = VNTAG_LAYOUT[name]
     return (words >> np.uint32(shift)) & np.uint32(mask)
 
 
@@ -274,7 +278,7 @@ def encode_vntag_array(
     arrays = np.broadcast_arrays(*(np.asarray(v, dtype=np.int64) for v in given.values()))
     word = np.zeros(arrays[0].shape, dtype=np.uint32)
     for name, values in zip(given, arrays, strict=True):
-        shift, mask = _VN[name]
+        shift, mask = VNTAG_LAYOUT[name]
         if values.size and (values.min() < 0 or values.max() > mask):
             raise ValueError(f"VN-Tag field {name} out of range 0..{mask}")
         word |= values.astype(np.uint32) << np.uint32(shift)
