@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vspan._capture import kernel
+from vspan.analysis._factorize import factorize
 from vspan.analysis.recordtable import Floats, Ints, RecordTable, Seconds, Times
 
 __all__ = ["TEXT_FORMATS", "text_blocks"]
@@ -260,9 +261,10 @@ def text_blocks(table: RecordTable, fmt: str) -> Iterator[bytes]:
                 valid[:, c] = col.valid
             row_width += _WIDTH[int(kinds[c])]
             continue
-        if isinstance(col, Floats):
-            distinct, codes = np.unique(col.values, return_inverse=True)
-            coded: tuple[object, ...] = tuple(distinct.tolist())
+        if isinstance(col, Floats):  # distinct by bits: -0.0 is not 0.0
+            bits = np.ascontiguousarray(col.values).view(np.uint64)
+            codes, distinct, _ = factorize(bits)
+            coded: tuple[object, ...] = tuple(distinct.view(np.float64).tolist())
         else:
             codes, coded = col.codes, col.values
         encoded = [syntax.value(v).encode() for v in coded]

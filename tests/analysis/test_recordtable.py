@@ -245,3 +245,11 @@ def test_report_writes_json_and_parquet_without_pandas(tmp_path: Any) -> None:
         == len(pd.read_parquet(tmp_path / "o.parquet"))
         == len(pd.read_csv(tmp_path / "o.csv"))
     )
+
+
+def test_negative_zero_keeps_its_sign() -> None:
+    # Regression: floats were made distinct by value (np.unique), so -0.0 printed as 0.0.
+    table = RecordTable({"f": Floats(np.array([0.0, -0.0]))})
+    assert _text(table, "csv").splitlines() == ["f", "0.0", "-0.0"]
+    signs = [math.copysign(1, row["f"]) for row in json.loads(_text(table, "json"))]
+    assert signs == [1.0, -1.0]
