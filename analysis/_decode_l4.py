@@ -35,7 +35,7 @@ from ._decode_common import (
     be16,
     byte,
 )
-from .columns import Decoded
+from .columns import ICMP_ECHO_TYPES, Decoded
 
 __all__ = ["l4_headers"]
 
@@ -46,8 +46,8 @@ _KIND = np.zeros(256, np.uint8)
 _KIND[list(_PROTOCOLS)] = list(_PROTOCOLS.values())
 _MIN_HEADER = np.array([0, 20, 8, 12, 8, 8], np.int64)
 """Smallest header of each kind, in bytes."""
-_ECHO: Final = {_ICMP: (0, 8), _ICMPV6: (128, 129)}
-"""Echo reply and request types, whose header carries an identifier."""
+_ECHO: Final = {_PROTOCOLS[p]: types for p, types in ICMP_ECHO_TYPES.items()}
+"""Echo reply and request types of each ICMP kind."""
 _ECHO_REPLY = np.full(_MIN_HEADER.size, -1, np.int64)
 _ECHO_REQUEST = np.full(_MIN_HEADER.size, -1, np.int64)
 for _kind, (_reply, _request) in _ECHO.items():

@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vspan._capture import kernel
+from vspan.analysis.columns import ICMP_ECHO_TYPES
 
 __all__ = [
     "DIRECTIONS",
@@ -35,7 +36,6 @@ __all__ = [
     "TAGGED_BIT",
     "TIME_SUMS",
     "Need",
-    "clear_index",
     "find_row",
     "flow_ports",
     "mix",
@@ -96,6 +96,7 @@ ICMP_TYPE_CODE: Final = np.uint64(1 << 16)
 """Marks a key "port" that holds ICMP ``type << 8 | code`` (non-echo messages); echo
 messages hold the identifier (< 2^16) in both ports."""
 _ICMP, _ICMPV6 = 1, 58
+_ICMP_ECHO, _ICMPV6_ECHO = ICMP_ECHO_TYPES[_ICMP], ICMP_ECHO_TYPES[_ICMPV6]
 
 
 class Need(IntEnum):
@@ -137,7 +138,7 @@ def flow_ports(
         p = ip_proto[i]
         if (p in (_ICMP, _ICMPV6)) and ip_version[i] != 0 and l4_offset[i] >= 0:
             t = icmp_type[i]
-            echo = (t in (0, 8)) if p == _ICMP else (t in (128, 129))
+            echo = (t in _ICMP_ECHO) if p == _ICMP else (t in _ICMPV6_ECHO)
             if echo:
                 sport[i] = np.uint64(icmp_id[i])
                 dport[i] = np.uint64(icmp_id[i])
@@ -217,12 +218,6 @@ def rebuild_index(index: npt.NDArray[np.int32], state: I64, n: int) -> None:
     """Fill an empty index with rows 0 .. n-1."""
     for row in range(n):
         _insert(index, state[row, _HASH], row)
-
-
-@kernel
-def clear_index(index: npt.NDArray[np.int32]) -> None:
-    """Empty the index."""
-    index[:] = 0
 
 
 @kernel
@@ -353,7 +348,7 @@ def remove_rows(
     """Finish the rows ``drop`` (sorted descending; ``fin`` has room for them): copy each
     out, then move the last row into its place. Return the rows left and finished."""
     rows, index, n = table
-    keys, state, times = rows
+    state = rows[1]
     fin_rows, nfin = fin
     for row in drop:
         _copy_out(row, rows, fin_rows, nfin)
@@ -361,9 +356,7 @@ def remove_rows(
         _unlink(index, state, row)
         last = n - 1
         if row != last:
-            keys[row, :] = keys[last, :]
-            state[row, :] = state[last, :]
-            times[row, :] = times[last, :]
+            _copy_out(last, rows, rows, row)
             _relink(index, state, last, row)
         n -= 1
     return n, nfin

@@ -18,11 +18,14 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["IPV4_MAPPED_PREFIX", "Decoded", "Layer", "Status", "TagKind"]
+__all__ = ["ICMP_ECHO_TYPES", "IPV4_MAPPED_PREFIX", "Decoded", "Layer", "Status", "TagKind"]
 
 IPV4_MAPPED_PREFIX = np.uint64(0x0000_FFFF_0000_0000)
 """IPv4 addresses are stored as IPv4-mapped IPv6 (``::ffff:a.b.c.d``): hi = 0,
 lo = this prefix | the 32-bit address."""
+ICMP_ECHO_TYPES = {1: (0, 8), 58: (128, 129)}
+"""IP protocol (ICMP, ICMPv6) → its echo reply and request types, the messages whose header
+carries an identifier (``icmp_id``): a request and its replies form one flow."""
 
 
 class Status(IntEnum):

@@ -307,7 +307,7 @@ class FlowTable:
         """``flush``, the flows as rows."""
         done = self._rows.finished(self._n)
         self._n = 0
-        kt.clear_index(self._index)
+        self._index.fill(0)
         self._oldest = np.iinfo(np.int64).max
         return done
 
