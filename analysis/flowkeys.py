@@ -1,4 +1,4 @@
-"""Per-frame flow keys: canonical bidirectional keys, direction, and copy roles, vectorized.
+"""Flow keys: what identifies a flow, each frame's key "ports", and which frames go in flows.
 
 A flow is keyed by both endpoints' identity (see ``endpoints``), the VLAN nearest the IP
 header, the EtherType, the IP protocol and the canonical address/port pair. The canonical
