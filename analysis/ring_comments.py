@@ -14,9 +14,9 @@ from typing import Final
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
 
 from vspan._capture import kernel, u16, u32
+from vspan.analysis._factorize import factorize
 from vspan.batch import FrameBatch
 
 __all__ = ["epb_comments"]
@@ -86,9 +86,8 @@ def epb_comments(batch: FrameBatch) -> list[str | None]:
     if rows.size == 0:
         return list(out)
     found = spans[rows]
-    codes, _ = pd.factorize(found[:, 2])  # by hash; ``_same`` checks every frame's bytes
-    first = np.full(codes.max() + 1, rows.size, np.int64)
-    np.minimum.at(first, codes, np.arange(rows.size))
+    hashes = np.ascontiguousarray(found[:, 2]).view(np.uint64)
+    codes, _, first = factorize(hashes)  # by hash; ``_same`` checks every frame's bytes
     same = _same(data, found, first[codes])
 
     def text(k: int) -> str:
