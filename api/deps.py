@@ -141,12 +141,9 @@ ProfilesDep = Annotated[ProfilesFor, Depends(get_profiles_for)]
 # --- the read API -----------------------------------------------------------------------
 
 
-def get_store(request: Request) -> Store:
-    """The analyzer's store (``app.state.store``)."""
-    store = getattr(request.app.state, "store", None)
-    if not isinstance(store, Store):
-        raise RuntimeError("read API not installed: call install_read_api(app, store=...)")
-    return store
+_STORE = AppContext("store", Store, "read API not installed: call install_read_api(app, store=...)")
+get_store = _STORE.get
+"""The analyzer's store (``app.state.store``)."""
 
 
 StoreDep = Annotated[Store, Depends(get_store)]
