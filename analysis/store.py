@@ -48,8 +48,14 @@ __all__ = ["FILE_NAME", "RetentionResult", "Store", "StoreError", "StoreSize"]
 FILE_NAME: Final = "vspan.duckdb"
 _DAY_NS: Final = 86_400 * 10**9
 _NULLABLE: Final = {
-    getattr(pa, name)(): pd.api.types.pandas_dtype(name.capitalize().replace("Ui", "UI"))
-    for name in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+    pa.int8(): pd.Int8Dtype(),
+    pa.int16(): pd.Int16Dtype(),
+    pa.int32(): pd.Int32Dtype(),
+    pa.int64(): pd.Int64Dtype(),
+    pa.uint8(): pd.UInt8Dtype(),
+    pa.uint16(): pd.UInt16Dtype(),
+    pa.uint32(): pd.UInt32Dtype(),
+    pa.uint64(): pd.UInt64Dtype(),
 }
 """Integer columns come back as pandas nullable integers (not floats with NaN)."""
 
