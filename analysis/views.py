@@ -24,6 +24,7 @@ from vspan.inventory import InventoryView, Vm, format_mac
 
 from .queries import json_rows, parse_time
 from .store import Store
+from .store_schema import quote
 from .store_sql import flows_where
 
 __all__ = [
@@ -73,10 +74,11 @@ def _totals(
     where = flows_where(
         vm=vm, host=None, scope=None, proto=None, ip=None, port=None, since=since, until=until
     )
-    dims = [f'"{d}"' for d in _DIMS]
+    dims = [quote(d) for d in _DIMS]
     if bin_s is not None:
-        dims.append(f'("first_ns" // {int(bin_s) * 10**9}) * {int(bin_s)} AS "time"')
-    sums = [f'CAST(SUM("{c}") AS BIGINT) AS "{c}"' for c in _SUMS]
+        first, time = quote("first_ns"), quote("time")
+        dims.append(f"({first} // {int(bin_s) * 10**9}) * {int(bin_s)} AS {time}")
+    sums = [f"CAST(SUM({quote(c)}) AS BIGINT) AS {quote(c)}" for c in _SUMS]
     sql = f"SELECT {', '.join(dims)}, COUNT(*) AS flows, {', '.join(sums)} FROM flows"
     rows = store.query(f"{sql}{where.sql()} GROUP BY ALL", where.params)
     for side in ("src", "dst"):
