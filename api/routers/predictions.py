@@ -90,10 +90,11 @@ def forecast(
             return empty.model_copy(update={"note": str(exc)})
     times = result.measured.index.to_numpy() // _SECOND
     bands = result.forecast.assign(time=result.forecast["bin_ns"] // _SECOND)
+    by_series = dict(tuple(bands.groupby("series", sort=False)))
     out = []
     for name in result.measured.columns:
         values = result.measured[name].to_numpy(dtype=float)
-        mine = bands[bands["series"] == name]
+        mine = by_series.get(name, bands.iloc[:0])
         out.append(
             ForecastSeries(
                 name=str(name),
