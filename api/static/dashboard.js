@@ -15,9 +15,12 @@
   let busy = false;
   let polls = 0;
 
+  function headers(extra) {
+    return token ? { ...extra, Authorization: `Bearer ${token}` } : { ...extra };
+  }
+
   async function get(path) {
-    const headers = token ? { Authorization: `Bearer ${token}` } : {};
-    const response = await fetch(path, { headers });
+    const response = await fetch(path, { headers: headers() });
     if (!response.ok) throw new Error(`${path}: HTTP ${response.status}`);
     return response.json();
   }
@@ -234,10 +237,11 @@
     event.preventDefault();
     const note = $("#wi-note");
     const move = { vm: $("#wi-vm").value, host: $("#wi-host").value };
-    const headers = { "Content-Type": "application/json" };
-    if (token) headers.Authorization = `Bearer ${token}`;
-    const response = await fetch(`${API}/predictions/whatif`,
-      { method: "POST", headers, body: JSON.stringify({ moves: [move] }) });
+    const response = await fetch(`${API}/predictions/whatif`, {
+      method: "POST",
+      headers: headers({ "Content-Type": "application/json" }),
+      body: JSON.stringify({ moves: [move] }),
+    });
     const doc = await response.json();
     if (!response.ok) {
       note.textContent = typeof doc.detail === "string" ? doc.detail : JSON.stringify(doc.detail);
