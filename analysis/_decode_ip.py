@@ -106,11 +106,12 @@ def ipv4_headers(lo: int, hi: int, fr: Frames, out: Decoded, st: State) -> None:
         ip_version[i] = 4
         hlen = (byte(data, s) & 0x0F) * 4
         tlen = 0
-        if avail >= _V4_TLEN + 2:
+        has_tlen = avail >= _V4_TLEN + 2
+        if has_tlen:
             tlen = be16(data, s + _V4_TLEN)
             if tlen == 0:  # offload: as long as the frame
                 tlen = wrap32(int(np.int64(wirelen[i])) - pos)
-        if hlen < _V4_MIN or (avail >= _V4_TLEN + 2 and tlen < hlen):
+        if hlen < _V4_MIN or (has_tlen and tlen < hlen):
             status[i] = MALFORMED  # and tshark shows no field after a bogus one
             layer[i] = L_IP
             continue
@@ -132,7 +133,7 @@ def ipv4_headers(lo: int, hi: int, fr: Frames, out: Decoded, st: State) -> None:
         if avail >= _V4_DST + 4:
             dst_ip_lo[i] = _V4_PREFIX | be32(data, s + _V4_DST)
         payload = max(wrap32(tlen - hlen), 0)
-        if avail >= _V4_TLEN + 2:
+        if has_tlen:
             payload_len[i] = payload
         if avail < hlen:
             status[i] = TRUNCATED
@@ -140,7 +141,7 @@ def ipv4_headers(lo: int, hi: int, fr: Frames, out: Decoded, st: State) -> None:
         elif offset == 0:
             st[STEP, j] = L4
             st[POS, j] = pos + hlen
-            st[KIND, j] = byte(data, s + _V4_PROTO)
+            st[KIND, j] = ip_proto[i]  # read above: the whole header is there
             st[LENGTH, j] = payload
 
 
