@@ -34,8 +34,9 @@ class ReceiverConfig:
     """Kernel socket receive buffer requested (the kernel may grant less)."""
     buffer_bytes: int = 8 << 20
     """Size of each chunk buffer."""
-    buffers: int = 3
-    """Chunk buffers (UDP) or chunks in flight (TCP) before backpressure."""
+    buffers: int = 8
+    """Chunk buffers (UDP) or chunks in flight (TCP): with all of them in use, UDP datagrams
+    wait in the kernel's socket buffer and TCP streams in theirs."""
     linger_s: float = 0.005
     """Hand a chunk over when no datagram arrived for this long."""
     max_delay_s: float = 0.05
@@ -67,6 +68,11 @@ class Chunk:
     """``udp`` or ``tcp``."""
     rejected: tuple[tuple[int, str], ...] = ()
     """(collector_id or 0, reason) of messages a TCP stream decoder rejected."""
+    kernel_drops: int = 0
+    """Datagrams the kernel dropped at the socket (its buffer was full) between the previous
+    chunk's last datagram and this chunk's last one: what the sequence gaps seen in this
+    chunk are attributed to first (``Accounting``), so that they are not counted as loss
+    on the network."""
     _release: Callable[[], None] | None = field(default=None, repr=False)
 
     def release(self) -> None:

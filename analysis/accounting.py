@@ -18,6 +18,18 @@ one vectorized step; only a batch that goes backwards within a sequence is walke
 by message. A new ``boot_id`` for a known ``collector_id`` is a restart. Invalid messages
 are counted by reason under their collector when the header was readable, else under
 collector 0. Time is the caller's ``now`` (seconds); nothing here reads a clock.
+
+Where a message went missing: a gap in a sequence is a message the analyzer never got, lost
+on the network *or* dropped by the analyzer's own socket when its buffer was full. The UDP
+receiver knows how many datagrams its kernel dropped before each chunk (``SO_RXQ_OVFL``), and
+``update`` takes that count: the gaps that batch reveals are charged to it first
+(``kernel``, per stream), and only the rest to the network (``lost``). A datagram dropped by
+the kernel shows as a gap when its stream's next message arrives, which may be a later
+chunk, so uncharged kernel drops are carried over (for ``KERNEL_CARRY_S`` seconds, after
+which what is left was drops of invalid or unaccounted datagrams). The kernel does not say
+whose datagrams it dropped; when several collectors have gaps in one batch, the drops go to
+the streams in order of their first message in it — the total charged to the analyzer is
+exact, its split among collectors a best assignment.
 """
 
 from __future__ import annotations
@@ -38,6 +50,8 @@ WINDOW: Final = 1024
 """Seqs behind the highest that are still told apart as duplicate or reordered."""
 UNKNOWN_COLLECTOR: Final = 0
 """Where invalid messages without a readable header are counted."""
+KERNEL_CARRY_S: Final = 10.0
+"""How long kernel drops not yet matched by a sequence gap wait for one."""
 _MOD: Final = 1 << 32
 _HALF: Final = 1 << 31
 I64 = npt.NDArray[np.int64]
@@ -54,9 +68,13 @@ class StreamStats:
     first_seen: float
     last_seen: float
     received: int = 0
-    """Valid messages, duplicates included: expected = received - duplicates + lost."""
+    """Valid messages, duplicates included: expected = received - duplicates + lost +
+    kernel."""
     lost: int = 0
-    """Seqs skipped over and not (yet) received."""
+    """Seqs skipped over and not (yet) received, less those charged to ``kernel``: what
+    the network lost."""
+    kernel: int = 0
+    """Seqs skipped over because the analyzer's socket dropped them (its buffer was full)."""
     duplicates: int = 0
     reordered: int = 0
     """Messages that arrived after a higher seq (each one taken back from ``lost``)."""
@@ -118,8 +136,11 @@ class StreamStats:
         else:
             self.seen[s % WINDOW] = True
             self.reordered += 1
-            if back < self.span:  # after the stream's first message: it was counted lost
-                self.lost -= 1
+            if back < self.span:  # after the stream's first message: it was counted missing
+                if self.lost > 0:
+                    self.lost -= 1
+                else:  # it was charged to the kernel, wrongly: it was only late
+                    self.kernel -= 1
 
 
 @dataclass(slots=True, eq=False)
@@ -138,6 +159,10 @@ class CollectorStats:
     """``now`` of its latest valid message."""
 
 
+_SUMMED: Final = (
+    "received", "lost", "kernel", "duplicates", "reordered", "stale", "frames", "bytes",
+)  # fmt: skip
+"""The stream counters summed per collector."""
 _STREAM_COLUMNS: Final = tuple(
     f.name for f in fields(StreamStats) if f.name not in {"seen", "span"}
 )
@@ -150,14 +175,37 @@ class Accounting:
         self._streams: dict[tuple[int, int], StreamStats] = {}
         self._collectors: dict[int, CollectorStats] = {}
         self._lock = threading.Lock()
+        self._kernel_pending = 0
+        """Kernel drops not yet matched by a sequence gap."""
+        self._kernel_since = 0.0
+        """``now`` of the oldest of them."""
+        self.kernel_unmatched = 0
+        """Kernel drops no sequence gap matched within ``KERNEL_CARRY_S`` (drops of invalid
+        datagrams, or of streams that sent nothing since)."""
 
-    def update(self, ing: Ingested, now: float) -> None:
-        """Count one batch of messages received at ``now`` (seconds)."""
+    def update(self, ing: Ingested, now: float, *, kernel_drops: int = 0) -> None:
+        """Count one batch of messages received at ``now`` (seconds); ``kernel_drops``:
+        datagrams the analyzer's socket dropped before the batch's last one."""
         with self._lock:
+            if kernel_drops > 0:
+                if self._kernel_pending == 0:
+                    self._kernel_since = now
+                self._kernel_pending += kernel_drops
             self._invalid(ing.collector_id[~ing.valid], ing.reason[~ing.valid])
             v = np.flatnonzero(ing.valid)
             if v.size:
                 self._valid(ing, v, now)
+            if self._kernel_pending and now - self._kernel_since > KERNEL_CARRY_S:
+                self.kernel_unmatched += self._kernel_pending
+                self._kernel_pending = 0
+
+    def _charge_kernel(self, stream: StreamStats, gaps: int) -> None:
+        """Charge up to ``gaps`` new gaps of ``stream`` to pending kernel drops."""
+        take = min(gaps, self._kernel_pending)
+        if take > 0:
+            stream.lost -= take
+            stream.kernel += take
+            self._kernel_pending -= take
 
     def add_rejected(self, collector_id: int, reason: str, *, messages: int = 1) -> None:
         """Count messages rejected before ingest (a TCP stream's decoder) under ``reason``."""
@@ -199,7 +247,9 @@ class Accounting:
             key = int(uniq[g])
             group = seqs[bounds[g] : bounds[g + 1]]
             stream = self._stream(key >> 32, key & 0xFFFF_FFFF, int(group[0]), now)
+            lost_before = stream.lost
             stream.observe(group)
+            self._charge_kernel(stream, stream.lost - lost_before)
             stream.frames += int(frames[g])
             stream.bytes += int(size[g])
             stream.last_seen = now
@@ -265,9 +315,7 @@ class Accounting:
                 ],
                 columns=["collector_id", "boot_id", "restarts", "invalid", "last_seen"],
             )
-        sums = streams.groupby("collector_id", as_index=False)[
-            ["received", "lost", "duplicates", "reordered", "stale", "frames", "bytes"]
-        ].sum()
+        sums = streams.groupby("collector_id", as_index=False)[list(_SUMMED)].sum()
         out = head.merge(sums, on="collector_id", how="left")
         return out.fillna(dict.fromkeys(sums.columns, 0)).sort_values(
             "collector_id", ignore_index=True
@@ -276,10 +324,7 @@ class Accounting:
     def totals(self) -> dict[str, int]:
         """Sums over every collector (for metrics)."""
         streams = self.streams()
-        out = {
-            c: int(streams[c].sum())
-            for c in ("received", "lost", "duplicates", "reordered", "stale", "frames", "bytes")
-        }
+        out = {c: int(streams[c].sum()) for c in _SUMMED}
         with self._lock:
             out["restarts"] = sum(c.restarts for c in self._collectors.values())
             out["invalid"] = sum(sum(c.invalid.values()) for c in self._collectors.values())

@@ -20,6 +20,9 @@ analyzer listens on loopback only. File format (all keys optional)::
     ring_segment_bytes: 67108864
     ring_max_bytes: 2147483648
     ring_max_age: 86400         # seconds
+    udp_rcvbuf: 67108864        # bytes of socket buffer: datagrams wait there while behind
+    store_queue_rows: 1000000   # rows queued for the store writer at most (then counted drops)
+    ring_queue_bytes: 268435456 # frame bytes queued for the ring's disk at most
 """
 
 from __future__ import annotations
@@ -84,6 +87,15 @@ class AnalyzerConfig:
     """Total size of the packet ring."""
     ring_max_age: float = 86_400.0
     """Seconds a packet stays in the ring."""
+    udp_rcvbuf: int = 64 << 20
+    """Bytes of kernel socket buffer the UDP receiver asks for: where datagrams wait while
+    the analyzer is behind (forced beyond net.core.rmem_max when the process may)."""
+    store_queue_rows: int = 1_000_000
+    """Flows (and other rows) waiting for the store writer at most; beyond, they are
+    dropped and counted (``dropped{flows}``)."""
+    ring_queue_bytes: int = 256 << 20
+    """Frame bytes waiting for the packet ring's disk writes at most; beyond, frames are
+    not kept in the ring and counted (``frames_dropped{backpressure}``)."""
 
     def resolved_data_dir(self) -> str:
         """``data_dir`` with its default applied."""
@@ -115,6 +127,9 @@ class AnalyzerConfig:
             "ring_segment_bytes",
             "ring_max_bytes",
             "ring_max_age",
+            "udp_rcvbuf",
+            "store_queue_rows",
+            "ring_queue_bytes",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"must be positive, got {getattr(self, name)}", field=name)

@@ -1,20 +1,24 @@
-"""The live flow engine: chunks from the receivers in, finished flows out.
+"""The live flow engine: chunks from the receivers in, finished and open flows out.
 
 Per chunk: ``ingest`` (validation and decoding of every message at once) → accounting →
 the same pipeline ``vspan report`` runs over files (``decode_batch`` → ``usable`` →
-``EndpointResolver`` → ``FlowTable``). Finished flows go to ``on_flows(df)`` (the store)
-when a callback is given, else they wait for ``drain()``; both frames have the columns of
-``vspan.analysis.flows.FLOW_COLUMNS``.
+``EndpointResolver`` → ``FlowTable``). Everything the engine hands on goes through
+callbacks that must not block (the analyzer's put them on queues): the frames of each batch
+(``on_batch``, the packet ring), finished flows (``on_flows``, as ``Finished`` rows: no
+pandas on this thread) and, every ``open_every_s``, a copy of the open flows (``on_open``).
+Without ``on_flows`` finished flows wait for ``drain()``.
+
+Flow time is capture time, as in ``FlowTable``; but a quiet network sends no frames to move
+it on, so the engine keeps a capture clock: the newest capture time seen, moved on by the
+analyzer's clock since then (``capture_now``). ``tick(now)`` — the engine thread calls it
+whenever no chunk came for ``poll_s`` and after chunks, at most every ``tick_s`` — moves
+the table to that time, so flows idle out on a quiet network as they would had one more
+frame arrived, and publishes the open flows when due. The thread loop reads the analyzer's
+clock (``clock``) and passes it down; nothing below it reads a clock.
 
 The flow table is bounded: past ``max_flows`` open flows, the least recently seen are
 finished early and counted as ``evicted`` (down to ``evict_to`` of the bound, so that the
-cost of shedding is paid rarely, not per batch). Flow timeouts run in capture time, as in
-``FlowTable``; the wall clock is read only by the receivers (``Chunk.received_at``, the
-``now`` of the accounting).
-
-Not done here: the delay between the two copies of a cross-host packet. Pairing the copies
-needs a per-packet identity (IPv4 id, TCP seq) that ``Decoded`` does not carry, and a join
-across batches, since the two collectors' messages arrive in different chunks.
+cost of shedding is paid rarely, not per batch).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -34,20 +39,26 @@ from vspan.analysis.columns import Decoded
 from vspan.analysis.decode import decode_batch
 from vspan.analysis.endpoints import EndpointResolver, NicDirectory
 from vspan.analysis.flowkeys import usable
-from vspan.analysis.flows import FLOW_COLUMNS, FlowConfig, FlowTable
+from vspan.analysis.flows import FLOW_COLUMNS, Finished, FlowConfig, FlowTable
 from vspan.analysis.ingest import ingest
 from vspan.analysis.receivers import Chunk
 from vspan.analysis.report import undecodable
 from vspan.batch import FrameBatch
 
-__all__ = ["Engine", "EngineConfig"]
+__all__ = ["Engine", "EngineConfig", "warm_batch", "warm_up"]
 
 log = logging.getLogger(__name__)
 
-FlowSink = Callable[[pd.DataFrame], None]
+FlowSink = Callable[[Finished], None]
+"""Takes finished flows (rows of ``FLOW_COLUMNS``); must not block."""
+OpenSink = Callable[[Finished, int], None]
+"""Takes a copy of every open flow and the capture time (ns) it was taken at."""
 BatchSink = Callable[[FrameBatch, Decoded], None]
+"""Takes each batch with its decode, while the batch's buffer is still valid."""
 InventoryGetter = Callable[[], NicDirectory | None]
+Clock = Callable[[], float]
 
+_NS = 1_000_000_000
 
 _WARM_FRAME = bytes.fromhex(
     "".join(
@@ -70,7 +81,9 @@ def warm_batch() -> FrameBatch:
 def warm_up() -> None:
     """Run one frame through a throwaway engine (decode, endpoints, flow table), so that
     the compiled kernels are loaded (from numba's cache) before traffic arrives."""
-    Engine().process(warm_batch())
+    engine = Engine()
+    engine.process(warm_batch())
+    engine.flush()
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +104,11 @@ class EngineConfig:
     """Finished flows kept for ``drain()`` (without ``on_flows``); older ones are dropped
     and counted as ``dropped_flows``."""
     poll_s: float = 0.1
-    """How soon the engine thread notices ``stop()``."""
+    """How long the thread waits for a chunk before it ticks (and notices ``stop()``)."""
+    tick_s: float = 0.5
+    """While chunks keep coming, tick at most this often."""
+    open_every_s: float = 2.0
+    """Publish the open flows (``on_open``) this often, in the analyzer's time; 0: never."""
 
     def __post_init__(self) -> None:
         if self.max_flows < 1 or not 0.0 <= self.evict_to <= 1.0:
@@ -110,22 +127,32 @@ class Engine:
         source: queue.Queue[Chunk] | None = None,
         inventory: InventoryGetter | None = None,
         on_flows: FlowSink | None = None,
+        on_open: OpenSink | None = None,
         on_batch: BatchSink | None = None,
         accounting: Accounting | None = None,
+        clock: Clock = time.time,
     ) -> None:
         self.config = config or EngineConfig()
         self.accounting = accounting or Accounting()
         self._source = source
         self._inventory = inventory
         self._on_flows = on_flows
+        self._on_open = on_open
         self._on_batch = on_batch
+        self._clock = clock
         self._resolver = EndpointResolver()
         self._table = FlowTable(self.config.flow)
-        self._pending: list[pd.DataFrame] = []
+        self._pending: list[Finished] = []
         self._pending_rows = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._high_ns: int | None = None
+        """The newest capture time seen."""
+        self._high_at = 0.0
+        """The analyzer's time (s) when it was seen."""
+        self._last_tick = 0.0
+        self._last_open = 0.0
         self.chunks = 0
         self.messages = 0
         """Valid messages ingested."""
@@ -138,6 +165,8 @@ class Engine:
         self.undecodable: dict[str, int] = {}
         """Frames not usable for flows, by ``report.undecodable`` reason."""
         self.flows_finished = 0
+        self.idled = 0
+        """Flows finished by a tick: idle for the idle timeout while no frame came."""
         self.evicted = 0
         """Flows finished early because the table was full."""
         self.dropped_flows = 0
@@ -167,6 +196,7 @@ class Engine:
                 "bytes",
                 "decoded",
                 "flows_finished",
+                "idled",
                 "evicted",
                 "dropped_flows",
                 "errors",
@@ -189,17 +219,18 @@ class Engine:
                 keys=cfg.keys,
                 require_known=cfg.require_known,
             )
-            self.accounting.update(ing, now)
+            self.accounting.update(ing, now, kernel_drops=chunk.kernel_drops)
             for collector, reason in chunk.rejected:
                 self.accounting.add_rejected(collector, reason)
             self.chunks += 1
             self.messages += int(np.count_nonzero(ing.valid))
-            self.process(ing.frames)
+            self.process(ing.frames, now=now)
         finally:
             chunk.release()
 
-    def process(self, batch: FrameBatch) -> None:
-        """Decode a batch of tunnel frames and add its usable frames to the flow table."""
+    def process(self, batch: FrameBatch, *, now: float | None = None) -> None:
+        """Decode a batch of tunnel frames and add its usable frames to the flow table;
+        ``now`` (the analyzer's time, s) keeps the capture clock (``capture_now``)."""
         if len(batch) == 0:
             return
         dec = decode_batch(batch)  # copies what it needs: the batch's buffer may be reused
@@ -213,20 +244,46 @@ class Engine:
             for reason, n in undecodable(dec, ok):
                 self.undecodable[reason] = self.undecodable.get(reason, 0) + n
         good = dec if ok.all() else dec.take(np.flatnonzero(ok))
+        if len(good) and now is not None:
+            newest = int(good.ts_ns.max())
+            if self._high_ns is None or newest > self._high_ns:
+                self._high_ns, self._high_at = newest, now
         if self._inventory is not None:
             self._resolver.directory = self._inventory()
-        finished = self._table.update(good, self._resolver.resolve(good))
+        finished = self._table.update_rows(good, self._resolver.resolve(good))
         excess = self._table.open_flows - self.config.max_flows
         if excess > 0:
             keep = int(self.config.max_flows * self.config.evict_to)
-            evicted = self._table.evict(self._table.open_flows - keep)
+            evicted = self._table.evict_rows(self._table.open_flows - keep)
             self.evicted += len(evicted)
-            finished = pd.concat([finished, evicted], ignore_index=True)
+            finished = Finished.concat([finished, evicted])
         self._emit(finished)
+
+    def capture_now(self, now: float) -> int | None:
+        """Capture time (ns) at the analyzer's time ``now``: the newest capture time seen,
+        moved on by the time since it was seen; None before any frame."""
+        if self._high_ns is None:
+            return None
+        return self._high_ns + max(0, int((now - self._high_at) * _NS))
+
+    def tick(self, now: float) -> None:
+        """Move flow time to ``capture_now(now)``: finish the flows idle since; publish the
+        open flows when ``open_every_s`` has passed."""
+        self._last_tick = now
+        at = self.capture_now(now)
+        if at is None:
+            return
+        idled = self._table.advance_rows(at)
+        self.idled += len(idled)
+        self._emit(idled)
+        every = self.config.open_every_s
+        if self._on_open is not None and every > 0 and now - self._last_open >= every:
+            self._last_open = now
+            self._on_open(self._table.open_rows(), at)
 
     def flush(self) -> None:
         """Finish every open flow (shutdown, end of a replay)."""
-        self._emit(self._table.flush())
+        self._emit(self._table.flush_rows())
 
     def drain(self) -> pd.DataFrame:
         """The finished flows kept since the last drain (``FLOW_COLUMNS``)."""
@@ -234,9 +291,9 @@ class Engine:
             parts, self._pending, self._pending_rows = self._pending, [], 0
         if not parts:
             return pd.DataFrame({c: pd.Series(dtype=np.int64) for c in FLOW_COLUMNS})
-        return pd.concat(parts, ignore_index=True)
+        return Finished.concat(parts).frame()
 
-    def _emit(self, flows: pd.DataFrame) -> None:
+    def _emit(self, flows: Finished) -> None:
         if not len(flows):
             return
         self.flows_finished += len(flows)
@@ -253,7 +310,7 @@ class Engine:
                 if gone == len(head):
                     self._pending.pop(0)
                 else:
-                    self._pending[0] = head.iloc[gone:]
+                    self._pending[0] = head.rows(np.arange(gone, len(head)))
                 self._pending_rows -= gone
                 self.dropped_flows += gone
                 excess -= gone
@@ -284,12 +341,17 @@ class Engine:
 
     def _run(self) -> None:
         assert self._source is not None
+        tick_s = self.config.tick_s
         while not self._stop.is_set():
             try:
                 chunk = self._source.get(timeout=self.config.poll_s)
             except queue.Empty:
+                self._guarded_tick(self._clock())
                 continue
             self._guarded(chunk)
+            now = self._clock()
+            if now - self._last_tick >= tick_s:
+                self._guarded_tick(now)
         for _ in range(self._source.qsize()):  # what was queued when stop() came
             try:
                 chunk = self._source.get_nowait()
@@ -299,7 +361,14 @@ class Engine:
 
     def _guarded(self, chunk: Chunk) -> None:
         try:
-            self.process_chunk(chunk, chunk.received_at)
+            self.process_chunk(chunk, self._clock())
         except Exception:  # a bug: count it, keep serving
             self.errors += 1
             log.exception("engine failed on a chunk of %d datagrams", chunk.offsets.size)
+
+    def _guarded_tick(self, now: float) -> None:
+        try:
+            self.tick(now)
+        except Exception:  # a bug: count it, keep serving
+            self.errors += 1
+            log.exception("engine tick failed")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -140,6 +140,10 @@ class Finished:
         """The flows as ``FLOW_COLUMNS`` arrays."""
         cols = _columns(self.keys, self.state, self.times)
         return {name: cols[name] for name in FLOW_COLUMNS}
+
+    def rows(self, index: npt.NDArray[np.integer[Any]]) -> Finished:
+        """The rows ``index``, in that order."""
+        return Finished(self.keys[index], self.state[index], self.times[index])
 
     @staticmethod
     def concat(parts: list[Finished]) -> Finished:
@@ -296,8 +300,16 @@ class FlowTable:
         A live analyzer calls this when no traffic arrives, mapping its clock to capture
         time, so that idle flows end even on a quiet network.
         """
+        return self.advance_rows(now_ns).frame()
+
+    def advance_rows(self, now_ns: int) -> Finished:
+        """``advance``, the flows as rows."""
         self._now = max(self._now, int(now_ns))
-        return self._expire().frame()
+        return self._expire()
+
+    def open_rows(self) -> Finished:
+        """A copy of every open flow, as rows (their counters so far)."""
+        return self._rows.finished(self._n)
 
     def flush(self) -> pd.DataFrame:
         """Finish every open flow (end of capture, shutdown)."""
@@ -313,11 +325,15 @@ class FlowTable:
 
     def evict(self, n: int) -> pd.DataFrame:
         """Finish the ``n`` open flows seen longest ago (a bounded table sheds its oldest)."""
+        return self.evict_rows(n).frame()
+
+    def evict_rows(self, n: int) -> Finished:
+        """``evict``, the flows as rows."""
         n = min(n, self._n)
         if n <= 0:
-            return _none()
+            return _Rows(0).finished(0)
         last = self._rows.state[: self._n, kt.STATE.index("last_ns")]
-        return self._remove(np.argpartition(last, n - 1)[:n]).frame()
+        return self._remove(np.argpartition(last, n - 1)[:n])
 
     # --- internals --------------------------------------------------------------------
 

@@ -16,13 +16,14 @@ import pandas as pd
 
 from vspan.analysis.inventory_snapshot import EventKind, InventoryEvent, Migration
 
-__all__ = ["collector_rows", "history_rows", "hit_rows", "migration_rows"]
+__all__ = ["collector_rows", "history_rows", "hit_rows", "migration_rows", "uuid_or_none"]
 
 _EVENT = {EventKind.VM_ADDED: "added", EventKind.VM_REMOVED: "removed",
           EventKind.VM_CHANGED: "changed"}  # fmt: skip
 
 
-def _uuid_or_none(text: str | None) -> str | None:
+def uuid_or_none(text: str | None) -> str | None:
+    """``text`` as canonical UUID text, or None when it is empty or not a UUID."""
     if not text:
         return None
     try:
@@ -37,11 +38,11 @@ def _utc(seconds: Sequence[float] | np.ndarray) -> pd.Series:
 
 def history_rows(events: Sequence[InventoryEvent]) -> pd.DataFrame:
     """``inventory_history`` rows of the VM events among ``events``."""
-    kept = [e for e in events if e.kind in _EVENT and _uuid_or_none(e.vm_uuid)]
+    kept = [e for e in events if e.kind in _EVENT and uuid_or_none(e.vm_uuid)]
     return pd.DataFrame({
         "time": _utc([e.time for e in kept]),
         "host": [e.host for e in kept],
-        "vm_uuid": [_uuid_or_none(e.vm_uuid) for e in kept],
+        "vm_uuid": [uuid_or_none(e.vm_uuid) for e in kept],
         "vm_name": [e.vm_name for e in kept],
         "event": [_EVENT[e.kind] for e in kept],
     })  # fmt: skip
@@ -49,10 +50,10 @@ def history_rows(events: Sequence[InventoryEvent]) -> pd.DataFrame:
 
 def migration_rows(moves: Sequence[Migration]) -> pd.DataFrame:
     """``migrations`` rows (a VM known only by MAC has no row: the table keys by UUID)."""
-    kept = [m for m in moves if _uuid_or_none(m.vm_uuid)]
+    kept = [m for m in moves if uuid_or_none(m.vm_uuid)]
     return pd.DataFrame({
         "time": _utc([m.time for m in kept]),
-        "vm_uuid": [_uuid_or_none(m.vm_uuid) for m in kept],
+        "vm_uuid": [uuid_or_none(m.vm_uuid) for m in kept],
         "vm_name": [m.vm_name for m in kept],
         "from_host": [m.from_host or None for m in kept],
         "to_host": [m.to_host for m in kept],
@@ -67,7 +68,7 @@ def hit_rows(hits: pd.DataFrame) -> pd.DataFrame:
     """``policy_hits`` increments from a ``PolicyResult.hits`` frame (VMs with a UUID)."""
     if hits.empty:
         return pd.DataFrame(columns=list(_HIT_COLUMNS))
-    uuids = hits["vm"].map(_uuid_or_none)
+    uuids = hits["vm"].map(uuid_or_none)
     kept = hits[uuids.notna()]
     return pd.DataFrame({
         "rule": kept["rule"].astype(str),  # as verdicts name it: db#2, db#default

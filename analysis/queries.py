@@ -35,7 +35,7 @@ from .records import RECORD_COLUMNS
 from .render import render
 from .store import Store
 from .store_schema import TABLES, quote
-from .store_sql import StoreError, Where, flows_where, normalize_ip, protocol
+from .store_sql import FLOWS_SQL, StoreError, Where, flows_where, normalize_ip, protocol
 
 __all__ = [
     "COLLECTOR_COLUMNS",
@@ -59,8 +59,10 @@ DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 10_000
 FLOW_COLUMNS: Final = (
     *RECORD_COLUMNS, "flow_uid", "src_vm_uuid", "dst_vm_uuid", "policy_verdict", "policy_rule",
+    "state",
 )  # fmt: skip
-"""A stored flow: the record columns, then what the store adds."""
+"""A flow: the record columns, then what the store adds, and ``state`` (``open`` while the
+flow goes on: counters so far; ``closed`` once it ended and was stored)."""
 FLOW_SORTS: Final = {"first": "first_ns", "last": "last_ns", "bytes": "bytes", "packets": "packets"}
 """``sort`` of ``flows`` (``-name``: descending) → the column it orders by."""
 HIT_COLUMNS: Final = (
@@ -197,7 +199,7 @@ class _Sort:
         direction = "DESC" if self.descending else "ASC"
         columns = ", ".join(quote(c) for c in FLOW_COLUMNS)
         return (
-            f"SELECT {columns} FROM flows{where.sql()} "
+            f"SELECT {columns} FROM {FLOWS_SQL}{where.sql()} "
             f'ORDER BY {quote(self.column)} {direction}, "flow_uid" {direction} LIMIT ?',
             [*where.params, limit],
         )

@@ -22,18 +22,22 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Final, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from vspan.batch import FrameBatch
 from vspan.inventory import InventoryView
 from vspan.pcapwrite import PcapngWriter
 
+from ._factorize import factorize
 from .columns import Decoded
 from .ring_index import (
     Interface,
@@ -47,14 +51,23 @@ from .ring_index import (
     sidecar_path,
     write_sidecar,
 )
-from .store import Store
 
-__all__ = ["PacketRing"]
+__all__ = ["IndexMirror", "PacketRing"]
 
 log = logging.getLogger("vspan.ring")
 _ERRNO: Final = {errno.ENOSPC: "enospc", errno.EDQUOT: "edquot", errno.EIO: "eio"}
 _EPB_OVERHEAD: Final = 32
 """Enhanced Packet Block bytes around the (4-byte padded) frame."""
+
+
+class IndexMirror(Protocol):
+    """Where the ring's index is mirrored: ``store.Store``, or the analyzer's writer."""
+
+    def replace_ring_segment(self, segment: Mapping[str, object], keys: pd.DataFrame) -> None:
+        """Record a segment and its keys."""
+
+    def forget_ring_segments(self, names: Sequence[str]) -> None:
+        """Forget the segments whose files were deleted."""
 
 
 @dataclass
@@ -94,7 +107,7 @@ class PacketRing:
         segment_bytes: int = 64 << 20,
         max_bytes: int = 4 << 30,
         max_age_s: float = 3600.0,
-        store: Store | None = None,
+        store: IndexMirror | None = None,
         inventory: InventoryView | None = None,
         retry_s: float = 10.0,
     ) -> None:
@@ -236,7 +249,7 @@ class PacketRing:
     def _write(self, cur: _Open, frames: _Frames, rows: npt.NDArray[np.int64]) -> None:
         batch, host, names, uuids = frames.batch, frames.host, frames.names, frames.uuids
         key = host[rows].astype(np.uint64) << np.uint64(32) | frames.vif[rows]
-        uniq, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        inverse, uniq, first = factorize(np.ascontiguousarray(key, np.uint64))
         local = np.empty(uniq.size, np.int32)
         added = False
         for j, (k, f) in enumerate(zip(uniq.tolist(), first.tolist(), strict=True)):

@@ -33,6 +33,7 @@ from vspan.errors import CaptureFileError
 from vspan.inventory import InventoryView, format_mac
 from vspan.pcapfile import CaptureReader
 
+from ._factorize import factorize
 from .columns import Decoded, TagKind
 from .decode import decode_batch
 
@@ -164,7 +165,7 @@ class SegmentInfo:
 
     def add(self, decoded: Decoded, host: npt.NDArray[np.uint32], uuids: Iterable[str]) -> None:
         """Widen the time range and the key sets by a batch of frames (hash-based
-        ``pd.unique``: a sort per batch would cost more than writing the frames)."""
+        ``factorize``: a sort per batch would cost more than writing the frames)."""
         if not len(decoded):
             return
         self.first_ns = min(self.first_ns, int(decoded.ts_ns.min()))
@@ -249,7 +250,9 @@ class SegmentInfo:
 
 
 def _distinct(values: npt.NDArray[Any]) -> list[int]:
-    return list(pd.unique(values).tolist())
+    """The distinct values (of an unsigned integer column), in one compiled hash pass."""
+    keys = np.ascontiguousarray(values, dtype=np.uint64)
+    return list(factorize(keys)[1].tolist()) if keys.size else []
 
 
 def _merge(known: set[Any] | None, new: Iterable[Any]) -> set[Any] | None:

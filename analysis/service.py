@@ -2,26 +2,32 @@
 
 ::
 
-    UDP/TCP receivers ──chunks──► Engine ──flows──► records ─► policy ─► StoreWriter ─► store
-                                    └──batches──► PacketRing                (DuckDB file)
-    InventoryState ◄── control plane (HTTP) ── collectors      history, migrations ─► store
-    maintenance thread: collector counters, retention, ring trimming, idle flows
+    receivers ──chunks──► Engine ──finished, open flows──► FlowRecorder ─┐
+                            └──batches──► RingFeeder ─► PacketRing ─index─┼─► StoreWriter ─► store
+    InventoryState ─────────────────── history, migrations ───────────────┘   (DuckDB file)
+      ▲ control plane (HTTP) ◄── collectors
+    maintenance thread: data-plane MACs, collector counters, retention, ring age
 
 Each part is a component of its own; this one owns their configuration, order of start and
-stop, and the glue between them. The receive loops never wait on the store or the API:
-the receivers hand chunks to a bounded queue, the engine thread hands flow records to the
-store writer's queue.
+stop, and the glue between them. No thread waits on another's slow work: the receivers stop
+reading (the kernel's socket buffer holds the datagrams) only when every chunk buffer is in
+use; the engine hands frames to the ring's thread and flows to the store writer's thread,
+both through bounded queues that count what they cannot take; the store writer is the one
+thread that writes to the database (flows, policy hits, open-flow view, ring index,
+inventory history, migrations, counters, retention).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import queue
+import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +36,17 @@ import pandas as pd
 from vspan.analysis.columns import Decoded
 from vspan.analysis.config import AnalyzerConfig, load_keys, parse_address
 from vspan.analysis.engine import Engine, EngineConfig
-from vspan.analysis.flows import FlowConfig
+from vspan.analysis.flows import Finished, FlowConfig
 from vspan.analysis.inventory_snapshot import InventoryEvent, InventorySnapshot, Migration
 from vspan.analysis.inventory_state import InventoryState
-from vspan.analysis.persist import collector_rows, history_rows, hit_rows, migration_rows
+from vspan.analysis.persist import collector_rows, history_rows, migration_rows
 from vspan.analysis.policy import PolicySet, load_policy
 from vspan.analysis.policy_acl import format_rule
-from vspan.analysis.policy_eval import CompiledPolicy, PolicyCounters, compile_policy, evaluate
+from vspan.analysis.policy_eval import CompiledPolicy, PolicyCounters, compile_policy
 from vspan.analysis.receivers import Chunk, ReceiverConfig, TcpReceiver, UdpReceiver
-from vspan.analysis.records import RECORD_COLUMNS, HostNames, flow_records
+from vspan.analysis.recorder import FlowRecorder
 from vspan.analysis.ring import PacketRing
+from vspan.analysis.ring_feeder import RingFeeder
 from vspan.analysis.store import Store
 from vspan.analysis.store_writer import StoreWriter
 from vspan.batch import FrameBatch
@@ -49,7 +56,27 @@ __all__ = ["Analyzer"]
 
 log = logging.getLogger(__name__)
 
-_STORED = (*RECORD_COLUMNS, "src_vm_uuid", "dst_vm_uuid", "policy_verdict", "policy_rule")
+Call = Callable[[], object]
+"""A write to run on the store writer's thread."""
+
+
+def _run_calls(calls: Sequence[Call]) -> int:
+    """Run each queued write; the rows they wrote (those that say)."""
+    return sum(n for call in calls if isinstance(n := call(), int))
+
+
+class _RingIndex:
+    """The packet ring's index, mirrored into the store through the writer's thread."""
+
+    def __init__(self, store: Store, writer: StoreWriter) -> None:
+        self._store = store
+        self._lane = writer.lane("ring_index", _run_calls)
+
+    def replace_ring_segment(self, segment: Mapping[str, object], keys: pd.DataFrame) -> None:
+        self._lane.submit(lambda: self._store.replace_ring_segment(segment, keys))
+
+    def forget_ring_segments(self, names: Sequence[str]) -> None:
+        self._lane.submit(lambda: self._store.forget_ring_segments(names))
 
 
 class Analyzer:
@@ -67,21 +94,32 @@ class Analyzer:
         self.store = Store(
             self.data_dir, retention_days=config.retention_days, max_bytes=config.max_store_bytes
         )
-        self.flow_writer = StoreWriter(self.store, table="flows")
+        self.writer = StoreWriter(max_rows=config.store_queue_rows)
+        self.recorder = FlowRecorder(
+            self.store,
+            self.writer,
+            policy=self._policy_for,
+            counters=self.policy_counters,
+            salt=secrets.randbits(64),
+        )
+        self._history = self.writer.lane("inventory_history", _run_calls)
+        self._migrations = self.writer.lane("migrations", _run_calls)
+        self._counters = self.writer.lane("collector_counters", _run_calls)
+        self._retention = self.writer.lane("retention", _run_calls)
         self.state = InventoryState(history_sink=self._on_event, migration_sink=self._on_move)
         self.ring = PacketRing(
             self.data_dir / "ring",
             segment_bytes=config.ring_segment_bytes,
             max_bytes=config.ring_max_bytes,
             max_age_s=config.ring_max_age,
-            store=self.store,
+            store=_RingIndex(self.store, self.writer),
         )
+        self.feeder = RingFeeder(self.ring, max_bytes=config.ring_queue_bytes)
         self.engine: Engine | None = None
         self.receivers: list[UdpReceiver | TcpReceiver] = []
         self.http: Any = None
         self._stop = threading.Event()
         self._maintenance: threading.Thread | None = None
-        self._next_flow_id = 1
         self._seen_macs: dict[int, tuple[int, int]] = {}
         self.errors: dict[str, int] = {}
 
@@ -92,8 +130,9 @@ class Analyzer:
         cfg, now = self.config, self.clock()
         os.makedirs(self.data_dir, exist_ok=True)
         self.store.start()
-        self.flow_writer.start()
+        self.writer.start()
         self.ring.start()
+        self.feeder.start()
         if cfg.inventory:
             self.state.add_static(Inventory.load(cfg.inventory), now)
         if cfg.profiles:
@@ -111,10 +150,13 @@ class Analyzer:
             source=self.chunks,
             inventory=lambda: self.state,
             on_flows=self._on_flows,
+            on_open=self._on_open,
             on_batch=self._on_batch,
+            clock=self.clock,
         )
         self.engine.start()
-        rcfg = ReceiverConfig()
+        self.recorder.warm_up(self.state.snapshot())
+        rcfg = ReceiverConfig(rcvbuf=cfg.udp_rcvbuf)
         if cfg.udp:
             udp = UdpReceiver(parse_address(cfg.udp), sink=self.chunks, config=rcfg)
             self.receivers.append(udp)
@@ -145,64 +187,50 @@ class Analyzer:
         if self._maintenance is not None:
             self._maintenance.join()
         self._save_counters()
-        self.flow_writer.stop()
+        self.feeder.stop()
         self.ring.stop()
+        self.writer.stop()
         self.store.stop()
 
     def addresses(self) -> dict[str, tuple[str, int]]:
         """Where the receivers listen (with the ports the kernel chose for port 0)."""
         return {("udp" if isinstance(r, UdpReceiver) else "tcp"): r.address for r in self.receivers}
 
-    # --- the engine's callbacks (engine thread) -------------------------------------------
+    def stored_flows(self) -> int:
+        """Flow records the store writer has written so far (what the store holds from this
+        run, before retention)."""
+        return self.writer.written("flows")
+
+    # --- the engine's callbacks (engine thread; they only queue) ---------------------------
 
     def _on_batch(self, batch: FrameBatch, dec: Decoded) -> None:
-        self.ring.inventory = self.state.snapshot()
-        self.ring.append(batch, dec)
+        self.feeder.submit(batch, dec, self.state.snapshot())
 
-    def _on_flows(self, flows: pd.DataFrame) -> None:
-        snapshot = self.state.snapshot()
-        records = flow_records(
-            flows,
-            inventory=snapshot,
-            hosts=HostNames.from_inventory(snapshot),
-            first_id=self._next_flow_id,
-        )
-        self._next_flow_id += len(records)
-        uuids = {vm.name: vm.uuid for vm in snapshot.vms}
-        records["src_vm_uuid"] = records["src_vm"].map(uuids)
-        records["dst_vm_uuid"] = records["dst_vm"].map(uuids)
-        records["policy_verdict"] = None
-        records["policy_rule"] = None
-        compiled = self._policy_for(snapshot)
-        if compiled is not None:
-            result = evaluate(records.drop(columns=["policy_verdict", "policy_rule"]), compiled)
-            records = result.flows
-            self.policy_counters.add(result.hits)
-            try:
-                self.store.add_policy_hits(hit_rows(result.hits))
-            except Exception:  # the store counts and logs its own failures; keep serving
-                self._count("policy_hits")
-                log.exception("storing policy hits failed")
-        self.flow_writer.submit(records[list(_STORED)])
+    def _on_flows(self, rows: Finished) -> None:
+        self.recorder.finished(rows, self.state.snapshot())
+
+    def _on_open(self, rows: Finished, at_ns: int) -> None:
+        self.recorder.opened(rows, self.state.snapshot())
 
     def _policy_for(self, snapshot: InventorySnapshot) -> CompiledPolicy | None:
         if self.policy is None:
             return None
-        if self._compiled is None or self._compiled[0] is not snapshot:
-            self._compiled = (snapshot, compile_policy(self.policy, snapshot))
-        return self._compiled[1]
+        compiled = self._compiled
+        if compiled is None or compiled[0] is not snapshot:
+            compiled = self._compiled = (snapshot, compile_policy(self.policy, snapshot))
+        return compiled[1]
 
-    # --- inventory sinks (any thread, under the state's lock) ---------------------------
+    # --- inventory sinks (any thread, under the state's lock; they only queue) ----------
 
     def _on_event(self, event: InventoryEvent) -> None:
         rows = history_rows([event])
         if len(rows):
-            self._guard("history", lambda: self.store.append_inventory_events(rows))
+            self._history.submit(lambda: self.store.append_inventory_events(rows))
 
     def _on_move(self, move: Migration) -> None:
         rows = migration_rows([move])
         if len(rows):
-            self._guard("migrations", lambda: self.store.append_migrations(rows))
+            self._migrations.submit(lambda: self.store.append_migrations(rows))
 
     # --- control plane providers ---------------------------------------------------------
 
@@ -222,17 +250,26 @@ class Analyzer:
     # --- maintenance --------------------------------------------------------------------
 
     def _maintain(self, every_s: float = 1.0) -> None:
-        last_counters = last_retention = 0.0
+        last_counters, last_retention = self.clock(), -math.inf
         while not self._stop.wait(every_s):
             now = self.clock()
-            self._observe_dataplane(now)
+            self._guard("dataplane", functools.partial(self._observe_dataplane, now))
+            self._guard("ring_trim", functools.partial(self._trim_ring, now))
             if now - last_counters >= 10.0:
                 last_counters = now
                 self._save_counters()
             if now - last_retention >= 600.0:
                 last_retention = now
-                now_ns = int(now * 1e9)
-                self._guard("retention", functools.partial(self.store.apply_retention, now_ns))
+                self._retention.submit(
+                    functools.partial(self.store.apply_retention, int(now * 1e9))
+                )
+
+    def _trim_ring(self, now: float) -> None:
+        """Delete ring segments past the age bound at the capture clock's time (which goes
+        on while the network is quiet)."""
+        at = None if self.engine is None else self.engine.capture_now(now)
+        if at is not None:
+            self.ring.trim(at)
 
     def _observe_dataplane(self, now: float) -> None:
         """Tell the inventory where the tags saw each VM MAC since the last time: a VM behind
@@ -246,13 +283,10 @@ class Analyzer:
         fresh = {m: hv for m, hv in seen.items() if self._seen_macs.get(m) != hv}
         self._seen_macs = seen
         if fresh:
-            self._guard(
-                "dataplane",
-                lambda: self.state.observe_dataplane(
-                    {m: h for m, (h, _) in fresh.items()},
-                    now,
-                    vif_of_mac={m: v for m, (_, v) in fresh.items()},
-                ),
+            self.state.observe_dataplane(
+                {m: h for m, (h, _) in fresh.items()},
+                now,
+                vif_of_mac={m: v for m, (_, v) in fresh.items()},
             )
 
     def _save_counters(self) -> None:
@@ -261,24 +295,41 @@ class Analyzer:
         acc = self.engine.accounting
         rows = collector_rows(acc.streams(), acc.invalid(), self.clock())
         if len(rows):
-            self._guard("counters", lambda: self.store.append_collector_counters(rows))
+            self._counters.submit(lambda: self.store.append_collector_counters(rows))
 
     def counters(self) -> dict[str, Any]:
-        """Everything counted, for metrics and the CLI."""
+        """Everything counted, for metrics and the CLI. ``drops`` says where frames and
+        messages went missing, each under its cause: ``lost`` (messages the collectors' sequences
+        say the network lost), ``kernel`` (datagrams the analyzer's socket dropped: its buffer
+        was full), ``backpressure`` (frames the packet ring and flows the store did not keep
+        because their queue was full)."""
         out: dict[str, Any] = {"errors": dict(self.errors)}
+        kernel = sum(r.counters().get("kernel_drops", 0) for r in self.receivers)
+        writer = self.writer.metrics()
+        feeder = self.feeder.metrics()
+        out["receivers"] = [r.counters() for r in self.receivers]
+        out["store_writer"] = writer
+        out["ring"] = {**self.ring.metrics(), **feeder}
+        out["inventory"] = dict(self.state.counters)
+        lost = 0
         if self.engine is not None:
             out["engine"] = self.engine.counters()
             out["collectors"] = self.engine.accounting.collectors().to_dict(orient="records")
-        out["receivers"] = [r.counters() for r in self.receivers]
-        out["store_writer"] = self.flow_writer.metrics()
-        out["ring"] = self.ring.metrics()
-        out["inventory"] = dict(self.state.counters)
+            lost = self.engine.accounting.totals()["lost"]
+        out["drops"] = {
+            "lost": lost,
+            "kernel": kernel,
+            "backpressure": {
+                "ring_frames": feeder["frames_dropped{backpressure}"],
+                "store_flows": writer.get("dropped{flows}", 0),
+            },
+        }
         return out
 
     def _guard(self, kind: str, fn: Callable[[], object]) -> None:
         try:
             fn()
-        except Exception:  # a failing write must not stop the analyzer; it is counted
+        except Exception:  # a failing step must not stop the analyzer; it is counted
             self._count(kind)
             log.exception("analyzer: %s failed", kind)
 

@@ -28,6 +28,7 @@ from vspan.inventory import InventoryView
 
 from .store_schema import MIGRATIONS, SCHEMA_VERSION, TABLES, Table, duckdb_ddl, quote
 from .store_sql import (
+    FLOWS_SQL,
     StoreError,
     Where,
     events_where,
@@ -100,6 +101,8 @@ class Store:
         self.read_only = read_only
         self._con: duckdb.DuckDBPyConnection | None = None
         self._lock = threading.Lock()
+        self._open = _no_open_flows()
+        """The open flows (``set_open_flows``), as every read of flows sees them."""
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -251,13 +254,32 @@ class Store:
             finally:
                 con.unregister("incoming")
 
+    def set_open_flows(self, df: pd.DataFrame) -> None:
+        """The flows still open, as flow records (columns of ``flows``; those missing are
+        null): every read through ``FLOWS`` sees them beside the stored ones, with ``state``
+        ``open`` (the stored are ``closed``). Replaces the previous set; kept in memory,
+        never written to the file."""
+        spec = TABLES["flows"]
+        unknown = [c for c in df.columns if c not in spec.names]
+        if unknown:
+            raise StoreError(f"open flows: table flows has no column {', '.join(unknown)}")
+        missing = {c: None for c in spec.names if c not in df.columns}
+        self._open = prepare(spec, df.assign(**missing)[list(spec.names)].reset_index(drop=True))
+
+    @property
+    def open_flows(self) -> pd.DataFrame:
+        """The open flows as last set (``set_open_flows``)."""
+        return self._open
+
     # --- reading ----------------------------------------------------------------------
 
     def query(self, sql: str, params: Sequence[object] = ()) -> pd.DataFrame:
-        """A read-only statement on a cursor of its own; nullable integers stay integers."""
+        """A read-only statement on a cursor of its own; nullable integers stay integers.
+        ``FLOWS`` in ``sql`` reads the stored flows and the open ones."""
         with self._lock:
             cur = self._connection().cursor()
         try:
+            cur.register("open_flows", self._open)
             result = cur.sql(sql, params=list(params)).to_arrow_table()
         except duckdb.Error as exc:
             raise StoreError(f"{self.path}: query failed: {exc}") from exc
@@ -334,7 +356,7 @@ class Store:
         by_id = isinstance(key, int)
         where = '"flow_id" = ?' if by_id else '"flow_uid" = TRY_CAST(? AS UUID)'
         params: list[object] = [key if by_id else str(key)]
-        rows = self.query(f"SELECT * FROM flows WHERE {where} LIMIT 2", params)
+        rows = self.query(f"SELECT * FROM {FLOWS_SQL} WHERE {where} LIMIT 2", params)
         if len(rows) != 1:
             what = "no flow" if rows.empty else "more than one flow (give its flow_uid)"
             raise StoreError(f"{self.path}: {what} matches {key!r}")
@@ -396,6 +418,10 @@ class Store:
     def _checkpoint(self) -> None:
         with self._lock:
             self._connection().execute("CHECKPOINT")
+
+
+def _no_open_flows() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=object) for c in TABLES["flows"].names})
 
 
 def _one(result: duckdb.DuckDBPyConnection) -> tuple[Any, ...] | None:

@@ -232,20 +232,43 @@ def upsert_sql(spec: Table, given: list[str], sums: tuple[str, ...], latest: str
     )
 
 
+def _open_flows_sql() -> str:
+    """The registered frame of open flows as rows of ``flows`` (each column cast)."""
+    spec = TABLES["flows"]
+    casts = ", ".join(
+        f"CAST({quote(c.name)} AS {c.duckdb}) AS {quote(c.name)}" for c in spec.columns
+    )
+    return f"SELECT {casts}, 'open' AS \"state\" FROM open_flows"
+
+
+FLOWS_SQL: Final = (
+    f"(SELECT *, 'closed' AS \"state\" FROM flows UNION ALL BY NAME {_open_flows_sql()}) AS flows"
+)
+"""What reads of flows select from: the stored flows (``state`` ``closed``) and the open
+ones the store was given (``Store.set_open_flows``; ``state`` ``open``), through
+``Store.query``, which registers them."""
+
+
+def source_sql(spec: Table) -> str:
+    """What a read of ``spec`` selects from (``FLOWS_SQL`` for flows)."""
+    return FLOWS_SQL if spec.name == "flows" else quote(spec.name)
+
+
 def select_sql(
     spec: Table, where: Where, order: str, limit: int | None, columns: Sequence[str] | None = None
 ) -> tuple[str, list[object]]:
     """``SELECT`` of a table's ``columns`` (all by default) with conditions, ``order``
-    (``-column``: descending) and a limit."""
+    (``-column``: descending) and a limit. Flows come with their ``state``."""
     name = order.removeprefix("-")
-    known = ", ".join(spec.names)
-    if name not in spec.names:
+    names = (*spec.names, "state") if spec.name == "flows" else spec.names
+    known = ", ".join(names)
+    if name not in names:
         raise StoreError(f"cannot order {spec.name} by {name!r}; columns: {known}")
     for wanted in columns or ():
-        if wanted not in spec.names:
+        if wanted not in names:
             raise StoreError(f"table {spec.name} has no column {wanted!r}; columns: {known}")
     picked = "*" if columns is None else ", ".join(quote(c) for c in columns)
-    sql = f"SELECT {picked} FROM {quote(spec.name)}{where.sql()} ORDER BY {quote(name)}"
+    sql = f"SELECT {picked} FROM {source_sql(spec)}{where.sql()} ORDER BY {quote(name)}"
     sql += " DESC" if order.startswith("-") else ""
     if limit is None:
         return sql, where.params

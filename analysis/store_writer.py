@@ -1,138 +1,192 @@
-"""``StoreWriter``: appends to the store from a thread, so the receive loop never waits.
+"""``StoreWriter``: the one thread that writes to the store, so no other thread waits on it.
 
-``submit`` puts a DataFrame on a bounded queue and returns at once; the thread takes
-whatever is queued (up to ``batch_rows``), concatenates it and makes one append. When the
-queue is full the rows are dropped and counted (``dropped{store_queue_full}``) and a line
-is logged (at most every 10 s); a failed append is counted under ``errors{…}``. Nothing is
-lost silently.
+Everything the analyzer stores goes through here: finished flows (records, port-profile
+verdicts and policy hits are built on this thread too, not on the engine's), the open-flow
+view, the packet ring's index, inventory history, migrations, collector counters and
+retention. Each kind of write is a *lane* with its own writer function::
+
+    flows = writer.lane("flows", write_flows)       # write_flows(items) -> rows written
+    flows.submit(item)                              # never blocks; False when dropped
+
+Items of every lane wait in one queue in the order they were submitted, and the thread
+writes them in that order; consecutive items of one lane are handed to its writer function
+together (one records build and one insert for many engine batches). A lane made with
+``latest_only`` writes only the newest of its consecutive items (a new snapshot of the open
+flows replaces one still queued). The queue is bounded by the rows it holds
+(``max_rows``): an item that would go over is dropped, counted under
+``dropped{lane}`` and logged (at most every 10 s) — the engine never waits on the database.
+A write that fails is counted under ``errors{lane,exception}`` with its rows and logged; the
+thread goes on. Nothing is lost silently.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
-import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Any, Final, Generic, TypeVar
 
-import pandas as pd
-
-from .store_sql import schema_of
-
-__all__ = ["Appender", "StoreWriter"]
+__all__ = ["Lane", "StoreWriter"]
 
 log = logging.getLogger("vspan.store")
 
-
-class Appender(Protocol):
-    """Where the rows go: ``store.Store``, or anything that appends the same way."""
-
-    def append(self, table: str, df: pd.DataFrame) -> int: ...
-
-
-_DROP_LOG_S: Final = 10.0
+T = TypeVar("T")
+_LOG_EVERY_S: Final = 10.0
 
 
 @dataclass
 class _Counters:
-    rows_written: int = 0
-    appends: int = 0
+    written: dict[str, int] = field(default_factory=dict)
+    writes: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
 
 
-class StoreWriter:
-    """Appends to one table from a thread; ``submit`` never blocks the caller."""
+class Lane(Generic[T]):
+    """One kind of write: ``submit`` items, the writer thread hands them to ``write``."""
 
     def __init__(
         self,
-        store: Appender,
-        *,
-        table: str = "flows",
-        max_queue: int = 256,
-        batch_rows: int = 100_000,
+        writer: StoreWriter,
+        name: str,
+        write: Callable[[Sequence[T]], int],
+        size: Callable[[T], int],
+        latest_only: bool,
     ) -> None:
-        self.store, self.table, self.batch_rows = store, schema_of(table).name, batch_rows
-        self._queue: queue.Queue[pd.DataFrame | None] = queue.Queue(maxsize=max_queue)
+        self.writer, self.name, self.write = writer, name, write
+        self.size, self.latest_only = size, latest_only
+
+    def submit(self, item: T) -> bool:
+        """Queue ``item``; False (and counted as dropped) when the queue is full."""
+        return self.writer._submit(self, item)
+
+
+class StoreWriter:
+    """The store's one writer thread; ``lane`` declares a kind of write."""
+
+    def __init__(self, *, max_rows: int = 1_000_000, batch_rows: int = 200_000) -> None:
+        self.max_rows, self.batch_rows = max_rows, batch_rows
+        self._queue: collections.deque[tuple[Lane[Any], Any, int]] = collections.deque()
+        self._rows = 0
+        self._busy = 0
+        """Items taken by the thread and not yet written."""
+        self._cond = threading.Condition()
+        self._stopping = False
         self._thread: threading.Thread | None = None
         self._counters = _Counters()
-        self._pending = 0
-        self._idle = threading.Condition()
-        self._last_log = -math.inf
+        self._last_log: dict[str, float] = {}
+
+    def lane(
+        self,
+        name: str,
+        write: Callable[[Sequence[T]], int],
+        *,
+        size: Callable[[T], int] = lambda item: 1,
+        latest_only: bool = False,
+    ) -> Lane[T]:
+        """A lane called ``name`` whose items ``write`` stores (returning the rows written);
+        ``size`` is an item's rows, what the queue's bound counts."""
+        return Lane(self, name, write, size, latest_only)
+
+    # --- the component ------------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the thread."""
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="vspan-store", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 60.0) -> None:
         """Write what is queued, then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
         if self._thread is not None:
-            self._queue.put(None, timeout=timeout)
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("store writer: %d rows still queued after %g s", self._rows, timeout)
             self._thread = None
-
-    def submit(self, df: pd.DataFrame) -> bool:
-        """Queue ``df`` for writing; False (rows counted as dropped) when the queue is full."""
-        with self._idle:
-            self._pending += 1
-        try:
-            self._queue.put_nowait(df)
-        except queue.Full:
-            self._done(1)
-            self._count("dropped", "store_queue_full", len(df))
-            return False
-        return True
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until everything submitted so far is written (or failed)."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
 
     def metrics(self) -> dict[str, int]:
-        """``rows_written``, ``appends``, ``queue_depth``, ``dropped{…}`` and ``errors{…}``."""
+        """``rows_written{lane}``, ``writes{lane}``, ``dropped{lane}``, ``errors{lane,
+        exception}`` (rows), ``queue_rows`` and ``queue_items``."""
         c = self._counters
-        out = {"rows_written": c.rows_written, "appends": c.appends, "queue_depth": 0}
-        out["queue_depth"] = self._queue.qsize()
-        out |= {f"dropped{{{k}}}": v for k, v in c.dropped.items()}
-        out |= {f"errors{{{k}}}": v for k, v in c.errors.items()}
+        with self._cond:
+            out = {"queue_rows": self._rows, "queue_items": len(self._queue)}
+            out |= {f"rows_written{{{k}}}": v for k, v in c.written.items()}
+            out |= {f"writes{{{k}}}": v for k, v in c.writes.items()}
+            out |= {f"dropped{{{k}}}": v for k, v in c.dropped.items()}
+            out |= {f"errors{{{k}}}": v for k, v in c.errors.items()}
         return out
 
-    def _count(self, kind: str, reason: str, rows: int) -> None:
-        counts: dict[str, int] = getattr(self._counters, kind)
-        counts[reason] = counts.get(reason, 0) + rows
-        now = time.monotonic()
-        if now - self._last_log >= _DROP_LOG_S:
-            self._last_log = now
-            log.warning(
-                "store %s: %s{%s} = %d rows so far", self.table, kind, reason, counts[reason]
-            )
+    def written(self, lane: str) -> int:
+        """Rows ``lane`` has written so far."""
+        with self._cond:
+            return self._counters.written.get(lane, 0)
 
-    def _done(self, items: int) -> None:
-        with self._idle:
-            self._pending -= items
-            self._idle.notify_all()
+    # --- internals ----------------------------------------------------------------------
+
+    def _submit(self, lane: Lane[Any], item: Any) -> bool:
+        rows = lane.size(item)
+        with self._cond:
+            if self._rows + rows > self.max_rows and self._rows > 0:
+                self._count(self._counters.dropped, lane.name, rows)
+                self._warn(lane.name, f"queue full ({self._rows:,} rows): dropped {rows:,}")
+                return False
+            self._queue.append((lane, item, rows))
+            self._rows += rows
+            self._cond.notify_all()
+        return True
+
+    def _count(self, counts: dict[str, int], key: str, n: int) -> None:
+        counts[key] = counts.get(key, 0) + n
+
+    def _warn(self, key: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last_log.get(key, -math.inf) >= _LOG_EVERY_S:
+            self._last_log[key] = now
+            log.warning("store %s: %s", key, message)
+
+    def _take(self) -> list[tuple[Lane[Any], Any, int]] | None:
+        """The items to write next (a run of one lane), or None to end the thread."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._queue or self._stopping)
+            if not self._queue:
+                return None
+            lane = self._queue[0][0]
+            run, rows = [], 0
+            while self._queue and self._queue[0][0] is lane and rows < self.batch_rows:
+                item = self._queue.popleft()
+                run.append(item)
+                rows += item[2]
+            self._busy += len(run)
+            return run
 
     def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            parts = [self._queue.get()]
-            rows = 0 if parts[0] is None else len(parts[0])
-            while rows < self.batch_rows:
-                try:
-                    parts.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-                rows += 0 if parts[-1] is None else len(parts[-1])
-            frames = [p for p in parts if p is not None]
-            stopping = len(frames) < len(parts)
-            if frames:
-                try:
-                    written = self.store.append(self.table, pd.concat(frames, ignore_index=True))
-                    self._counters.rows_written += written
-                    self._counters.appends += 1
-                except Exception as exc:  # counted and logged; the thread keeps going
-                    self._count("errors", type(exc).__name__, rows)
-                    log.error("store %s: append of %d rows failed: %s", self.table, rows, exc)
-            self._done(len(frames))
+        while (run := self._take()) is not None:
+            lane = run[0][0]
+            items = [run[-1][1]] if lane.latest_only else [item for _, item, _ in run]
+            rows = sum(r for _, _, r in run)
+            try:
+                written = lane.write(items)
+            except Exception as exc:  # counted and logged; the thread goes on
+                with self._cond:
+                    self._count(self._counters.errors, f"{lane.name},{type(exc).__name__}", rows)
+                log.exception("store %s: writing %d rows failed", lane.name, rows)
+            else:
+                with self._cond:
+                    self._count(self._counters.written, lane.name, written)
+                    self._count(self._counters.writes, lane.name, 1)
+            with self._cond:
+                self._rows -= rows
+                self._busy -= len(run)
+                self._cond.notify_all()

@@ -25,7 +25,7 @@ from vspan.inventory import InventoryView, Vm, format_mac
 from .queries import json_rows, parse_time
 from .store import Store
 from .store_schema import quote
-from .store_sql import flows_where
+from .store_sql import FLOWS_SQL, flows_where
 
 __all__ = [
     "EXTERNAL",
@@ -79,7 +79,7 @@ def _totals(
         first, time = quote("first_ns"), quote("time")
         dims.append(f"({first} // {int(bin_s) * 10**9}) * {int(bin_s)} AS {time}")
     sums = [f"CAST(SUM({quote(c)}) AS BIGINT) AS {quote(c)}" for c in _SUMS]
-    sql = f"SELECT {', '.join(dims)}, COUNT(*) AS flows, {', '.join(sums)} FROM flows"
+    sql = f"SELECT {', '.join(dims)}, COUNT(*) AS flows, {', '.join(sums)} FROM {FLOWS_SQL}"
     rows = store.query(f"{sql}{where.sql()} GROUP BY ALL", where.params)
     for side in ("src", "dst"):
         for level in ("vm", "host"):

@@ -42,7 +42,9 @@ class _Row(BaseModel):
 class FlowRow(_Row):
     """A stored flow (``docs/store.md``, table ``flows``)."""
 
-    flow_id: int = Field(description="number of the flow within one analyzer run")
+    flow_id: int | None = Field(
+        description="number of the flow within one analyzer run; null while it is open"
+    )
     src_vm: str | None = Field(description="VM of the side that sent first")
     dst_vm: str | None
     src_vif: int | None = Field(description="vif of src at the observing host")
@@ -84,6 +86,10 @@ class FlowRow(_Row):
     dst_vm_uuid: str | None
     policy_verdict: str | None = Field(description="permit, deny or none")
     policy_rule: str | None = Field(description="rule that decided: profile#n")
+    state: Literal["open", "closed"] = Field(
+        description="open: the flow goes on (its counters so far); closed: it ended and "
+        "is stored"
+    )
 
 
 class FlowsOut(BaseModel):

@@ -107,10 +107,15 @@ def run(args: argparse.Namespace) -> int:
         analyzer.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        engine = analyzer.counters().get("engine", {})
+        counters = analyzer.counters()
+        engine, writer = counters.get("engine", {}), counters["store_writer"]
+        failed = sum(
+            v for k, v in writer.items() if k.startswith(("errors{flows", "dropped{flows"))
+        )
         print(
             f"vspan analyze: stopped: {engine.get('frames', 0):,} frames, "
-            f"{engine.get('flows_finished', 0):,} flows stored",
+            f"{analyzer.stored_flows():,} flows stored"
+            + (f", {failed:,} flows not stored (see the log)" if failed else ""),
             file=sys.stderr,
         )
     return 0

@@ -67,7 +67,7 @@ class Consumer:
                 keys=self.keys,
                 require_known=self.require_known,
             )
-            self.acc.update(got, now=chunk.received_at)
+            self.acc.update(got, now=chunk.received_at, kernel_drops=chunk.kernel_drops)
             for cid, reason in chunk.rejected:
                 self.acc.add_rejected(cid, reason)
             self.frames += [got.frames.frame(i) for i in range(len(got.frames))]
@@ -115,7 +115,7 @@ def test_udp_every_frame_arrives(udp: tuple[UdpReceiver, Consumer, socket.socket
     assert stream is not None
     assert (stream.lost, stream.duplicates, stream.frames) == (0, 0, len(sent))
     assert receiver.datagrams == len(messages)
-    assert receiver.dropped_backpressure == 0
+    assert receiver.backpressure_waits == 0
     assert receiver.rcvbuf > 0
     assert receiver.kernel_drops() == 0
     assert receiver.counters()["kernel_drops"] == 0
@@ -196,7 +196,9 @@ def test_udp_flood_from_an_unknown_collector_with_require_known() -> None:
         receiver.stop()
 
 
-def test_udp_backpressure_drops_and_counts_then_recovers() -> None:
+def test_udp_backpressure_leaves_datagrams_in_the_kernel_and_loses_none() -> None:
+    # Regression: with every chunk buffer held by a slow consumer, the receiver read
+    # datagrams and dropped them (counted as network loss by the sequence accounting).
     consumer = Consumer()
     config = ReceiverConfig(buffer_bytes=1 << 18, buffers=1, poll_s=0.05)
     receiver = UdpReceiver(LOCAL, sink=consumer.sink, config=config)
@@ -209,15 +211,55 @@ def test_udp_backpressure_drops_and_counts_then_recovers() -> None:
             consumer.pump(lambda: consumer.received() == 5, release=False)  # hold the buffer
             send_paced(sender, messages[5:15])
             deadline = time.monotonic() + 5
-            while receiver.dropped_backpressure < 10:
+            while receiver.backpressure_waits == 0:
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
+            time.sleep(0.2)  # the receiver must not read (and drop) meanwhile
             consumer.chunks[0].release()
             send_paced(sender, messages[15:18])
-            consumer.pump(lambda: consumer.received() == 8)
+            consumer.pump(lambda: consumer.received() == 18)
         stream = consumer.acc.stream(4, 1)
         assert stream is not None
-        assert (receiver.dropped_backpressure, stream.lost) == (10, 10)
+        assert (stream.lost, stream.kernel, stream.received) == (0, 0, 18)
+        assert receiver.kernel_drops() == 0
+    finally:
+        receiver.stop()
+
+
+def _proc_udp_drops(port: int) -> int:
+    """The kernel's drop count of the UDP socket bound to ``port``, from /proc/net/udp."""
+    with open("/proc/net/udp", encoding="ascii") as fh:
+        for line in fh.readlines()[1:]:
+            cols = line.split()
+            if int(cols[1].split(":")[1], 16) == port:
+                return int(cols[12])
+    raise AssertionError(f"no UDP socket on port {port}")
+
+
+def test_kernel_drops_are_charged_to_the_analyzer_not_to_the_network() -> None:
+    # A slow consumer and a small socket buffer: the kernel drops datagrams. The gaps they
+    # leave in the sequence must be counted as the analyzer's (kernel), not lost.
+    consumer = Consumer()
+    config = ReceiverConfig(rcvbuf=8192, buffer_bytes=1 << 18, buffers=1, poll_s=0.05)
+    receiver = UdpReceiver(LOCAL, sink=consumer.sink, config=config)
+    receiver.start()
+    messages = build(4, 1, frames(random.Random(7), 800))
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            sender.connect(receiver.address)
+            send_paced(sender, messages[:3])
+            consumer.pump(lambda: consumer.received() == 3, release=False)  # hold the buffer
+            send_paced(sender, messages[3:80])
+            dropped = _proc_udp_drops(receiver.address[1])
+            assert dropped > 0  # the test's premise: the socket buffer overflowed
+            consumer.chunks[0].release()
+            time.sleep(0.3)
+            send_paced(sender, messages[80:85])
+            consumer.pump(lambda: consumer.acc.totals()["received"] + dropped == 85)
+        stream = consumer.acc.stream(4, 1)
+        assert stream is not None
+        assert (stream.kernel, stream.lost) == (dropped, 0)
+        assert receiver.kernel_drops() == dropped == _proc_udp_drops(receiver.address[1])
     finally:
         receiver.stop()
 

@@ -180,3 +180,6 @@ def test_maintenance_applies_retention_without_errors(tmp_path: Path) -> None:
     finally:
         analyzer.stop()
     assert analyzer.errors == {}
+    metrics = analyzer.writer.metrics()
+    assert metrics["writes{retention}"] == 1  # on the store writer's thread
+    assert not [k for k in metrics if k.startswith("errors")]

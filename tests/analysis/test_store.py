@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ from vspan.analysis.records import RECORD_COLUMNS
 from vspan.analysis.report import analyze_captures
 from vspan.analysis.store import Store, StoreError
 from vspan.analysis.store_schema import SCHEMA_VERSION, TABLES, clickhouse_ddl
-from vspan.analysis.store_writer import StoreWriter
 from vspan.synth import SynthCapture, generate_small, write_capture
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "store.md"
@@ -302,56 +300,6 @@ def test_collector_counters_keep_invalid_reasons(store: Store) -> None:
     assert got["lost"].iloc[0] == 1
     bad = store.query("SELECT invalid['bad_magic'] AS n FROM collector_counters")
     assert bad["n"].tolist() == [3]
-
-
-class SlowStore:
-    """Stands in for ``Store``: each append waits for ``gate``, or fails on a marker."""
-
-    def __init__(self) -> None:
-        self.gate = threading.Event()
-        self.rows: list[int] = []
-
-    def append(self, table: str, df: pd.DataFrame) -> int:
-        self.gate.wait(10)
-        if "boom" in df.columns:
-            raise StoreError("append failed: boom")
-        self.rows.append(len(df))
-        return len(df)
-
-
-def test_writer_never_blocks_and_counts_what_it_drops() -> None:
-    fake = SlowStore()
-    writer = StoreWriter(fake, max_queue=4)
-    writer.start()
-    part = pd.DataFrame({"flow_id": range(10)})
-    accepted = [writer.submit(part) for _ in range(20)]
-    assert not all(accepted)
-    dropped = writer.metrics()["dropped{store_queue_full}"]
-    assert dropped == 10 * accepted.count(False)
-    fake.gate.set()
-    assert writer.flush(10)
-    assert writer.metrics()["rows_written"] == sum(fake.rows) == 10 * accepted.count(True)
-    assert len(fake.rows) < accepted.count(True)  # the thread batched what queued up
-    written = writer.metrics()["rows_written"]
-    writer.submit(pd.DataFrame({"boom": [1, 2]}))
-    assert writer.flush(10)
-    writer.submit(part)  # the thread goes on after a failed append
-    writer.stop()
-    metrics = writer.metrics()
-    assert metrics["errors{StoreError}"] == 2
-    assert metrics["rows_written"] == written + 10
-    assert metrics["queue_depth"] == 0
-
-
-def test_writer_appends_to_the_real_store(
-    dc: tuple[SynthCapture, pd.DataFrame], store: Store
-) -> None:
-    writer = StoreWriter(store)
-    writer.start()
-    for chunk in np.array_split(np.arange(len(dc[1])), 5):
-        assert writer.submit(dc[1].iloc[chunk])
-    writer.stop()
-    assert store.count("flows") == len(dc[1])
 
 
 def test_a_store_reopened_for_writing_accepts_appends(tmp_path: Path) -> None:
