@@ -269,7 +269,10 @@ class Analyzer:
         if self.engine is not None:
             out["engine"] = self.engine.counters()
             out["collectors"] = self.engine.accounting.collectors().to_dict(orient="records")
-        out["receivers"] = [r.counters() for r in self.receivers]
+        out["receivers"] = [
+            {"receiver": "udp" if isinstance(r, UdpReceiver) else "tcp", **r.counters()}
+            for r in self.receivers
+        ]
         out["store_writer"] = self.flow_writer.metrics()
         out["ring"] = self.ring.metrics()
         out["inventory"] = dict(self.state.counters)
