@@ -141,8 +141,10 @@ def test_every_route_answers_each_role_as_the_policy_says(live: Live, role: str)
 def test_routes_outside_the_document(live: Live) -> None:
     """The dashboard's page and files and the OpenAPI viewer need no token; the metrics'
     second address does."""
-    for path in ("/", "/static/dashboard.js", "/docs", "/openapi.json"):
+    for path in ("/", "/?poll=700&vm=web-01&bin=1&window=-1h", "/static/dashboard.js",
+                 "/static/dashboard.js?v=2", "/docs", "/openapi.json"):  # fmt: skip
         assert call(live.url, "GET", path)[0] == 200, path
+    assert call(live.url, "GET", "/?verdict=deny")[0] == 422
     assert call(live.url, "GET", "/api/v1/metrics")[0] == 401
     assert call(live.url, "GET", "/api/v1/metrics", READ)[0] == 200
     assert call(live.url, "GET", "/api/v1/no-such-route") == (

@@ -111,3 +111,18 @@ def test_list_parameters_may_repeat(empty: Client) -> None:
     )
     assert status != 422 or "more than once" not in str(doc)
     assert status < 500
+
+
+def test_a_heartbeat_cannot_grow_the_metrics_without_bound(empty: Client) -> None:
+    """Drop reasons become label values of /metrics: at most 32, short plain names."""
+    client = ControlClient(empty.url, 5, token=ADMIN)
+    client.register("hv05", [])
+    many = {f"reason_{i}": 1 for i in range(33)}
+    for dropped, why in ((many, "at most 32 items"), ({"Bad Reason": 1}, "should match pattern")):
+        status, doc, _ = empty.call(
+            "POST", "/api/v1/control/collectors/5/heartbeat", {"time": 1.0, "dropped": dropped},
+            token=ADMIN,
+        )  # fmt: skip
+        assert status == 422
+        assert why in str(doc)
+    client.heartbeat({"time": 1.0, "dropped": {"oversize": 1}})

@@ -166,6 +166,20 @@ def test_a_collector_with_its_token_registers_and_reports(
     assert capture["drops"]["kernel"] == 0
 
 
+@pytest.mark.slow
+def test_query_commands_send_their_token(running: Running) -> None:
+    argv = [*VSPAN, "flows", "--analyzer", running.url, "--format", "json"]
+    environ = {k: v for k, v in os.environ.items() if k != "VSPAN_TOKEN"}
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=environ,
+                          check=False)  # fmt: skip
+    assert done.returncode == 2
+    assert "the analyzer refused the query (HTTP 401): missing bearer token" in done.stderr
+    for extra, env in ((["--token", READ], environ), ([], environ | {"VSPAN_TOKEN": READ})):
+        done = subprocess.run([*argv, *extra], capture_output=True, text=True, timeout=120,
+                              env=env, check=False)  # fmt: skip
+        assert (done.returncode, json.loads(done.stdout)) == (0, []), done.stderr
+
+
 def test_the_config_files_control_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``control_token`` of ``--config`` reaches the control client (flag and env win)."""
     from vspan.cli import _build_parser
