@@ -58,8 +58,10 @@ case "$cmd" in
     test)
         # tshark: the oracle of the decode tests; tcpdump brings libpcap (capture filters);
         # iproute2: the network-namespace lab; util-linux: setpriv and mount; chromium: the
-        # dashboard's browser test (driven by Playwright, which downloads no browser).
-        apt_install tshark tshark tcpdump tcpdump ip iproute2 setpriv util-linux chromium chromium
+        # dashboard's browser test (driven by Playwright, which downloads no browser);
+        # prometheus: its promtool lints /metrics (only promtool is used).
+        apt_install tshark tshark tcpdump tcpdump ip iproute2 setpriv util-linux chromium chromium \
+            promtool prometheus
         setup_python
         say "ruff"
         "$VENV/bin/ruff" check .

@@ -10,7 +10,8 @@ analyzer listens on loopback only. File format (all keys optional)::
     inventory: inventory.yaml   # static hosts and VMs (collectors also register theirs)
     profiles: profiles.yaml     # port-profiles
     keys: keys.yaml             # collector_id -> hex key (AUTH); see load_keys
-    tokens: tokens.yaml         # API bearer token -> read|admin; see load_tokens
+    tokens: tokens.yaml         # API bearer token -> read|admin|collector[:ID] (api.auth)
+    insecure_listen: false      # serve non-loopback clients without tokens (see below)
     require_known: false        # accept only collectors with a key
     idle_timeout: 60            # seconds (capture time)
     active_timeout: 300
@@ -37,7 +38,7 @@ from vspan.errors import ConfigError
 from vspan.tunnel import DEFAULT_PORT
 from vspan.yamlconf import Node, load_file
 
-__all__ = ["DEFAULT_HTTP_PORT", "AnalyzerConfig", "load_keys", "load_tokens", "parse_address"]
+__all__ = ["DEFAULT_HTTP_PORT", "AnalyzerConfig", "load_keys", "parse_address"]
 
 DEFAULT_HTTP_PORT = 8470
 
@@ -68,7 +69,12 @@ class AnalyzerConfig:
     keys: str | None = None
     """Collector keys YAML (``collector_id: hex key``)."""
     tokens: str | None = None
-    """API tokens YAML (``token: read|admin``); without it only loopback clients are served."""
+    """API tokens YAML (``token: read|admin|collector[:ID]``); without it only loopback
+    clients are served, and ``vspan analyze`` refuses a non-loopback ``http`` address."""
+    insecure_listen: bool = False
+    """Without ``tokens``: serve every client, loopback or not, without a token (anyone who
+    reaches ``http`` reads flows and changes sessions and the inventory). Logged as a
+    WARNING at start."""
     require_known: bool = False
     """Accept tunnel messages only from collectors that have a key."""
     idle_timeout: float = 60.0
@@ -209,19 +215,3 @@ def load_keys(path: str) -> dict[int, bytes]:
             raise node.error(f"a key has 16..64 bytes, got {len(key)}")
         keys[cid] = key
     return keys
-
-
-def load_tokens(path: str) -> dict[str, str]:
-    """API bearer tokens: a YAML mapping ``token: read|admin``."""
-    root = load_file(path)
-    if not isinstance(root.value, dict):
-        raise root.error("expected a mapping of token to role (read or admin)")
-    tokens: dict[str, str] = {}
-    for token in root.keys():  # noqa: SIM118 - Node.keys(), not a dict
-        node = root.get(token)
-        if len(token.strip()) < 16:
-            raise node.error("a token needs at least 16 characters")
-        if node.value not in ("read", "admin"):
-            raise node.error(f"expected the role read or admin, got {node.value!r}")
-        tokens[token] = str(node.value)
-    return tokens

@@ -152,6 +152,11 @@ class InventoryState(VmBook):
         with self._lock:
             return list(self._heartbeats.get(collector_id, ()))
 
+    def latest_heartbeats(self) -> dict[int, Heartbeat]:
+        """The latest heartbeat of each collector that sent one."""
+        with self._lock:
+            return {cid: ring[-1] for cid, ring in self._heartbeats.items() if ring}
+
     # --- writers ----------------------------------------------------------------------
 
     def add_static(self, inventory: Inventory, now: float) -> None:

@@ -307,7 +307,10 @@ class Analyzer:
         kernel = sum(r.counters().get("kernel_drops", 0) for r in self.receivers)
         writer = self.writer.metrics()
         feeder = self.feeder.metrics()
-        out["receivers"] = [r.counters() for r in self.receivers]
+        out["receivers"] = [
+            {"receiver": "udp" if isinstance(r, UdpReceiver) else "tcp", **r.counters()}
+            for r in self.receivers
+        ]
         out["store_writer"] = writer
         out["ring"] = {**self.ring.metrics(), **feeder}
         out["inventory"] = dict(self.state.counters)

@@ -128,10 +128,10 @@ def hosts(store: Store, inventory: InventoryView, *, since: int | None = None,
         cross_packets=("cross_packets", "sum"),
     )  # fmt: skip
     vm_count = pd.Series([vm.host for vm in _present(inventory)], dtype=object).value_counts()
-    table = pd.DataFrame(
+    table = pd.DataFrame(  # typed, so that no host at all still merges on "name"
         {
-            "name": [h.name for h in inventory.hosts],
-            "collector_id": [h.collector_id for h in inventory.hosts],
+            "name": pd.Series([h.name for h in inventory.hosts], dtype=object),
+            "collector_id": pd.Series([h.collector_id for h in inventory.hosts], dtype="int64"),
         }
     )
     table["vms"] = table["name"].map(vm_count).fillna(0).astype("int64")

@@ -31,6 +31,7 @@ from vspan.analysis.inventory_state import (
     RegistrationError,
     UnknownCollectorError,
 )
+from vspan.api.auth import AccessPolicy
 from vspan.api.deps import (
     Clock,
     ClockDep,
@@ -43,6 +44,7 @@ from vspan.api.deps import (
     nothing_for,
     set_context,
 )
+from vspan.api.gate import install_gate
 from vspan.api.models_control import (
     ConfigOut,
     HeartbeatIn,
@@ -161,7 +163,9 @@ def create_control_app(
     profiles_for: ProfilesFor = nothing_for,
     now: Clock = time.time,
 ) -> FastAPI:
-    """A FastAPI app serving only the control plane (the analyzer mounts it with more)."""
+    """A FastAPI app serving only the control plane (the analyzer mounts it with more), to
+    loopback clients only."""
     app = FastAPI(title="vspan control plane", version="1")
+    install_gate(app, AccessPolicy())
     install_control(app, state, sessions_for=sessions_for, profiles_for=profiles_for, now=now)
     return app

@@ -8,9 +8,9 @@ API calls send the token kept in the browser (``#token=…`` in the URL, then lo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Final
+from typing import Annotated, Final
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Query
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -21,8 +21,13 @@ router = APIRouter(include_in_schema=False)
 
 
 @router.get("/")
-def index() -> FileResponse:
-    """The dashboard's page."""
+def index(
+    poll: Annotated[str | None, Query(description="ms between refreshes")] = None,
+    bin: Annotated[str | None, Query(description="matrix bin, seconds")] = None,
+    window: Annotated[str | None, Query(description="since, e.g. -1h")] = None,
+    vm: Annotated[str | None, Query(description="the VM shown first")] = None,
+) -> FileResponse:
+    """The dashboard's page; its script reads these parameters from the address itself."""
     return FileResponse(STATIC / "index.html", media_type="text/html")
 
 

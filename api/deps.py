@@ -20,7 +20,7 @@ from typing import Annotated, Any, Generic, TypeVar
 import pandas as pd
 from fastapi import Depends, Request
 
-from vspan.analysis.inventory_state import InventoryState
+from vspan.analysis.inventory_state import Heartbeat, InventoryState
 from vspan.analysis.store import Store
 from vspan.inventory import Host, Vm
 
@@ -34,6 +34,8 @@ __all__ = [
     "ControlContext",
     "CounterSamples",
     "CountersDep",
+    "Heartbeats",
+    "HeartbeatsDep",
     "NowDep",
     "ProfilesDep",
     "ProfilesFor",
@@ -44,6 +46,7 @@ __all__ = [
     "get_clock",
     "get_context",
     "get_counter_samples",
+    "get_heartbeats",
     "get_now",
     "get_profiles_for",
     "get_sessions_for",
@@ -61,6 +64,8 @@ ProfilesFor = Callable[[Host, Sequence[Vm]], Sequence[Mapping[str, Any]]]
 Clock = Callable[[], float]
 CounterSamples = Callable[[], pd.DataFrame]
 """Live collector-counter samples in the columns of the store's ``collector_counters``."""
+Heartbeats = Callable[[], Mapping[int, Heartbeat]]
+"""The latest heartbeat (capture counters) of each collector that sent one."""
 
 
 def nothing_for(host: Host, vms: Sequence[Vm]) -> list[dict[str, Any]]:
@@ -166,3 +171,12 @@ def get_counter_samples(request: Request, store: StoreDep) -> Store | pd.DataFra
 
 
 CountersDep = Annotated[Store | pd.DataFrame, Depends(get_counter_samples)]
+
+
+def get_heartbeats(request: Request) -> Mapping[int, Heartbeat]:
+    """The collectors' latest heartbeats (``app.state.heartbeats``; none by default)."""
+    source: Heartbeats | None = getattr(request.app.state, "heartbeats", None)
+    return {} if source is None else source()
+
+
+HeartbeatsDep = Annotated[Mapping[int, Heartbeat], Depends(get_heartbeats)]

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from vspan.analysis.queries import FlowPage, json_rows
 
 __all__ = [
+    "CaptureOut",
     "CollectorRow",
     "CollectorsOut",
     "FlowRow",
@@ -153,6 +154,21 @@ class MigrationHistoryOut(BaseModel):
     migrations: list[MigrationRow]
 
 
+class CaptureOut(BaseModel):
+    """What a collector captured and dropped before sending, as its latest heartbeat said
+    (counters since the collector started)."""
+
+    time: float = Field(description="the collector's clock, seconds since the epoch")
+    received: float = Field(description="when the analyzer got the heartbeat")
+    frames: int = Field(description="frames captured on the VM ports")
+    bytes: int
+    truncated: int = Field(description="frames sent cut to the snap length")
+    sampled_out: int = Field(description="frames left out by 1:N sampling")
+    drops: dict[str, int] = Field(
+        description="frames captured and not sent, by cause: kernel (capture ring full), ..."
+    )
+
+
 class CollectorRow(_Row):
     """A collector's latest counters, summed over its boots."""
 
@@ -171,6 +187,9 @@ class CollectorRow(_Row):
     bytes_per_s: float | None
     invalid: int = Field(description="messages rejected")
     drops: dict[str, int] = Field(description="lost and rejected messages by reason")
+    capture: CaptureOut | None = Field(
+        None, description="the collector's capture counters (latest heartbeat); null: none"
+    )
 
 
 class CollectorsOut(BaseModel):

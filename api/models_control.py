@@ -36,6 +36,9 @@ __all__ = [
 
 Vif = Annotated[int, Field(ge=1, le=MAX_VIF, description="virtual interface id 1..4095")]
 Name = Annotated[str, Field(min_length=1, max_length=255)]
+Reason = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+"""A drop reason: a label value of ``/metrics``, so short and plain."""
+PortName = Annotated[str, Field(max_length=255)]
 
 
 def parse_mac(text: str) -> int:
@@ -131,8 +134,12 @@ class HeartbeatIn(_Strict):
     truncated: NonNegativeInt = 0
     kernel_drops: NonNegativeInt = 0
     sampled_out: NonNegativeInt = 0
-    dropped: dict[str, NonNegativeInt] = Field(default_factory=dict, description="by reason")
-    per_port: dict[str, NonNegativeInt] = Field(default_factory=dict, description="frames")
+    dropped: dict[Reason, NonNegativeInt] = Field(
+        default_factory=dict, max_length=32, description="frames not sent, by reason"
+    )
+    per_port: dict[PortName, NonNegativeInt] = Field(
+        default_factory=dict, max_length=MAX_VIF, description="frames"
+    )
 
     def to_heartbeat(self, received: float) -> Heartbeat:
         """The heartbeat as the inventory state keeps it."""

@@ -13,22 +13,29 @@ from fastapi import FastAPI
 from vspan.analysis.service import Analyzer
 from vspan.analysis.span_sessions import SessionStore
 from vspan.api.app import install_read_api
+from vspan.api.auth import AccessPolicy
 from vspan.api.control import install_control
+from vspan.api.gate import install_gate
 from vspan.api.views_app import install_views
 
 __all__ = ["HttpServer", "create_app"]
 
 
-def create_app(analyzer: Analyzer, *, tokens: Mapping[str, str] | None = None) -> FastAPI:
-    """The API of a running analyzer: control plane, read API, views, metrics, dashboard.
+def create_app(
+    analyzer: Analyzer, *, tokens: Mapping[str, str] | None = None, open_access: bool = False
+) -> FastAPI:
+    """The API of a running analyzer: control plane, read API, views, metrics, dashboard,
+    every route behind ``api.gate``.
 
-    ``tokens`` (bearer token → ``read``/``admin``) guard the API; without them only
-    loopback clients are served."""
+    ``tokens`` (bearer token → ``read``, ``admin``, ``collector[:ID]``; ``api.auth``) guard
+    the API; without them only loopback clients are served, or every client with
+    ``open_access`` (``--insecure-listen``)."""
     app = FastAPI(
         title="vspan analyzer",
         version="1",
         description="Per-VM flows, policy hits, migrations and collectors of a vspan analyzer.",
     )
+    install_gate(app, AccessPolicy.of(tokens, open=open_access))
     sessions = SessionStore(analyzer.data_dir / "sessions.json")
     sessions.load()
     install_control(
@@ -40,8 +47,8 @@ def create_app(analyzer: Analyzer, *, tokens: Mapping[str, str] | None = None) -
     )
     app.state.analyzer = analyzer
     app.state.store = analyzer.store
-    install_read_api(app, store=analyzer.store)
-    install_views(app, analyzer, tokens=tokens, sessions=sessions)
+    install_read_api(app, store=analyzer.store, heartbeats=analyzer.state.latest_heartbeats)
+    install_views(app, analyzer, sessions=sessions)
 
     @app.get("/api/v1/status")
     def status() -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """Mount the view routers (hosts, VMs, top, matrix, sessions, pcap, metrics) and the
-dashboard on the analyzer's app, behind ``api.auth``.
+dashboard on the analyzer's app (who may call them is ``api.gate``'s, for the whole app).
 
 ::
 
@@ -18,12 +18,9 @@ dashboard on the analyzer's app, behind ``api.auth``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from vspan.analysis.span_sessions import SessionStore
-from vspan.api.auth import authorize, check_tokens
 from vspan.api.dashboard import install_dashboard
 from vspan.api.routers import hosts, matrix, metrics, pcap, profiles, sessions, top, vms
 from vspan.api.routers.predictions import router as predictions_router
@@ -41,19 +38,16 @@ def install_views(
     app: FastAPI,
     analyzer: ViewSource,
     *,
-    tokens: Mapping[str, str] | None = None,
     sessions: SessionStore | None = None,
 ) -> SessionStore:
-    """Mount the view routers and the dashboard on ``app``. ``tokens``: bearer token →
-    ``read``/``admin`` (None: loopback clients only). ``sessions``: the SPAN sessions (by
-    default ``DATA_DIR/sessions.json``, loaded here); returned, so that its
+    """Mount the view routers and the dashboard on ``app``. ``sessions``: the SPAN sessions
+    (by default ``DATA_DIR/sessions.json``, loaded here); returned, so that its
     ``sessions_for`` can be given to ``install_control``."""
     if sessions is None:
         sessions = SessionStore(analyzer.data_dir / "sessions.json")
         sessions.load()
-    checked = None if tokens is None else check_tokens(tokens)
-    set_view_context(app.state, ViewContext(analyzer, sessions, checked))
+    set_view_context(app.state, ViewContext(analyzer, sessions))
     for router in VIEW_ROUTERS:
-        app.include_router(router, dependencies=[Depends(authorize)])
+        app.include_router(router)
     install_dashboard(app)
     return sessions

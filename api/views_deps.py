@@ -64,8 +64,6 @@ class ViewContext:
 
     source: ViewSource
     sessions: SessionStore
-    tokens: dict[str, str] | None = None
-    """Bearer token → role (``read`` or ``admin``); None: loopback clients only."""
 
 
 _VIEWS = AppContext(

@@ -9,6 +9,7 @@
     key_file: /etc/vspan/hv01.key    # hex AUTH key shared with the analyzer (optional)
     max_message: 1400                # bytes per message: 1400 fits a 1,500-byte path
     control: http://10.0.0.10:8470   # the analyzer's control plane (optional)
+    control_token: c-0123456789abcdef   # its bearer token (collector:ID role; optional)
     state_dir: /var/lib/vspan        # keeps the vif assignment across restarts
     snaplen: 0                       # bytes kept per frame, 0: all
     sample: 1                        # 1:N sampling per port
@@ -46,6 +47,7 @@ _KEYS = {
     "key_file",
     "max_message",
     "control",
+    "control_token",
     "state_dir",
     "snaplen",
     "sample",
@@ -91,6 +93,8 @@ class CollectorFile:
     key: bytes | None
     max_message: int | None
     control: str | None
+    control_token: str | None
+    """Bearer token for the control plane (the analyzer's ``collector:ID`` token)."""
     state_dir: str
     snaplen: int
     sample: int
@@ -133,6 +137,7 @@ class CollectorFile:
             key=key,
             max_message=number("max_message", 54, 65507, 0) or None,
             control=root.get("control").as_str() if root.has("control") else None,
+            control_token=root.get("control_token").as_str() if root.has("control_token") else None,
             state_dir=root.get("state_dir").as_str()
             if root.has("state_dir")
             else default_state_dir(),

@@ -6,6 +6,9 @@ Standard library only (``urllib.request``), so the collector stays light. Every 
     control plane http://10.0.0.5:8080: POST /api/v1/control/collectors/7/heartbeat:
     HTTP 404 Not Found: collector 7 is not registered; register it first
 
+With a ``token`` (the analyzer's ``collector:ID`` token for this collector), every request
+carries it as ``Authorization: Bearer``; without one an analyzer with tokens answers 401.
+
 ``status`` is the HTTP status (None when no answer came), so a collector can re-register
 after a 404 (the analyzer restarted) and retry later after a connection error.
 """
@@ -71,15 +74,21 @@ def heartbeat_payload(
 class ControlClient:
     """Talks to the analyzer's control plane for one collector."""
 
-    def __init__(self, base_url: str, collector_id: int, timeout: float = 5.0) -> None:
+    def __init__(
+        self, base_url: str, collector_id: int, timeout: float = 5.0, *, token: str | None = None
+    ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigError(f"control plane URL {base_url!r}: expected http://host:port")
         if not 1 <= collector_id <= 2**32 - 1:
             raise ConfigError(f"collector_id {collector_id} out of range 1..{2**32 - 1}")
+        if token is not None and (not token.strip() or any(c in token for c in "\r\n")):
+            raise ConfigError("the control-plane token is empty or spans lines")
         self.base_url = base_url.rstrip("/")
         self.collector_id = collector_id
         self.timeout = timeout
+        self.token = None if token is None else token.strip()
+        """The analyzer's bearer token for this collector (``collector:ID`` role), if any."""
 
     def register(self, host_name: str, ports: Sequence[Port]) -> dict[str, Any]:
         """Register the host and all its VM ports; the answer holds sessions and profiles."""
@@ -104,6 +113,8 @@ class ControlClient:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.base_url + path, data=data, method=method)
         request.add_header("Accept", "application/json")
+        if self.token is not None:
+            request.add_header("Authorization", f"Bearer {self.token}")
         if data is not None:
             request.add_header("Content-Type", "application/json")
         try:

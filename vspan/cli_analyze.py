@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
@@ -10,6 +11,8 @@ from dataclasses import fields
 from typing import Any
 
 __all__ = ["add_parser"]
+
+log = logging.getLogger("vspan.analyze")
 
 _HELP = {
     "udp": "tunnel over UDP, ADDR:PORT ('off' to disable)",
@@ -19,7 +22,10 @@ _HELP = {
     "inventory": "static inventory YAML (collectors also register theirs)",
     "profiles": "port-profiles YAML",
     "keys": "collector keys YAML (collector_id: hex key)",
-    "tokens": "API tokens YAML (token: read|admin); default: loopback clients only",
+    "tokens": "API tokens YAML (token: read|admin|collector[:ID]); without it only "
+    "loopback clients are served",
+    "insecure_listen": "without --tokens, serve every client of a non-loopback --http "
+    "address with no token at all (refused otherwise)",
 }
 
 
@@ -43,7 +49,7 @@ def add_parser(sub: Any) -> None:
                 flag,
                 action=argparse.BooleanOptionalAction,
                 default=None,
-                help=f.name.replace("_", " "),
+                help=_HELP.get(f.name, f.name.replace("_", " ")),
             )
         else:
             conv: Any = (
@@ -72,14 +78,44 @@ def _settings(args: argparse.Namespace) -> Any:
     return base.merged(given, none_means_unset=False)
 
 
+def _access(config: Any) -> tuple[dict[str, str] | None, bool]:
+    """The API tokens, and whether to serve every client without one: a non-loopback
+    ``--http`` address needs ``--tokens`` or ``--insecure-listen`` (then a WARNING)."""
+    from vspan.analysis.config import parse_address
+    from vspan.api.auth import is_loopback_host, load_tokens
+    from vspan.errors import ConfigError
+
+    tokens = load_tokens(config.tokens) if config.tokens else None
+    host, _ = parse_address(config.http, field="http")
+    if tokens or is_loopback_host(host):
+        return tokens, False
+    if not config.insecure_listen:
+        raise ConfigError(
+            f"--http {config.http} is not a loopback address and no --tokens file is given: "
+            "anyone who reaches it could read every flow and change sessions and the "
+            "inventory. Give --tokens FILE (token: read|admin|collector:ID), or "
+            "--insecure-listen to serve every client without a token",
+            field="http",
+        )
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="vspan analyze: %(levelname)s: %(message)s")
+    log.warning(
+        "insecure listen: serving the API, dashboard and control plane on %s without "
+        "tokens to every client; anyone who reaches it can read every flow and change "
+        "sessions and the inventory (--insecure-listen)",
+        config.http,
+    )
+    return None, True
+
+
 def run(args: argparse.Namespace) -> int:
     """Run until SIGINT/SIGTERM (or --duration); then finish flows and close the store."""
-    from vspan.analysis.config import load_tokens, parse_address
+    from vspan.analysis.config import parse_address
     from vspan.analysis.service import Analyzer
     from vspan.api.server import HttpServer, create_app
 
     config = _settings(args)
-    tokens = load_tokens(config.tokens) if config.tokens else None
+    tokens, open_access = _access(config)
     analyzer = Analyzer(config)
     done = threading.Event()
 
@@ -91,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
     server = None
     try:
         host, port = parse_address(config.http, field="http")
-        server = HttpServer(create_app(analyzer, tokens=tokens), host, port)
+        app = create_app(analyzer, tokens=tokens, open_access=open_access)
+        server = HttpServer(app, host, port)
         server.start()
         where = ", ".join(f"{k} {a[0]}:{a[1]}" for k, a in analyzer.addresses().items())
         print(

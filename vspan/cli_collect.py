@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import socket
 import sys
 import time
 from typing import Any
 
-__all__ = ["add_parser"]
+__all__ = ["TOKEN_ENV", "add_parser"]
+
+TOKEN_ENV = "VSPAN_CONTROL_TOKEN"
+"""The environment variable that holds the control-plane token (keeps it out of ``ps``)."""
 
 
 def add_parser(sub: Any) -> None:
@@ -49,6 +53,12 @@ def add_parser(sub: Any) -> None:
         help="largest tunnel message (UDP default 1400: fits a 1,500-byte path)",
     )
     p.add_argument("--control", metavar="URL", help="the analyzer's HTTP control plane")
+    p.add_argument(
+        "--control-token",
+        metavar="TOKEN",
+        help="bearer token for the control plane (the analyzer's collector:ID token; "
+        f"default: ${TOKEN_ENV}, else the config file's control_token)",
+    )
     p.add_argument("--state-dir", metavar="DIR", help="where the vif assignment is kept")
     p.add_argument("--inventory", metavar="FILE", help="with --replay: hosts and VMs (MACs)")
     p.add_argument("--host", metavar="NAME", help="with --replay: the inventory host replayed")
@@ -118,7 +128,10 @@ def _build(args: argparse.Namespace) -> tuple[Any, float]:
         else TcpSender(address, max_message=max_message or 8900)
     )
     control_url = args.control or (cf.control if cf else None)
-    control = ControlClient(control_url, collector_id) if control_url else None
+    token = args.control_token or os.environ.get(TOKEN_ENV) or (cf.control_token if cf else None)
+    if args.control_token and not control_url:
+        raise ConfigError("--control-token is given but no --control URL")
+    control = ControlClient(control_url, collector_id, token=token) if control_url else None
     sessions = cf.sessions if cf else SessionSet()
     refresh = None
     if args.replay:

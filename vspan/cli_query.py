@@ -34,7 +34,10 @@ if TYPE_CHECKING:
 
     from vspan.analysis.store import Store
 
-__all__ = ["AnalyzerError", "add_parsers"]
+__all__ = ["TOKEN_ENV", "AnalyzerError", "add_parsers"]
+
+TOKEN_ENV: Final = "VSPAN_TOKEN"
+"""The environment variable holding the API bearer token for ``--analyzer``."""
 
 _TIMEOUT_S: Final = 30.0
 _BUSY: Final = ("Could not set lock", "different configuration")
@@ -104,6 +107,11 @@ def _query_parser(sub: Any, command: str, query: str, text: str) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--analyzer", metavar="URL", help="a running analyzer's HTTP address")
     source.add_argument("--data-dir", metavar="DIR", help="an analyzer's data directory")
+    p.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help=f"with --analyzer: the API bearer token (read role; default: ${TOKEN_ENV})",
+    )
     for flag in _QUERIES[query].params:
         p.add_argument(f"--{flag}", **_FLAGS[flag])
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
@@ -118,14 +126,14 @@ def _run_query(args: argparse.Namespace) -> int:
     spec = _QUERIES[args.query]
     params = {k: getattr(args, k) for k in spec.params if getattr(args, k) is not None}
     if args.analyzer is not None:
-        doc = _get(args.analyzer, spec.path, params)
+        doc = _get(args.analyzer, spec.path, params, args.token or os.environ.get(TOKEN_ENV))
         rows, cursor = doc[spec.key], doc.get("next_cursor")
     else:
         with _open_store(args.data_dir) as store:
             rows, cursor = _local(args.query, store, params, time.time())
     columns = queries.FLOW_COLUMNS if args.query in ("flows", "violations") else {
         "hits": queries.HIT_COLUMNS, "migrations": queries.MIGRATION_COLUMNS,
-        "collectors": queries.COLLECTOR_COLUMNS,
+        "collectors": (*queries.COLLECTOR_COLUMNS, "capture"),
     }[args.query]  # fmt: skip
     render(_frame(rows, columns, args.format), args.format)
     if cursor is not None:
@@ -174,16 +182,20 @@ def _frame(rows: list[dict[str, Any]], columns: tuple[str, ...], fmt: str) -> pd
     return pd.DataFrame(data, index=pd.RangeIndex(len(rows)))
 
 
-def _get(base: str, path: str, params: dict[str, Any]) -> Any:
-    """GET ``base + path`` with query ``params``; the JSON answer, or ``AnalyzerError``."""
+def _get(base: str, path: str, params: dict[str, Any], token: str | None = None) -> Any:
+    """GET ``base + path`` with query ``params`` (and the bearer ``token``); the JSON
+    answer, or ``AnalyzerError``."""
     if urllib.parse.urlsplit(base).scheme not in ("http", "https"):
         raise ConfigError(f"expected a URL like http://127.0.0.1:8080, got {base!r}",
                           field="--analyzer")  # fmt: skip
     url = base.rstrip("/") + path
     if params:
         url += "?" + urllib.parse.urlencode(params)
+    request = urllib.request.Request(url)
+    if token:
+        request.add_header("Authorization", f"Bearer {token.strip()}")
     try:
-        with urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
+        with urllib.request.urlopen(request, timeout=_TIMEOUT_S) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:
         raise AnalyzerError(

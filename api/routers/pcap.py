@@ -6,10 +6,11 @@ attachment and deleted once sent. An unknown VM, host or flow is a 404 naming it
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse
@@ -23,6 +24,7 @@ from vspan.api.views_deps import SourceDep
 __all__ = ["router"]
 
 router = APIRouter(prefix=PREFIX, tags=["pcap"])
+_UNSAFE: Final = re.compile(r"[^A-Za-z0-9._-]")
 _MEDIA = {"pcapng": "application/x-pcapng", "pcap": "application/vnd.tcpdump.pcap"}
 _ERRORS: dict[int | str, dict[str, object]] = {
     200: {"content": {m: {} for m in _MEDIA.values()}, "description": "the capture file"},
@@ -32,7 +34,18 @@ _ERRORS: dict[int | str, dict[str, object]] = {
 
 
 def _flow_key(flow: str | None) -> int | str | None:
-    return int(flow) if flow is not None and flow.isdigit() else flow
+    """A flow_id (digits that fit a flow_id), else the text (a flow_uid)."""
+    if flow is not None and flow.isascii() and flow.isdigit():
+        if int(flow) >= 2**63:
+            raise HTTPException(422, detail=f"flow: {flow[:24]}… is no flow_id (too large)")
+        return int(flow)
+    return flow
+
+
+def _file_name(label: str, fmt: str) -> str:
+    """The download's file name: the label's safe characters, at most 64 of them."""
+    safe = _UNSAFE.sub("_", label)[:64].strip("._") or "capture"
+    return f"vspan-{safe}.{fmt}"
 
 
 @router.get("/pcap", response_class=FileResponse, responses=_ERRORS)
@@ -50,11 +63,12 @@ def pcap(
     """The frames matching every filter, as pcapng (interfaces per port, comments) or pcap."""
     with unprocessable():
         lo, hi = window(since, until, source.clock())
+    key = _flow_key(flow)
     folder = Path(tempfile.mkdtemp(prefix="vspan-pcap-"))
-    out = folder / f"vspan-{vm or host or flow or 'all'}.{format}".replace("/", "_")
+    out = folder / _file_name(vm or host or flow or "all", format)
     try:
         export(
-            source.data_dir, out, vm=vm, host=host, flow=_flow_key(flow), since=lo, until=hi,
+            source.data_dir, out, vm=vm, host=host, flow=key, since=lo, until=hi,
             strip_tag=strip_tag, fmt=format, inventory=source.state.snapshot(),
             store=source.store,
         )  # fmt: skip

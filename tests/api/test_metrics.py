@@ -1,31 +1,58 @@
-"""``GET /metrics`` of a real Analyzer fed by real collectors over loopback UDP: the
-Prometheus text format (0.0.4) is well formed, and its per-collector counters are the
-frames and bytes each simulated host sent."""
+"""``GET /metrics`` of a real Analyzer fed by real collectors over loopback UDP, scraped with a
+token: the exposition passes ``promtool check metrics`` (Prometheus's own linter: counters
+end in ``_total``, help on every family) and ``prometheus_client``'s parser; its per-collector
+counters are the frames each simulated host sent; the capture drops a collector reported in
+its heartbeat are there and in ``/api/v1/collectors``; the receivers' drops are there by
+cause; and 200 invalid datagrams claiming 200 collector ids add no series per id."""
 
 from __future__ import annotations
 
-import re
+import shutil
 import socket
+import subprocess
 import time
-from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from vspan.analysis.config import AnalyzerConfig
 from vspan.analysis.service import Analyzer
 from vspan.api.server import HttpServer, create_app
+from vspan.collectors.control_client import ControlClient
 from vspan.synth import SynthCapture, generate_small, write_inventory_yaml
+from vspan.tunnel import encode_message
 from vspan_testing.hosts import replay_hosts
 from vspan_testing.served import Client
 
-_SAMPLE = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)")
-_LABEL = re.compile(r'([a-zA-Z_]\w*)="((?:[^"\\]|\\.)*)"')
+READ, ADMIN = "metrics-read-0123456789", "metrics-admin-0123456789"
+BOGUS_IDS = range(50_000, 50_200)
+"""Collector ids that only ever send invalid messages."""
+BEAT = {"time": 1.0, "frames": 5000, "bytes": 600_000, "truncated": 7, "kernel_drops": 42,
+        "sampled_out": 3, "dropped": {"oversize": 2}}  # fmt: skip
+
+
+@dataclass
+class Live:
+    cap: SynthCapture
+    served: Client
+    text: str
+
+
+def bad_record(cap: SynthCapture, collector_id: int) -> bytes:
+    """A message whose header is readable but whose frame has no VN-Tag: ``bad_record``."""
+    frame = cap.frames.frame(0)
+    msg = bytearray(encode_message(collector_id=collector_id, boot_id=1, seq=1,
+                                   frames=[frame], ts_ns=[1]))  # fmt: skip
+    at = bytes(msg).rfind(frame)
+    msg[at + 12 : at + 14] = b"\x08\x00"
+    return bytes(msg)
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SynthCapture, Client]]:
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     folder = tmp_path_factory.mktemp("metrics")
     cap = generate_small(seed=11)
     write_inventory_yaml(cap, folder / "inventory.yaml")
@@ -33,83 +60,123 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SynthCaptur
                             inventory=str(folder / "inventory.yaml"))  # fmt: skip
     analyzer = Analyzer(config)
     analyzer.start()
-    app = create_app(analyzer)  # the views and metrics included
-    server = HttpServer(app, "127.0.0.1", 0)
+    server = HttpServer(create_app(analyzer, tokens={READ: "read", ADMIN: "admin"}), "127.0.0.1", 0)
     try:
         udp = analyzer.addresses()["udp"]
         replay_hosts(cap, udp, folder)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.sendto(b"this is no tunnel message at all", udp)
+            for cid in BOGUS_IDS:
+                sock.sendto(bad_record(cap, cid), udp)
         deadline = time.monotonic() + 10
         assert analyzer.engine is not None
-        while analyzer.engine.frames < len(cap.frames) or not len(
-            analyzer.engine.accounting.invalid()
+        while analyzer.engine.frames < len(cap.frames) or (
+            analyzer.engine.accounting.invalid()["messages"].sum() < 1 + len(BOGUS_IDS)
         ):
-            assert time.monotonic() < deadline, "the analyzer did not get every frame"
+            assert time.monotonic() < deadline, "the analyzer did not get every message"
             time.sleep(0.01)
         server.start()
-        yield cap, Client(f"http://127.0.0.1:{server.port}")
+        url = f"http://127.0.0.1:{server.port}"
+        host = cap.hosts[0]
+        ControlClient(url, host.collector_id, token=ADMIN).heartbeat(BEAT)
+        served = Client(url)
+        status, body, headers = served.call("GET", "/metrics", token=READ, raw=True)
+        assert status == 200
+        assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+        yield Live(cap, served, body.decode())
     finally:
         server.stop()
         analyzer.stop()
 
 
-def _parse(text: str) -> tuple[dict[str, str], dict[str, list[tuple[dict[str, str], float]]]]:
-    """TYPE per family and its samples; asserts HELP and TYPE come before a family's samples."""
-    types: dict[str, str] = {}
-    helps: set[str] = set()
-    samples: dict[str, list[tuple[dict[str, str], float]]] = defaultdict(list)
-    assert text.endswith("\n")
-    for line in text.splitlines():
-        if line.startswith("# HELP "):
-            helps.add(line.split()[2])
-        elif line.startswith("# TYPE "):
-            _, _, name, kind = line.split()
-            assert kind in ("counter", "gauge")
-            assert name in helps, f"TYPE before HELP for {name}"
-            types[name] = kind
-        else:
-            match = _SAMPLE.fullmatch(line)
-            assert match, f"not a sample line: {line!r}"
-            name = match.group(1)
-            assert name in types, f"sample of {name} before its TYPE"
-            labels = dict(_LABEL.findall(match.group(3) or ""))
-            samples[name].append((labels, float(match.group(4))))
-    return types, samples
+def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """Every sample by name (``prometheus_client``'s parser), and the TYPE of each family."""
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        assert family.documentation, family.name
+        for s in family.samples:
+            out.setdefault(s.name, []).append((dict(s.labels), s.value))
+        out.setdefault(f"TYPE {family.name}", []).append(({"type": family.type}, 0.0))
+    return out
 
 
-def test_metrics_count_each_collectors_frames_and_bytes(live: tuple[SynthCapture, Client]) -> None:
-    cap, served = live
-    status, body, headers = served.call("GET", "/metrics", raw=True)
-    assert status == 200
-    assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
-    types, samples = _parse(body.decode())
+def test_promtool_accepts_the_exposition(live: Live) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is missing (./run.sh test installs the Debian package prometheus)")
+    done = subprocess.run([promtool, "check", "metrics"], input=live.text, text=True,
+                          capture_output=True, timeout=60, check=False)  # fmt: skip
+    assert (done.returncode, done.stdout + done.stderr) == (0, "")
+
+
+def test_counters_end_in_total_and_levels_are_gauges(live: Live) -> None:
+    got = samples(live.text)
+    types = {
+        k.removeprefix("TYPE "): v[0][0]["type"] for k, v in got.items() if k.startswith("TYPE ")
+    }
+    assert types["vspan_frames"] == "counter"
+    assert "vspan_frames_total" in got
+    assert types["vspan_open_flows"] == types["vspan_ring_segments"] == "gauge"
+    assert types["vspan_store_queue_rows"] == types["vspan_store_file_bytes"] == "gauge"
+    for line in live.text.splitlines():
+        if line.startswith("# TYPE ") and line.endswith(" counter"):
+            assert line.split()[2].endswith("_total"), line
+        if line.startswith("# TYPE ") and line.endswith(" gauge"):
+            assert not line.split()[2].endswith("_total"), line
+
+
+def test_metrics_count_each_collectors_frames(live: Live) -> None:
+    got, cap = samples(live.text), live.cap
     hosts = cap.frames.host_column()
     frames = {str(h.collector_id): int((hosts == h.collector_id).sum()) for h in cap.hosts}
-    got = {s["collector_id"]: int(v) for s, v in samples["vspan_collector_frames_total"]}
-    assert got == {"0": 0, **frames}  # collector 0: messages whose header was unreadable
+    assert {s["collector_id"]: int(v) for s, v in got["vspan_collector_frames_total"]} == frames
     sizes = cap.frames.origlen.astype(np.int64)
-    assert sum(v for _, v in samples["vspan_collector_bytes_total"]) > 0
-    assert {v for _, v in samples["vspan_collector_lost_messages_total"]} == {0}
-    assert samples["vspan_frames_total"] == [({}, float(len(cap.frames)))]
-    assert samples["vspan_bytes_total"][0][1] >= int(sizes.sum()) > 0
-    assert types["vspan_open_flows"] == "gauge"
-    assert types["vspan_flows_total"] == "counter"
-    invalid = samples["vspan_collector_invalid_messages_total"]
-    assert [(s["collector_id"], v) for s, v in invalid] == [("0", 1.0)]
-    assert invalid[0][0]["reason"]
-    for name in ("vspan_store_rows_written", "vspan_ring_frames_written", "vspan_ring_segments",
-                 "vspan_store_file_bytes", "vspan_collector_reordered_messages_total",
-                 "vspan_collector_duplicate_messages_total"):  # fmt: skip
-        assert name in types
-    assert samples["vspan_ring_frames_written"][0][1] == len(cap.frames)
-    assert samples["vspan_store_file_bytes"][0][1] > 0
+    assert got["vspan_frames_total"] == [({}, float(len(cap.frames)))]
+    assert got["vspan_bytes_total"][0][1] >= int(sizes.sum()) > 0
+    assert {v for _, v in got["vspan_collector_lost_messages_total"]} == {0}
+    assert got["vspan_ring_frames_written_total"][0][1] == len(cap.frames)
+    assert got["vspan_store_file_bytes"][0][1] > 0
 
 
-def test_metrics_also_under_the_api_prefix(live: tuple[SynthCapture, Client]) -> None:
-    _, served = live
-    root = served.call("GET", "/metrics", raw=True)[1].decode().splitlines()
-    prefixed = served.call("GET", "/api/v1/metrics", raw=True)[1].decode().splitlines()
-    assert [line for line in prefixed if line.startswith("#")] == [
-        line for line in root if line.startswith("#")
+def test_invalid_datagrams_add_no_series_per_claimed_collector(live: Live) -> None:
+    invalid = samples(live.text)["vspan_collector_invalid_messages_total"]
+    by = {(s["collector_id"], s["reason"]): v for s, v in invalid}
+    assert sum(by.values()) == 1 + len(BOGUS_IDS)
+    assert {cid for cid, _ in by} == {"0"}  # none of the 200 claimed ids is a series
+    assert by[("0", "bad_record")] == len(BOGUS_IDS)
+    per_collector = [s for name, rows in samples(live.text).items() for s, _ in rows
+                     if "collector_id" in s and int(s["collector_id"]) in BOGUS_IDS]  # fmt: skip
+    assert per_collector == []
+
+
+def test_capture_drops_from_heartbeats(live: Live) -> None:
+    got = samples(live.text)
+    cid = str(live.cap.hosts[0].collector_id)
+    drops = {
+        (s["collector_id"], s["cause"]): v for s, v in got["vspan_collector_capture_drops_total"]
+    }
+    assert drops == {(cid, "kernel"): 42.0, (cid, "oversize"): 2.0}
+    assert got["vspan_collector_captured_frames_total"] == [({"collector_id": cid}, 5000.0)]
+    assert got["vspan_collector_truncated_frames_total"] == [({"collector_id": cid}, 7.0)]
+    assert got["vspan_collector_sampled_out_frames_total"] == [({"collector_id": cid}, 3.0)]
+    rows = live.served.get("/api/v1/collectors", token=READ)["collectors"]
+    capture = {r["collector_id"]: r["capture"] for r in rows}
+    assert capture[int(cid)]["drops"] == {"kernel": 42, "oversize": 2}
+    assert (capture[int(cid)]["frames"], capture[int(cid)]["sampled_out"]) == (5000, 3)
+    assert all(capture.get(h.collector_id) is None for h in live.cap.hosts[1:])
+
+
+def test_receiver_drops_by_cause(live: Live) -> None:
+    got = samples(live.text)
+    causes = {(s["receiver"], s["cause"]) for s, _ in got["vspan_receiver_drops_total"]}
+    assert ("udp", "backpressure") in causes
+    assert got["vspan_receiver_datagrams_total"][0][0] == {"receiver": "udp"}
+    assert got["vspan_receiver_datagrams_total"][0][1] >= 1 + len(BOGUS_IDS)
+
+
+def test_metrics_need_a_token_and_answer_under_the_api_prefix(live: Live) -> None:
+    assert live.served.call("GET", "/metrics")[0] == 401
+    prefixed = live.served.call("GET", "/api/v1/metrics", token=READ, raw=True)[1].decode()
+    assert [line for line in prefixed.splitlines() if line.startswith("#")] == [
+        line for line in live.text.splitlines() if line.startswith("#")
     ]

@@ -78,7 +78,7 @@ def test_models_have_the_columns_of_the_queries() -> None:
     assert tuple(FlowRow.model_fields) == FLOW_COLUMNS
     assert tuple(PolicyHitRow.model_fields) == HIT_COLUMNS
     assert tuple(MigrationRow.model_fields) == MIGRATION_COLUMNS
-    assert tuple(CollectorRow.model_fields) == COLLECTOR_COLUMNS
+    assert tuple(CollectorRow.model_fields) == (*COLLECTOR_COLUMNS, "capture")
 
 
 def test_flows_of_a_vm_are_its_records(served: Served) -> None:

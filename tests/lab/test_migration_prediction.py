@@ -33,8 +33,8 @@ analyzer's flow bytes: the tagged frame's length (Ethernet + IP + UDP + payload 
 of the VN-Tag).
 
 Asserted: in each phase every pair is stored with the analyzer's host attribution matching
-the lab (before and after the move) and at most 10 % of its datagrams missed (the analyzer
-sheds tunnel messages when its engine lags: counted, printed); the prediction's "before"
+the lab (before and after the move) and at most 10 % of its datagrams missed (the analyzer's
+socket drops datagrams if its buffer overflows: counted, printed); the prediction's "before"
 equals the measured before; the VM-pair matrix of both phases agrees within 10 %; the
 measured change is within 10 % of the predicted one for each directed cross-host pair and
 for the total; the analyzer recorded one migration h1 → h2 (data plane), in memory and in
@@ -321,7 +321,7 @@ def check_attribution(
     flows: pd.DataFrame, placement: Mapping[str, str], phase: int
 ) -> dict[tuple[str, str], int]:
     """Every pair stored with its ends' hosts those of the lab, and (nearly) every datagram
-    (the analyzer may shed load: its receiver drops chunks when the engine lags); the
+    (the analyzer's socket may drop datagrams when its buffer overflows); the
     datagrams the analyzer missed per pair."""
     keys = ["src_vm", "dst_vm", "src_host", "dst_host"]
     got = flows.groupby(keys)["packets"].sum().astype(int).to_dict()
@@ -426,7 +426,7 @@ def test_what_if_predicts_a_real_migration(lab: Lab, tmp_path: Path) -> None:
             missed2 = check_attribution(after_flows, after_placement, 2)
             measured_after = cross_bytes(after_flows)
             after_pairs = mean_matrix(vm_matrix(after_flows, bin_s=WINDOW), bin_s=WINDOW)
-            shed = analyzer.counters()["receivers"][0]["dropped_backpressure"]
+            shed = analyzer.counters()["receivers"][0]["kernel_drops"]
     finally:
         if analyzer is not None:
             analyzer.stop()

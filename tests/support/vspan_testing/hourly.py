@@ -19,6 +19,8 @@ import pandas as pd
 
 from vspan.analysis.inventory_state import InventoryState
 from vspan.analysis.store import Store
+from vspan.api.auth import AccessPolicy
+from vspan.api.gate import install_gate
 from vspan.api.views_app import install_views
 from vspan.inventory import Host, Inventory, Nic, Vm
 from vspan_testing.readstore import serve
@@ -109,6 +111,7 @@ def serve_hourly(folder: Path, *, seed: int = 1) -> Iterator[HourlyServed]:
         from fastapi import FastAPI
 
         app = FastAPI()
+        install_gate(app, AccessPolicy())
         install_views(app, Source(store, state, folder, lambda: now))
         with serve(app) as url:
             yield HourlyServed(url, data)

@@ -1,7 +1,7 @@
 """The view API over real HTTP: a stored data directory (``readstore.build``), the inventory
 state, and uvicorn on 127.0.0.1 serving ``install_views`` with the read API and the control
 plane beside it, wired as in the analyzer (the control plane's ``sessions_for`` is the
-``SessionStore`` of the views)."""
+``SessionStore`` of the views, every route behind the gate of ``tokens``)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from fastapi import FastAPI
 from vspan.analysis.inventory_state import InventoryState
 from vspan.analysis.policy import PolicySet
 from vspan.analysis.store import Store
+from vspan.api.auth import AccessPolicy
 from vspan.api.control import install_control
+from vspan.api.gate import install_gate
 from vspan.api.server import HttpServer
 from vspan.api.views_app import install_views
 from vspan_testing.readstore import ReadData, build
@@ -93,11 +95,12 @@ def serve_views(
     with Store(folder) as store:
         source = Source(store, state, folder, lambda: data.now)
         app = FastAPI()
+        install_gate(app, AccessPolicy.of(tokens))
         if read_api:
             from vspan.api.app import install_read_api
 
             install_read_api(app, store=store, now=source.clock)
-        sessions = install_views(app, source, tokens=tokens)
+        sessions = install_views(app, source)
         install_control(app, state, sessions_for=sessions.sessions_for, now=source.clock)
         server = HttpServer(app, "127.0.0.1", 0)
         server.start()

@@ -1,0 +1,64 @@
+"""The collectors' own capture counters, from their heartbeats, beside the tunnel counters.
+
+A collector reports in each heartbeat (control plane) its counters since it started: frames
+and bytes captured, frames truncated (sent cut to the snap length), frames left out by 1:N
+sampling, and frames it never sent: ``kernel`` (the capture ring overflowed: the kernel's
+count) and each reason of its ``dropped`` map (e.g. ``oversize``). ``capture_of`` turns the
+latest heartbeat into the ``capture`` object of ``GET /api/v1/collectors``; ``with_capture``
+adds it to the rows of ``queries.collectors``, with a row of its own for a collector that
+reports but whose tunnel counters have not been sampled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+
+from vspan.analysis.inventory_snapshot import Heartbeat
+
+__all__ = ["capture_drops", "capture_of", "with_capture"]
+
+
+def capture_drops(beat: Heartbeat) -> dict[str, int]:
+    """Frames the collector captured and did not send, by cause: ``kernel``, then its own
+    reasons."""
+    return {"kernel": int(beat.kernel_drops), **{str(k): int(v) for k, v in beat.dropped.items()}}
+
+
+def capture_of(beat: Heartbeat) -> dict[str, Any]:
+    """The ``capture`` object of one collector's latest heartbeat."""
+    return {
+        "time": float(beat.time),
+        "received": float(beat.received),
+        "frames": int(beat.frames),
+        "bytes": int(beat.bytes),
+        "truncated": int(beat.truncated),
+        "sampled_out": int(beat.sampled_out),
+        "drops": capture_drops(beat),
+    }
+
+
+def with_capture(rows: pd.DataFrame, beats: Mapping[int, Heartbeat]) -> pd.DataFrame:
+    """``rows`` (``queries.collectors``) with a ``capture`` column (None for a collector
+    without a heartbeat), plus a row of zero tunnel counters, at its heartbeat's time, for
+    each collector that reported but is not in ``rows``."""
+    known = {int(c) for c in rows["collector_id"]} if len(rows) else set()
+    extra = sorted(set(beats) - known)
+    if extra:
+        added = pd.DataFrame({"collector_id": pd.array(extra, dtype="int64")})
+        added["time"] = pd.to_datetime([beats[c].received for c in extra], unit="s", utc=True)
+        for column in ("restarts", "received", "lost", "duplicates", "reordered", "frames",
+                       "bytes", "invalid"):  # fmt: skip
+            added[column] = 0
+        added["loss"] = 0.0
+        for column in ("messages_per_s", "frames_per_s", "bytes_per_s"):
+            added[column] = None
+        added["drops"] = pd.Series([{} for _ in extra], dtype=object)
+        frames = [rows, added[list(rows.columns)]] if len(rows) else [added[list(rows.columns)]]
+        rows = pd.concat(frames, ignore_index=True).sort_values("collector_id", ignore_index=True)
+    captures = [
+        capture_of(beats[int(c)]) if int(c) in beats else None for c in rows["collector_id"]
+    ]
+    return rows.assign(capture=pd.Series(captures, index=rows.index, dtype=object))
