@@ -94,7 +94,7 @@ def collector_rows(streams: pd.DataFrame, invalid: pd.DataFrame, now: float) -> 
         "collector_id": streams["collector_id"].astype(np.int64).to_numpy(),
         "boot_id": streams["boot_id"].astype(np.int64).to_numpy(),
     })  # fmt: skip
-    for column in ("received", "lost", "duplicates", "reordered", "frames", "bytes"):
+    for column in ("received", "lost", "kernel", "duplicates", "reordered", "frames", "bytes"):
         out[column] = streams[column].astype(np.int64).to_numpy() if column in streams else 0
     out["invalid"] = pd.Series(
         [by_collector.get(int(c), {}) for c in out["collector_id"]], index=out.index, dtype=object

@@ -125,7 +125,7 @@ _RECEIVER: Final = {  # receiver counter key -> (type, help); other keys are exp
         "Times the receiver stopped reading because every chunk "
         "buffer was in use (datagrams waited in the socket buffer).",
     ),
-    "backpressure_ms": ("counter", "Milliseconds the receiver so waited."),
+    "backpressure_ms": ("counter", "Seconds the receiver so waited."),
 }
 _DROP_MAPS: Final = frozenset({"dropped", "drops"})
 _DROP_KEYS: Final = frozenset({"backpressure", "kernel"})
@@ -295,6 +295,8 @@ def _receivers(receivers: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:
             name = "vspan_receiver_" + _UNSAFE.sub("_", key)
             if kind == "gauge" and key == "rcvbuf":
                 name += "_bytes"
+            if key.endswith("_ms"):  # Prometheus' base unit of time is the second
+                name, value = name.removesuffix("_ms") + "_seconds", value / 1000
             family = families.get(name)
             if family is None:
                 family = families[name] = _family(kind, name, help_text, ["receiver"])

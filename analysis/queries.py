@@ -72,7 +72,8 @@ MIGRATION_COLUMNS: Final = (
     "time", "vm_name", "vm_uuid", "from_host", "to_host", "source", *FOLLOWED_COLUMNS,
 )  # fmt: skip
 COLLECTOR_COLUMNS: Final = (
-    "collector_id", "restarts", "time", "received", "lost", "duplicates", "reordered", "frames",
+    "collector_id", "restarts", "time", "received", "lost", "kernel", "duplicates", "reordered",
+    "frames",
     "bytes", "loss", "messages_per_s", "frames_per_s", "bytes_per_s", "invalid", "drops",
 )  # fmt: skip
 _SCOPES: Final = TABLES["flows"].column("scope").check
@@ -84,7 +85,7 @@ _RELATIVE: Final = re.compile(r"-?(\d+(?:\.\d*)?)(ms|s|m|h|d|w)")
 _EPOCH: Final = re.compile(r"\d+(?:\.\d*)?")
 _MAX_NS: Final = 2**63 - 1
 _EPOCH_START: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_COUNTERS: Final = ("received", "lost", "duplicates", "reordered", "frames", "bytes")
+_COUNTERS: Final = ("received", "lost", "kernel", "duplicates", "reordered", "frames", "bytes")
 
 
 def parse_time(text: str | int | float, now: float, *, field: str = "time") -> int:
@@ -287,7 +288,8 @@ def collectors(samples: Store | pd.DataFrame) -> pd.DataFrame:
     ``restarts`` (its boots, less one), ``loss`` (lost / expected messages), rates since its
     sample before (None without one, or when the sums went down: a restart whose earlier boot
     the sample lacks), ``invalid`` (messages rejected) and ``drops`` (``{reason: messages}``:
-    ``lost`` and each reason of rejection; non-zero only). ``samples``: the store's
+    ``lost`` (by the network), ``kernel`` (by the analyzer's socket) and each reason of
+    rejection; non-zero only). ``samples``: the store's
     ``collector_counters``, or live samples in its columns (``persist.collector_rows``)."""
     if isinstance(samples, Store):
         frame = samples.query(_LAST_TWO)
@@ -300,6 +302,7 @@ def collectors(samples: Store | pd.DataFrame) -> pd.DataFrame:
         if pd.api.types.is_integer_dtype(frame["time"].dtype):
             frame["time"] = pd.to_datetime(frame["time"], unit="ns", utc=True)
     keys = ["collector_id", "time"]
+    frame["kernel"] = frame["kernel"].fillna(0) if "kernel" in frame else 0  # older samples
     group = frame.astype(dict.fromkeys(_COUNTERS, "int64")).groupby(keys, sort=True)
     out = group[list(_COUNTERS)].sum().reset_index()
     out["restarts"] = group["boot_id"].nunique().to_numpy() - 1
@@ -314,13 +317,17 @@ def collectors(samples: Store | pd.DataFrame) -> pd.DataFrame:
     for name, counter in (("messages", "received"), ("frames", "frames"), ("bytes", "bytes")):
         rate = (out[counter] - before[counter]) / seconds
         out[f"{name}_per_s"] = rate.astype("float64").where(rising)
-    expected = (out["received"] - out["duplicates"] + out["lost"]).astype("float64")
+    expected = (out["received"] - out["duplicates"] + out["lost"] + out["kernel"]).astype(
+        "float64"
+    )
     out["loss"] = (out["lost"] / expected.where(expected > 0)).fillna(0.0)
     reasons = [invalid[key] for key in out[keys].itertuples(index=False, name=None)]
     out["invalid"] = pd.array([sum(r.values()) for r in reasons], dtype="Int64")
     drops = [
-        {k: n for k, n in sorted({"lost": lost, **r}.items()) if n}
-        for lost, r in zip(out["lost"].tolist(), reasons, strict=True)
+        {k: n for k, n in sorted({"lost": lost, "kernel": kernel, **r}.items()) if n}
+        for lost, kernel, r in zip(
+            out["lost"].tolist(), out["kernel"].tolist(), reasons, strict=True
+        )
     ]
     out["drops"] = pd.Series(drops, index=out.index, dtype=object)
     latest = out.groupby("collector_id", sort=True).tail(1)

@@ -23,10 +23,11 @@ __all__ = [
     "quote",
 ]
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 """Version of the tables below; stored in ``meta`` as ``schema_version``."""
 MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
     1: ('ALTER TABLE flows ADD COLUMN "delay_us" DOUBLE',),
+    2: ('ALTER TABLE collector_counters ADD COLUMN "kernel" UBIGINT DEFAULT 0',),
 }
 """Statements that upgrade version ``k`` to ``k + 1``."""
 
@@ -233,7 +234,13 @@ COLLECTOR_COUNTERS = Table(
         _c("collector_id", "UINTEGER", "UInt32", "collector", null=False),
         _c("boot_id", "UINTEGER", "UInt32", "collector boot (a new one restarts seq)", null=False),
         _c("received", "UBIGINT", "UInt64", "messages received", null=False),
-        _c("lost", "UBIGINT", "UInt64", "messages lost (seq gaps)", null=False),
+        _c("lost", "UBIGINT", "UInt64", "messages the network lost (seq gaps)", null=False),
+        _c(
+            "kernel",
+            "UBIGINT",
+            "UInt64",
+            "messages the analyzer's socket dropped (seq gaps charged to its full buffer)",
+        ),
         _c("duplicates", "UBIGINT", "UInt64", "duplicate messages", null=False),
         _c("reordered", "UBIGINT", "UInt64", "messages out of order", null=False),
         _c("frames", "UBIGINT", "UInt64", "frames received", null=False),

@@ -176,17 +176,24 @@ class CollectorRow(_Row):
     restarts: int = Field(description="boots in the latest sample, less one")
     time: Time = Field(description="of the latest sample")
     received: int = Field(description="messages, summed over the boots")
-    lost: int
+    lost: int = Field(description="messages the network lost (sequence gaps)")
+    kernel: int = Field(
+        description="messages the analyzer's own socket dropped because its buffer was full "
+        "(sequence gaps charged to the analyzer, never to the network)"
+    )
     duplicates: int
     reordered: int
     frames: int
     bytes: int
-    loss: float = Field(description="lost / expected messages, 0..1")
+    loss: float = Field(description="lost (network) / expected messages, 0..1")
     messages_per_s: float | None = Field(description="over the last two samples; null: unknown")
     frames_per_s: float | None
     bytes_per_s: float | None
     invalid: int = Field(description="messages rejected")
-    drops: dict[str, int] = Field(description="lost and rejected messages by reason")
+    drops: dict[str, int] = Field(
+        description="messages missing or rejected, by cause: lost (network), kernel (the "
+        "analyzer's socket), and each reason of rejection"
+    )
     capture: CaptureOut | None = Field(
         None, description="the collector's capture counters (latest heartbeat); null: none"
     )

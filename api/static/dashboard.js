@@ -111,15 +111,33 @@
       return;
     }
     const { collectors } = await get(`${API}/collectors`);
+    const sum = (drops) => Object.values(drops || {}).reduce((a, b) => a + b, 0);
     fill($("#collectors tbody"), collectors, (tr, c) => {
       tr.dataset.collector = c.collector_id;
       tr.dataset.loss = c.loss;
+      tr.dataset.lost = c.lost;
+      tr.dataset.kernel = c.kernel;
       cell(tr, c.collector_id);
       cell(tr, c.frames, "num");
       cell(tr, c.lost, "num");
+      cell(tr, c.kernel, "num");
+      cell(tr, c.capture ? sum(c.capture.drops) : "", "num");
       cell(tr, `${(100 * c.loss).toFixed(2)} %`, "num");
       cell(tr, c.invalid, "num");
     });
+    const line = $("#analyzer-drops");
+    if (!available.has(`${API}/status`)) {
+      line.textContent = "";
+      return;
+    }
+    const { drops } = await get(`${API}/status`);
+    if (!drops) return;
+    const back = drops.backpressure || {};
+    line.dataset.kernel = drops.kernel;
+    line.dataset.ringFrames = back.ring_frames;
+    line.dataset.storeFlows = back.store_flows;
+    line.textContent = `analyzer drops — socket buffer full: ${drops.kernel} datagrams; ` +
+      `packet ring behind: ${back.ring_frames} frames; store behind: ${back.store_flows} flows`;
   }
 
   async function drawViolations() {
@@ -179,6 +197,8 @@
       cell(tr, f.dst_port);
       cell(tr, f.bytes + f.bytes_rev, "num");
       cell(tr, f.policy_verdict, f.policy_verdict === "deny" ? "deny" : "");
+      tr.dataset.state = f.state;
+      cell(tr, f.state, f.state === "open" ? "open" : "");
     });
     fill($("#vm-hits tbody"), vm.policy_hits, (tr, h) => {
       tr.dataset.rule = h.rule;
