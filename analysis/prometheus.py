@@ -45,6 +45,8 @@ _PARTS: Final = (  # key of counters(), prefix, {counter: (type, help)}
         "appends": ("counter", "Appends to the store."),
         "queue_depth": ("gauge", "Flow batches waiting for the store writer."),
         "dropped": ("counter", "Flow rows dropped before the store, by reason."),
+        "rejected": ("counter", "Flow rows the store could not keep, by reason."),
+        "coerced": ("counter", "Flow values stored as NULL (did not fit), by column."),
         "errors": ("counter", "Store append failures, by reason."),
     }),
     ("ring", "vspan_ring_", {
@@ -124,6 +126,11 @@ def exposition(
     if store_bytes is not None:
         lines += _family("vspan_store_file_bytes", "gauge", "Size of the store's files.",
                          [({}, store_bytes)])  # fmt: skip
+    deleted = (counters.get("store") or {}).get("deleted") or {}
+    lines += _family("vspan_store_rows_deleted_total", "counter",
+                     "Stored rows deleted, by table and reason (age: retention; size: bound).",
+                     [({"table": t, "reason": r}, n) for t, by in sorted(deleted.items())
+                      for r, n in sorted(by.items())])  # fmt: skip
     errors = counters.get("errors") or {}
     lines += _family("vspan_analyzer_errors_total", "counter", "Analyzer failures, by kind.",
                      [({"kind": k}, v) for k, v in sorted(errors.items())])  # fmt: skip
@@ -131,5 +138,6 @@ def exposition(
 
 
 _BY_REASON: Final = frozenset(
-    {"dropped", "errors", "segments_deleted", "frames_dropped", "ring_errors"}
-)
+    {"dropped", "rejected", "coerced", "errors", "segments_deleted", "frames_dropped",
+     "ring_errors"}
+)  # fmt: skip

@@ -65,7 +65,11 @@ class Analyzer:
         self._compiled: tuple[InventorySnapshot | None, CompiledPolicy] | None = None
         self.chunks: queue.Queue[Chunk] = queue.Queue(maxsize=64)
         self.store = Store(
-            self.data_dir, retention_days=config.retention_days, max_bytes=config.max_store_bytes
+            self.data_dir,
+            retention_days=config.retention_days,
+            max_bytes=config.max_store_bytes,
+            retention_basis=config.retention_basis,
+            clock=clock,
         )
         self.flow_writer = StoreWriter(self.store, table="flows")
         self.state = InventoryState(history_sink=self._on_event, migration_sink=self._on_move)
@@ -271,6 +275,7 @@ class Analyzer:
             out["collectors"] = self.engine.accounting.collectors().to_dict(orient="records")
         out["receivers"] = [r.counters() for r in self.receivers]
         out["store_writer"] = self.flow_writer.metrics()
+        out["store"] = self.store.counters()
         out["ring"] = self.ring.metrics()
         out["inventory"] = dict(self.state.counters)
         return out

@@ -3,8 +3,11 @@
 ``submit`` puts a DataFrame on a bounded queue and returns at once; the thread takes
 whatever is queued (up to ``batch_rows``), concatenates it and makes one append. When the
 queue is full the rows are dropped and counted (``dropped{store_queue_full}``) and a line
-is logged (at most every 10 s); a failed append is counted under ``errors{…}``. Nothing is
-lost silently.
+is logged (at most every 10 s); rows the store could not keep are counted by the store's
+reason (``rejected{bad_scope}``, ``rejected{refused_ConversionException}``, …), values it
+stored as NULL by column (``coerced{src_vm_uuid}``), and an append that failed as a whole
+by its exception (``errors{StoreError}``, rows). ``rows_written`` counts only what the
+store committed. Nothing is lost silently.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Final, Protocol
 
 import pandas as pd
 
+from .store_append import AppendResult
 from .store_sql import schema_of
 
 __all__ = ["Appender", "StoreWriter"]
@@ -29,7 +33,7 @@ log = logging.getLogger("vspan.store")
 class Appender(Protocol):
     """Where the rows go: ``store.Store``, or anything that appends the same way."""
 
-    def append(self, table: str, df: pd.DataFrame) -> int: ...
+    def append(self, table: str, df: pd.DataFrame) -> AppendResult: ...
 
 
 _DROP_LOG_S: Final = 10.0
@@ -40,6 +44,8 @@ class _Counters:
     rows_written: int = 0
     appends: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    coerced: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
 
 
@@ -91,12 +97,13 @@ class StoreWriter:
             return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
     def metrics(self) -> dict[str, int]:
-        """``rows_written``, ``appends``, ``queue_depth``, ``dropped{…}`` and ``errors{…}``."""
+        """``rows_written``, ``appends``, ``queue_depth``, and by reason ``dropped{…}``,
+        ``rejected{…}``, ``errors{…}`` (rows not stored) and ``coerced{…}`` (values)."""
         c = self._counters
         out = {"rows_written": c.rows_written, "appends": c.appends, "queue_depth": 0}
         out["queue_depth"] = self._queue.qsize()
-        out |= {f"dropped{{{k}}}": v for k, v in c.dropped.items()}
-        out |= {f"errors{{{k}}}": v for k, v in c.errors.items()}
+        for kind in ("dropped", "rejected", "errors", "coerced"):
+            out |= {f"{kind}{{{k}}}": v for k, v in getattr(c, kind).items()}
         return out
 
     def _count(self, kind: str, reason: str, rows: int) -> None:
@@ -129,10 +136,15 @@ class StoreWriter:
             stopping = len(frames) < len(parts)
             if frames:
                 try:
-                    written = self.store.append(self.table, pd.concat(frames, ignore_index=True))
-                    self._counters.rows_written += written
-                    self._counters.appends += 1
+                    result = self.store.append(self.table, pd.concat(frames, ignore_index=True))
                 except Exception as exc:  # counted and logged; the thread keeps going
                     self._count("errors", type(exc).__name__, rows)
                     log.error("store %s: append of %d rows failed: %s", self.table, rows, exc)
+                else:
+                    self._counters.rows_written += result.written
+                    self._counters.appends += 1
+                    for reason, n in result.rejected.items():
+                        self._count("rejected", reason, n)
+                    for column, n in result.coerced.items():
+                        self._count("coerced", column, n)
             self._done(len(frames))
