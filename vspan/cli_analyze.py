@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import threading
@@ -20,6 +21,7 @@ _HELP = {
     "profiles": "port-profiles YAML",
     "keys": "collector keys YAML (collector_id: hex key)",
     "tokens": "API tokens YAML (token: read|admin); default: loopback clients only",
+    "retention_basis": "age stored rows by 'ingest' time (default) or by 'capture' time",
 }
 
 
@@ -78,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
     from vspan.analysis.service import Analyzer
     from vspan.api.server import HttpServer, create_app
 
+    # What the analyzer's parts log (a store deleting rows, an append losing some) goes to
+    # stderr with the start and exit lines; INFO and up.
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="vspan analyze: %(levelname)s %(message)s"
+    )
     config = _settings(args)
     tokens = load_tokens(config.tokens) if config.tokens else None
     analyzer = Analyzer(config)
@@ -107,10 +114,23 @@ def run(args: argparse.Namespace) -> int:
         analyzer.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        engine = analyzer.counters().get("engine", {})
-        print(
-            f"vspan analyze: stopped: {engine.get('frames', 0):,} frames, "
-            f"{engine.get('flows_finished', 0):,} flows stored",
-            file=sys.stderr,
-        )
+        print(f"vspan analyze: stopped: {_summary(analyzer.counters())}", file=sys.stderr)
     return 0
+
+
+def _summary(counters: dict[str, Any]) -> str:
+    """Frames received, flows finished, and flow records the store wrote — and those it did
+    not, by reason: a "stored" here is a row in the store."""
+    engine, writer = counters.get("engine", {}), counters.get("store_writer", {})
+    lost = {k: v for k, v in writer.items() if k.startswith(("dropped", "rejected", "errors"))}
+    text = (
+        f"{engine.get('frames', 0):,} frames, {engine.get('flows_finished', 0):,} flows "
+        f"finished, {writer.get('rows_written', 0):,} flow records stored"
+    )
+    if lost:
+        detail = ", ".join(f"{k} {v:,}" for k, v in sorted(lost.items()))
+        text += f", {sum(lost.values()):,} not stored ({detail})"
+    coerced = {k: v for k, v in writer.items() if k.startswith("coerced")}
+    if coerced:
+        text += ", values stored as NULL: " + ", ".join(f"{k} {v:,}" for k, v in coerced.items())
+    return text
