@@ -9,16 +9,24 @@ analyzer printed "N flows stored" (flows finished) over a table of 0 rows.
 
 from __future__ import annotations
 
+import re
 import socket
 import struct
+import subprocess
+import time
 from pathlib import Path
+
+import pandas as pd
 
 from vspan.analysis.store import Store
 from vspan.collectors.control_client import ControlClient
 from vspan.collectors.model import Port
+from vspan.synth import generate_small, write_inventory_yaml
 from vspan.tunnel import encode_message
 from vspan.vntag import VnTag, encode_vntag
 from vspan_testing.analyzer_proc import AnalyzerProcess
+from vspan_testing.hosts import host_capture
+from vspan_testing.netlab import vspan_command
 
 CID = 7
 T0 = 1_700_000_000 * 10**9
@@ -76,3 +84,91 @@ def test_flows_of_vms_without_a_uuid_are_stored_and_the_exit_line_counts_rows(
     assert summary.frames == len(frames)
     assert summary.stored == len(flows) == len(sent)  # the exit line counts stored rows
     assert (summary.finished, summary.not_stored) == (len(sent), 0), summary.line
+
+
+def _collect_replay(pcap: Path, inventory: Path, host: str, cid: int, udp: tuple[str, int]) -> None:
+    """``vspan collect --replay`` of one host's capture, as fast as it goes, to the end."""
+    done = subprocess.run(
+        [*vspan_command(), "collect", "--replay", str(pcap), "--inventory", str(inventory),
+         "--host", host, "--collector-id", str(cid), "--analyzer", f"{udp[0]}:{udp[1]}",
+         "--max-speed"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def _metric(analyzer: AnalyzerProcess, name: str) -> int:
+    """The value of the sample ``name`` (with its labels) on ``/metrics``; 0 when absent."""
+    for line in analyzer.get("/metrics").splitlines():
+        if line.startswith(name + " "):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+def test_a_replayed_old_capture_outlives_a_restart_unless_retention_is_by_capture_time(
+    tmp_path: Path,
+) -> None:
+    # Regression (issue 17, point 6): flows replayed from a capture of 2023 were stored, and
+    # deleted by the 30-day retention (on capture time) a moment after the analyzer
+    # restarted, with no log line and no counter.
+    cap = generate_small(seed=3)
+    assert pd.Timestamp(int(cap.frames.ts_ns.max()), tz="UTC").year == 2023
+    inventory, data = tmp_path / "inventory.yaml", tmp_path / "data"
+    write_inventory_yaml(cap, inventory)
+    flags = ["--udp", "127.0.0.1:0", "--tcp", "off", "--http", "127.0.0.1:0",
+             "--data-dir", str(data), "--inventory", str(inventory), "--retention-days", "30"]  # fmt: skip
+
+    def analyze(run: str, *extra: str) -> AnalyzerProcess:
+        log = tmp_path / f"analyze-{run}.stderr"
+        return AnalyzerProcess([*flags, *extra], stderr_path=log).wait_started()
+
+    first = analyze("replay")
+    try:
+        assert first.udp is not None
+        for host in cap.inventory().hosts:
+            pcap = tmp_path / f"{host.name}.pcap"
+            host_capture(cap, host.collector_id, pcap)
+            _collect_replay(pcap, inventory, host.name, host.collector_id, first.udp)
+        deadline = time.monotonic() + 30
+        while _metric(first, "vspan_frames_total") < len(cap.frames):
+            assert time.monotonic() < deadline, first.stderr()
+            time.sleep(0.1)
+    finally:
+        stored = first.stop()
+    assert stored.stored == len(cap.truth) > 0, stored.line
+    with Store(data, read_only=True) as store:
+        assert store.count("flows") == len(cap.truth)
+
+    # Restarted with the default (ingest time): retention runs in the first maintenance
+    # round, a second after the start, and keeps what was stored minutes ago.
+    again = analyze("restart")
+    try:
+        time.sleep(4)
+        assert _metric(again, 'vspan_store_rows_deleted_total{table="flows",reason="age"}') == 0
+    finally:
+        again.stop()
+    assert "deleted" not in again.stderr()
+    with Store(data, read_only=True) as store:
+        assert store.count("flows") == len(cap.truth)
+
+    # By capture time, as asked: deleted, counted, logged.
+    by_capture = analyze("capture", "--retention-basis", "capture")
+    line = re.compile(
+        rf"^vspan analyze: INFO store flows: deleted {len(cap.truth)} rows "
+        r"\(retention_days, basis capture\): last_ns before (\S+)$",
+        re.MULTILINE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while (found := line.search(by_capture.stderr())) is None:
+            assert time.monotonic() < deadline, by_capture.stderr()
+            time.sleep(0.1)
+        counted = _metric(by_capture, 'vspan_store_rows_deleted_total{table="flows",reason="age"}')
+    finally:
+        by_capture.stop()
+    cutoff = pd.Timestamp(found.group(1))
+    now = pd.Timestamp.now(tz="UTC")
+    assert now - pd.Timedelta(days=30, minutes=5) < cutoff <= now - pd.Timedelta(days=30)
+    assert counted == len(cap.truth)
+    with Store(data, read_only=True) as store:
+        assert store.count("flows") == 0
