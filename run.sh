@@ -58,8 +58,11 @@ case "$cmd" in
     test)
         # tshark: the oracle of the decode tests; tcpdump brings libpcap (capture filters);
         # iproute2: the network-namespace lab; util-linux: setpriv and mount; chromium: the
-        # dashboard's browser test (driven by Playwright, which downloads no browser).
-        apt_install tshark tshark tcpdump tcpdump ip iproute2 setpriv util-linux chromium chromium
+        # dashboard's browser test (driven by Playwright, which downloads no browser);
+        # openvswitch-switch and ethtool: the lab's Open vSwitch hosts (userspace datapath,
+        # VM checksum offload off; the tests skip, saying why, where Open vSwitch cannot run).
+        apt_install tshark tshark tcpdump tcpdump ip iproute2 setpriv util-linux chromium chromium \
+            ovs-vswitchd openvswitch-switch ethtool ethtool
         setup_python
         say "ruff"
         "$VENV/bin/ruff" check .
