@@ -1,7 +1,7 @@
 """``vspan analyze`` as the README runs it: a subprocess, its start line, its stderr, its stop.
 
-``AnalyzerProcess`` starts the installed command (optionally behind a prefix such as ``ip
-netns exec NS``), waits for the start line and reads from it where the kernel bound the
+``AnalyzerProcess`` starts the installed command (``spawn`` may run it elsewhere, such as
+``Lab.spawn`` in a network namespace), waits for the start line and reads from it where the kernel bound the
 receivers and the API (``--udp 127.0.0.1:0`` works), keeps stderr in a file, and stops the
 process with SIGTERM (it finishes flows and writes them) or SIGKILL (nothing is flushed).
 ``summary()`` parses the exit line into numbers.
@@ -15,7 +15,7 @@ import signal
 import subprocess
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +54,11 @@ class AnalyzerProcess:
     """One ``vspan analyze`` run; ``args`` are its flags (``--data-dir``, ``--udp`` ...)."""
 
     def __init__(
-        self,
-        args: Sequence[str],
-        *,
-        stderr_path: Path,
-        prefix: Sequence[str] = (),
-        spawn: Any = None,
+        self, args: Sequence[str], *, stderr_path: Path, spawn: Callable[..., Any] | None = None
     ) -> None:
         self.stderr_path = stderr_path
         self._log = stderr_path.open("w")
-        argv = [*prefix, *vspan_command(), "analyze", *args]
+        argv = [*vspan_command(), "analyze", *args]
         quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": self._log}
         self.proc: subprocess.Popen[Any] = (spawn or subprocess.Popen)(argv, **quiet)
         self.udp: tuple[str, int] | None = None
