@@ -34,6 +34,9 @@ MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
     1: ('ALTER TABLE flows ADD COLUMN "delay_us" DOUBLE',),
     # Rows stored before version 3 have no ingest time: they count as ingested at the
     # upgrade, so that retention never deletes them earlier than it would have by age.
+    # (The column stays without NOT NULL in an upgraded file: DuckDB refuses the
+    # constraint in the transaction that filled it on a table with a primary key. The
+    # store writes it on every row, and a row without it is refused before the insert.)
     2: tuple(
         statement
         for table in _AGED
@@ -108,7 +111,10 @@ _TS = "DateTime64(6, 'UTC')"
 
 
 def _ingest() -> Column:
-    return _c(INGEST_COLUMN, "TIMESTAMPTZ", _TS, "when the store wrote the row (retention age)")
+    return _c(
+        INGEST_COLUMN, "TIMESTAMPTZ", _TS, "when the store wrote the row (retention age)",
+        null=False,
+    )  # fmt: skip
 
 
 FLOWS = Table(
