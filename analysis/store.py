@@ -8,7 +8,7 @@ parameterised SQL only (``store_sql``), and enforces retention by age and by siz
 go through one lock; reads use a cursor of their own, so a long query does not hold up
 appends. ``store_writer.StoreWriter`` keeps the appends off the receive loop.
 
-An append never fails as a whole for a bad value: ``store_values.prepare`` checks every
+An append never fails as a whole for a bad value: ``store_append.prepare`` checks every
 column first (a value that does not fit a nullable column becomes NULL, a row that cannot
 be stored is left out, each counted by column or reason), and an insert the database still
 refuses is split in halves until only the rows it refuses are left out

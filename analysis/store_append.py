@@ -218,7 +218,7 @@ def _convert(col: Column, values: pd.Series) -> tuple[pd.Series, npt.NDArray[np.
     elif kind == "TIMESTAMPTZ":
         values, bad = _timestamps(values)
     elif kind == "VARCHAR":
-        values, bad = _by_distinct(values, lambda v: v if isinstance(v, str) else None)
+        values, bad = _strings(values)
     elif kind.startswith("MAP(") and values.dtype == object:
         values = pd.Series(
             [None if v is None else json.dumps(dict(v)) for v in values], index=values.index
@@ -227,8 +227,20 @@ def _convert(col: Column, values: pd.Series) -> tuple[pd.Series, npt.NDArray[np.
     else:
         bad = np.zeros(len(values), dtype=bool)
     if col.check:
-        bad |= values.notna().to_numpy(dtype=bool) & ~values.isin(col.check).to_numpy(dtype=bool)
+        outside = set(pd.unique(values.dropna())) - set(col.check)
+        if outside:
+            bad |= values.isin(outside).to_numpy(dtype=bool)
     return values, bad
+
+
+def _strings(values: pd.Series) -> tuple[pd.Series, npt.NDArray[np.bool_]]:
+    """A text column: anything but a string is bad (a string dtype, or an object column
+    of strings, is checked without a pass in Python)."""
+    if isinstance(values.dtype, pd.StringDtype) or pd.api.types.infer_dtype(
+        values, skipna=True
+    ) in ("string", "empty"):
+        return values, np.zeros(len(values), dtype=bool)
+    return _by_distinct(values, lambda v: v if isinstance(v, str) else None)
 
 
 def _canonical_uuid(value: object) -> str | None:
@@ -249,7 +261,7 @@ def _by_distinct(values: pd.Series, convert: Any) -> tuple[pd.Series, npt.NDArra
     if not present.any():
         return values, np.zeros(len(values), dtype=bool)
     codes, uniques = pd.factorize(values, use_na_sentinel=True)
-    converted = [convert(u) for u in uniques]
+    converted = [convert(u) for u in uniques]  # one call per distinct value
     if all(c is not None and c == u for c, u in zip(converted, uniques, strict=True)):
         return values, np.zeros(len(values), dtype=bool)  # all fine as they are
     table = np.array([*converted, None], dtype=object)  # code -1 (NULL) → the last entry
