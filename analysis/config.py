@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from vspan.analysis.store_schema import RETENTION_BASES
 from vspan.errors import ConfigError
 from vspan.tunnel import DEFAULT_PORT
 from vspan.yamlconf import Node, load_file
@@ -123,9 +124,10 @@ class AnalyzerConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"must be positive, got {getattr(self, name)}", field=name)
-        if self.retention_basis not in ("ingest", "capture"):
+        if self.retention_basis not in RETENTION_BASES:
+            expected = " or ".join(RETENTION_BASES)
             raise ConfigError(
-                f"expected ingest or capture, got {self.retention_basis!r}", field="retention_basis"
+                f"expected {expected}, got {self.retention_basis!r}", field="retention_basis"
             )
 
     @classmethod

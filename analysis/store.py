@@ -43,6 +43,7 @@ from .store_append import AppendResult, StoreCounts, insert_in_parts, prepare
 from .store_schema import (
     INGEST_COLUMN,
     MIGRATIONS,
+    RETENTION_BASES,
     SCHEMA_VERSION,
     TABLES,
     Table,
@@ -77,8 +78,6 @@ __all__ = [
 log = logging.getLogger("vspan.store")
 
 FILE_NAME: Final = "vspan.duckdb"
-RETENTION_BASES: Final = ("ingest", "capture")
-"""What retention ages rows by: when the store wrote them, or their own (capture) time."""
 _DAY_NS: Final = 86_400 * 10**9
 _ROW_ERRORS: Final = (duckdb.DataError, duckdb.IntegrityError, duckdb.InvalidInputException)
 """What the database says about the values of a row (split the insert to find the rows);

@@ -15,6 +15,7 @@ from typing import Final
 __all__ = [
     "INGEST_COLUMN",
     "MIGRATIONS",
+    "RETENTION_BASES",
     "SCHEMA_VERSION",
     "TABLES",
     "Column",
@@ -29,6 +30,8 @@ SCHEMA_VERSION: Final = 3
 INGEST_COLUMN: Final = "ingest_time"
 """When the store wrote the row: every table with a ``time_column`` has it, and retention
 ages rows by it unless told to age them by capture time (``Store.retention_basis``)."""
+RETENTION_BASES: Final = ("ingest", "capture")
+"""What retention ages rows by: when the store wrote them, or their own (capture) time."""
 _AGED: Final = ("flows", "inventory_history", "migrations", "policy_hits", "collector_counters")
 MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
     1: ('ALTER TABLE flows ADD COLUMN "delay_us" DOUBLE',),

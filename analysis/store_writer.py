@@ -143,8 +143,11 @@ class StoreWriter:
                 else:
                     self._counters.rows_written += result.written
                     self._counters.appends += 1
-                    for reason, n in result.rejected.items():
-                        self._count("rejected", reason, n)
-                    for column, n in result.coerced.items():
-                        self._count("coerced", column, n)
+                    for kind, counts in (
+                        ("rejected", result.rejected),
+                        ("coerced", result.coerced),
+                    ):
+                        mine: dict[str, int] = getattr(self._counters, kind)
+                        for key, n in counts.items():  # the store has logged them
+                            mine[key] = mine.get(key, 0) + n
             self._done(len(frames))
