@@ -59,9 +59,11 @@ case "$cmd" in
         # tshark: the oracle of the decode tests; tcpdump brings libpcap (capture filters);
         # iproute2: the network-namespace lab; util-linux: setpriv and mount; chromium: the
         # dashboard's browser test (driven by Playwright, which downloads no browser);
-        # prometheus: its promtool lints /metrics (only promtool is used).
+        # prometheus: its promtool lints /metrics (only promtool is used); openvswitch-switch
+        # and ethtool: the lab's Open vSwitch hosts (userspace datapath, VM checksum offload
+        # off; the tests skip, saying why, where Open vSwitch cannot run).
         apt_install tshark tshark tcpdump tcpdump ip iproute2 setpriv util-linux chromium chromium \
-            promtool prometheus
+            promtool prometheus ovs-vswitchd openvswitch-switch ethtool ethtool
         setup_python
         say "ruff"
         "$VENV/bin/ruff" check .

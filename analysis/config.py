@@ -17,6 +17,7 @@ analyzer listens on loopback only. File format (all keys optional)::
     active_timeout: 300
     max_flows: 1000000
     retention_days: 30
+    retention_basis: ingest     # age stored rows by ingest time, or by capture time
     max_store_bytes: 10737418240
     ring_segment_bytes: 67108864
     ring_max_bytes: 2147483648
@@ -34,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from vspan.analysis.store_schema import RETENTION_BASES
 from vspan.errors import ConfigError
 from vspan.tunnel import DEFAULT_PORT
 from vspan.yamlconf import Node, load_file
@@ -84,7 +86,11 @@ class AnalyzerConfig:
     max_flows: int = 1_000_000
     """Live flows kept; beyond, the least recently seen are finished (counted)."""
     retention_days: float = 30.0
-    """Stored flow records older than this are deleted."""
+    """Stored rows older than this are deleted (counted and logged)."""
+    retention_basis: str = "ingest"
+    """What the age of a stored row is counted from: ``ingest`` (when the analyzer stored
+    it: a capture replayed from last year is kept ``retention_days`` like live traffic) or
+    ``capture`` (the time of its packets)."""
     max_store_bytes: int = 10 << 30
     """The store file is kept under this size (oldest flows deleted first)."""
     ring_segment_bytes: int = 64 << 20
@@ -139,6 +145,11 @@ class AnalyzerConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"must be positive, got {getattr(self, name)}", field=name)
+        if self.retention_basis not in RETENTION_BASES:
+            expected = " or ".join(RETENTION_BASES)
+            raise ConfigError(
+                f"expected {expected}, got {self.retention_basis!r}", field="retention_basis"
+            )
 
     @classmethod
     def load(cls, path: str) -> AnalyzerConfig:

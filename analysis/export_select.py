@@ -123,7 +123,8 @@ def resolve(
             raise ExportError(f"unknown host {text!r}: not in the inventory nor in the ring")
     if vm is not None:
         found_vm = inventory.vm(vm) if inventory is not None else None
-        want.vm_keys = {vm} | ({found_vm.name, found_vm.uuid} if found_vm else set())
+        found_keys = (found_vm.name, found_vm.uuid) if found_vm else ()
+        want.vm_keys = {vm} | {k for k in found_keys if k}
         mine = [i for i in known if want.is_vm(i)]
         if found_vm is None and not mine:
             raise ExportError(f"unknown VM {vm!r}: not in the inventory nor in the ring")

@@ -164,8 +164,8 @@ class InventorySnapshot(NicIndex):
         self.vms = tuple(vms)
         self.present: tuple[bool, ...] = tuple(present)
         order = sorted(range(len(vms)), key=lambda i: self.present[i])  # present ones win
-        self._vm_by_key = {vms[i].name: i for i in order} | {vms[i].uuid: i for i in order}
-        self._vm_by_key.pop("", None)
+        self._vm_by_key = {vms[i].name: i for i in order}
+        self._vm_by_key |= {u: i for i in order if (u := vms[i].uuid) is not None}
         nic_vm = np.array([r.vm for r in rows], dtype=np.int32)
         nic_host = np.array([r.host for r in rows], dtype=np.uint32)
         nic_vif = np.array([r.vif for r in rows], dtype=np.uint32)
@@ -232,9 +232,8 @@ def group_ports(collector_id: int, host: str, ports: Sequence[PortInfo]) -> list
         vifs[p.vif] = label
         if p.mac:
             macs[p.mac] = label
-        group = groups.setdefault(
-            p.vm_uuid or f"name:{p.vm_name}", VmPorts(p.vm_name, p.vm_uuid, None, [])
-        )
+        uuid = p.vm_uuid or None  # "" is no UUID: the inventory never carries an empty one
+        group = groups.setdefault(uuid or f"name:{p.vm_name}", VmPorts(p.vm_name, uuid, None, []))
         group.profile = group.profile or p.profile
         group.nics.append((p.mac, p.vif, ()))
     return list(groups.values())

@@ -266,7 +266,7 @@ class InventoryState(VmBook):
                 if v.view is None:
                     rows = [self._nics[i] for i in v.nics if self._nics[i].bound]
                     nics = tuple(Nic(r.mac, r.vif, r.ips) for r in rows)
-                    v.view = Vm(v.name, v.uuid or "", v.host, nics, v.profile)
+                    v.view = Vm(v.name, v.uuid, v.host, nics, v.profile)
                 vms.append(v.view)
             present = [v.present for v in self._vms]
             self._snap = InventorySnapshot(list(self._hosts.values()), vms, present, self._nics)

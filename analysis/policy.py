@@ -345,7 +345,7 @@ class Bindings:
 def bind(policy: PolicySet, inventory: InventoryView | None = None) -> Bindings:
     """Bindings of the inventory's VMs (and of VMs seen later, by name, through patterns)."""
     vms = () if inventory is None else inventory.vms
-    uuids = {vm.name: vm.uuid for vm in vms}
+    uuids = {vm.name: vm.uuid for vm in vms if vm.uuid is not None}
     defined = {p.name for p in policy.profiles}
     warnings: list[str] = []
     for vm in vms:

@@ -96,6 +96,10 @@ _PARTS: Final[dict[str, tuple[str, dict[str, _Spec]]]] = {
         "dropped": ("dropped_rows", "counter", "Rows not stored because the writer's queue "
                     "was full (backpressure), by lane.", True),
         "errors": ("errors", "counter", "Rows whose write failed, by lane and exception.", True),
+        "rejected": ("rejected_rows", "counter", "Rows the store could not keep, by reason.",
+                     True),
+        "coerced": ("coerced_values", "counter", "Values stored as NULL because they did not "
+                    "fit their column, by column.", True),
     }),
     "ring": ("vspan_ring_", {
         "frames_written": ("frames_written", "counter", "Frames written to the ring.", False),
@@ -169,6 +173,15 @@ class AnalyzerCollector(Collector):
         store = GaugeMetricFamily("vspan_store_file_bytes", "Size of the store's files.")
         store.add_metric([], float(source.store.size().file_bytes))
         yield store
+        deleted = CounterMetricFamily(
+            "vspan_store_rows_deleted",
+            "Stored rows deleted, by table and reason (age: retention; size: the size bound).",
+            labels=["table", "reason"],
+        )
+        for table, by in sorted(((counters.get("store") or {}).get("deleted") or {}).items()):
+            for reason, n in sorted(by.items()):
+                deleted.add_metric([str(table), str(reason)], float(n))
+        yield deleted
         errors = CounterMetricFamily(
             "vspan_analyzer_errors", "Analyzer failures, by kind.", labels=["kind"]
         )
@@ -295,12 +308,13 @@ def _receivers(receivers: Iterable[Mapping[str, Any]]) -> Iterator[Metric]:
             name = "vspan_receiver_" + _UNSAFE.sub("_", key)
             if kind == "gauge" and key == "rcvbuf":
                 name += "_bytes"
+            sample = float(value)
             if key.endswith("_ms"):  # Prometheus' base unit of time is the second
-                name, value = name.removesuffix("_ms") + "_seconds", value / 1000
+                name, sample = name.removesuffix("_ms") + "_seconds", sample / 1000
             family = families.get(name)
             if family is None:
                 family = families[name] = _family(kind, name, help_text, ["receiver"])
-            family.add_metric([label], float(value))
+            family.add_metric([label], sample)
     yield drops
     yield from families.values()
 

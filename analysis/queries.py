@@ -317,9 +317,7 @@ def collectors(samples: Store | pd.DataFrame) -> pd.DataFrame:
     for name, counter in (("messages", "received"), ("frames", "frames"), ("bytes", "bytes")):
         rate = (out[counter] - before[counter]) / seconds
         out[f"{name}_per_s"] = rate.astype("float64").where(rising)
-    expected = (out["received"] - out["duplicates"] + out["lost"] + out["kernel"]).astype(
-        "float64"
-    )
+    expected = (out["received"] - out["duplicates"] + out["lost"] + out["kernel"]).astype("float64")
     out["loss"] = (out["lost"] / expected.where(expected > 0)).fillna(0.0)
     reasons = [invalid[key] for key in out[keys].itertuples(index=False, name=None)]
     out["invalid"] = pd.array([sum(r.values()) for r in reasons], dtype="Int64")

@@ -33,6 +33,7 @@ from vspan.analysis.persist import hit_rows, uuid_or_none
 from vspan.analysis.policy_eval import CompiledPolicy, PolicyCounters, evaluate
 from vspan.analysis.records import RECORD_COLUMNS, HostNames, flow_table
 from vspan.analysis.store import Store
+from vspan.analysis.store_append import AppendResult
 from vspan.analysis.store_writer import StoreWriter
 
 __all__ = ["STORED_COLUMNS", "FlowRecorder", "flow_uids"]
@@ -167,11 +168,16 @@ class FlowRecorder:
             records, hits = result.flows, result.hits
         return records[list(STORED_COLUMNS)], hits
 
-    def _write_finished(self, items: Sequence[Finishing]) -> int:
-        written = 0
+    def _write_finished(self, items: Sequence[Finishing]) -> AppendResult:
+        written = AppendResult(0)
         for rows, inventory in _by_inventory(items):
             records, hits = self.records(rows, inventory, numbered=True)
-            written += self.store.append("flows", records)
+            done = self.store.append("flows", records)
+            written = AppendResult(
+                written.written + done.written,
+                _summed(written.coerced, done.coerced),
+                _summed(written.rejected, done.rejected),
+            )
             if hits is not None and len(hits):
                 self._counters.add(hits)
                 self.store.add_policy_hits(hit_rows(hits))
@@ -194,6 +200,10 @@ class FlowRecorder:
             keep = ~gone
             self.store.set_open_flows(self.store.open_flows[keep])
             self._open_keys = self._open_keys[keep]
+
+
+def _summed(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in {*a, *b}}
 
 
 def _by_inventory(items: Sequence[Finishing]) -> list[Finishing]:

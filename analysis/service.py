@@ -92,7 +92,11 @@ class Analyzer:
         self._compiled: tuple[InventorySnapshot | None, CompiledPolicy] | None = None
         self.chunks: queue.Queue[Chunk] = queue.Queue(maxsize=64)
         self.store = Store(
-            self.data_dir, retention_days=config.retention_days, max_bytes=config.max_store_bytes
+            self.data_dir,
+            retention_days=config.retention_days,
+            max_bytes=config.max_store_bytes,
+            retention_basis=config.retention_basis,
+            clock=clock,
         )
         self.writer = StoreWriter(max_rows=config.store_queue_rows)
         self.recorder = FlowRecorder(
@@ -312,6 +316,7 @@ class Analyzer:
             for r in self.receivers
         ]
         out["store_writer"] = writer
+        out["store"] = self.store.counters()
         out["ring"] = {**self.ring.metrics(), **feeder}
         out["inventory"] = dict(self.state.counters)
         lost = 0

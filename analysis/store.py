@@ -7,26 +7,49 @@ a row reported as stored survives a crash of the process), answers filtered quer
 parameterised SQL only (``store_sql``), and enforces retention by age and by size. Writes
 go through one lock; reads use a cursor of their own, so a long query does not hold up
 appends. ``store_writer.StoreWriter`` keeps the appends off the receive loop.
+
+An append never fails as a whole for a bad value: ``store_append.prepare`` checks every
+column first (a value that does not fit a nullable column becomes NULL, a row that cannot
+be stored is left out, each counted by column or reason), and an insert the database still
+refuses is split in halves until only the rows it refuses are left out
+(``refused_<error>``). ``AppendResult`` says what was written and what was not; the same
+counts add up in ``counters()`` and are logged. Every row carries the time the store wrote
+it (``ingest_time``, from ``clock``); retention deletes rows by that time, or by their
+capture time with ``retention_basis="capture"``, and each deletion is counted and logged.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import threading
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from vspan.inventory import InventoryView
 
-from .store_schema import MIGRATIONS, SCHEMA_VERSION, TABLES, Table, duckdb_ddl, quote
+from .store_append import AppendResult, StoreCounts, insert_in_parts, prepare
+from .store_schema import (
+    INGEST_COLUMN,
+    MIGRATIONS,
+    RETENTION_BASES,
+    SCHEMA_VERSION,
+    TABLES,
+    Table,
+    duckdb_ddl,
+    quote,
+)
 from .store_sql import (
     FLOWS_SQL,
     StoreError,
@@ -34,7 +57,6 @@ from .store_sql import (
     events_where,
     flows_where,
     insert_sql,
-    prepare,
     schema_of,
     select_sql,
     time_param,
@@ -44,10 +66,23 @@ from .store_sql import (
 Columns = Sequence[str] | None
 """The columns a query reads (None: all)."""
 
-__all__ = ["FILE_NAME", "RetentionResult", "Store", "StoreError", "StoreSize"]
+__all__ = [
+    "FILE_NAME",
+    "RETENTION_BASES",
+    "AppendResult",
+    "RetentionResult",
+    "Store",
+    "StoreError",
+    "StoreSize",
+]
+
+log = logging.getLogger("vspan.store")
 
 FILE_NAME: Final = "vspan.duckdb"
 _DAY_NS: Final = 86_400 * 10**9
+_ROW_ERRORS: Final = (duckdb.DataError, duckdb.IntegrityError, duckdb.InvalidInputException)
+"""What the database says about the values of a row (split the insert to find the rows);
+anything else (I/O, a closed file) fails the append as a whole."""
 _NULLABLE: Final = {
     pa.int8(): pd.Int8Dtype(),
     pa.int16(): pd.Int16Dtype(),
@@ -73,7 +108,7 @@ class StoreSize:
 
 @dataclass(frozen=True, slots=True)
 class RetentionResult:
-    """Rows ``apply_retention`` deleted per table, and the size after it."""
+    """Rows ``apply_retention`` deleted per table (by age and by size), and the size after."""
 
     deleted: dict[str, int]
     size: StoreSize
@@ -83,7 +118,10 @@ class Store:
     """``DATA_DIR/vspan.duckdb``: ``start()``, append and query, ``apply_retention``, ``stop()``.
 
     ``retention_days`` (None: forever) bounds the age of every table with a time column;
-    ``max_bytes`` (None: no bound) the live data, by deleting the oldest flows.
+    ``max_bytes`` (None: no bound) the live data, by deleting the oldest flows. The age is
+    counted from ``ingest_time`` (``retention_basis="ingest"``: a capture replayed today
+    is kept as long as today's traffic) or from the rows' own time (``"capture"``).
+    ``clock`` gives the ingest time of appended rows (seconds since the epoch).
     ``read_only`` opens an existing store without changing it (another process may read).
     """
 
@@ -93,16 +131,26 @@ class Store:
         *,
         retention_days: float | None = 30.0,
         max_bytes: int | None = None,
+        retention_basis: str = "ingest",
+        clock: Callable[[], float] = time.time,
         read_only: bool = False,
     ) -> None:
+        if retention_basis not in RETENTION_BASES:
+            raise StoreError(
+                f"retention_basis {retention_basis!r}: expected one of {list(RETENTION_BASES)}"
+            )
         self.path = Path(data_dir) / FILE_NAME
         self.retention_days = retention_days
         self.max_bytes = max_bytes
+        self.retention_basis = retention_basis
+        self.clock = clock
         self.read_only = read_only
         self._con: duckdb.DuckDBPyConnection | None = None
         self._lock = threading.Lock()
         self._open = _no_open_flows()
         """The open flows (``set_open_flows``), as every read of flows sees them."""
+
+        self._counts = StoreCounts()
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -171,45 +219,76 @@ class Store:
 
     # --- writing ----------------------------------------------------------------------
 
-    def append(self, table: str, df: pd.DataFrame) -> int:
-        """Insert the rows of ``df`` into ``table``; committed when this returns."""
+    def append(self, table: str, df: pd.DataFrame) -> AppendResult:
+        """Insert the rows of ``df`` into ``table``; committed when this returns. Values
+        and rows that cannot be stored are counted in the result, not raised; a
+        ``StoreError`` means nothing could be written (unknown or missing columns, I/O)."""
         spec = schema_of(table)
         if df.empty:
-            return 0
+            return AppendResult(0)
+        df = self._stamped(spec, df)
         sql = insert_sql(spec, list(df.columns))
         if spec.primary_key:
             sql = sql.replace("INSERT INTO", "INSERT OR REPLACE INTO", 1)
-        self._write(sql, prepare(spec, df))
-        return len(df)
+        return self._insert(spec, sql, df)
 
-    def append_flows(self, df: pd.DataFrame, *, inventory: InventoryView | None = None) -> int:
+    def append_flows(
+        self, df: pd.DataFrame, *, inventory: InventoryView | None = None
+    ) -> AppendResult:
         """Insert flow records (``records.RECORD_COLUMNS``, optionally the extra columns);
-        ``flow_uid`` is generated when absent, VM UUIDs filled from ``inventory``."""
+        ``flow_uid`` is generated when absent, VM UUIDs filled from ``inventory`` (NULL for
+        a VM that has none)."""
         if inventory is not None:
             uuids = {vm.name: vm.uuid for vm in inventory.vms}
             missing = [s for s in ("src", "dst") if f"{s}_vm_uuid" not in df.columns]
             df = df.assign(**{f"{s}_vm_uuid": df[f"{s}_vm"].map(uuids) for s in missing})
         return self.append("flows", df)
 
-    def append_inventory_events(self, df: pd.DataFrame) -> int:
+    def append_inventory_events(self, df: pd.DataFrame) -> AppendResult:
         return self.append("inventory_history", df)
 
-    def append_migrations(self, df: pd.DataFrame) -> int:
+    def append_migrations(self, df: pd.DataFrame) -> AppendResult:
         return self.append("migrations", df)
 
-    def append_collector_counters(self, df: pd.DataFrame) -> int:
+    def append_collector_counters(self, df: pd.DataFrame) -> AppendResult:
         """Counter samples; ``invalid`` holds one ``{reason: count}`` dict per row."""
         return self.append("collector_counters", df)
 
-    def add_policy_hits(self, df: pd.DataFrame) -> int:
+    def add_policy_hits(self, df: pd.DataFrame) -> AppendResult:
         """Add ``flows, packets, bytes`` per (``rule``, ``vm_uuid``) to the running totals."""
         spec = TABLES["policy_hits"]
         if df.empty:
-            return 0
+            return AppendResult(0)
+        df = self._stamped(spec, df)
         given = [c for c in spec.names if c in df.columns]
         sql = upsert_sql(spec, given, ("flows", "packets", "bytes"), "last_hit")
-        self._write(sql, prepare(spec, df))
-        return len(df)
+        return self._insert(spec, sql, df)
+
+    def counters(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Per kind, table and reason, since ``start``: rows ``written``, values
+        ``coerced`` to NULL (by column), rows ``rejected`` (by reason) and rows ``deleted``
+        (``age``: older than the retention; ``size``: over ``max_bytes``)."""
+        return self._counts.snapshot()
+
+    def _stamped(self, spec: Table, df: pd.DataFrame) -> pd.DataFrame:
+        """``df`` with the ingest time of now, in the tables that keep one."""
+        if INGEST_COLUMN not in spec.names:
+            return df
+        now = pd.Timestamp(int(self.clock() * 1e9), unit="ns", tz="UTC")
+        return df.assign(**{INGEST_COLUMN: now})
+
+    def _insert(self, spec: Table, sql: str, df: pd.DataFrame) -> AppendResult:
+        """Check the values, insert what fits; count what did not (``StoreCounts``)."""
+        ready = prepare(spec, df)
+        try:
+            written, refused, error = insert_in_parts(
+                functools.partial(self._write, sql), ready.frame, refused_by=_ROW_ERRORS
+            )
+        except duckdb.Error as exc:
+            raise StoreError(f"{self.path}: append to {spec.name} failed: {exc}") from exc
+        result = AppendResult(written, ready.coerced, ready.rejected | refused)
+        self._counts.appended(spec.name, result, error)
+        return result
 
     def replace_ring_segment(self, segment: Mapping[str, object], keys: pd.DataFrame) -> None:
         """Record a ring segment and its keys (``kind``, ``value`` columns), atomically."""
@@ -244,13 +323,12 @@ class Store:
                 con.execute("DELETE FROM ring_segments WHERE list_contains(?, name)", [names])
 
     def _write(self, sql: str, df: pd.DataFrame) -> None:
+        """One statement over ``df`` as ``incoming`` (raises DuckDB's own errors)."""
         with self._lock:
             con = self._connection()
             con.register("incoming", df)
             try:
                 con.execute(sql)
-            except duckdb.Error as exc:
-                raise StoreError(f"{self.path}: append failed: {exc}") from exc
             finally:
                 con.unregister("incoming")
 
@@ -264,7 +342,11 @@ class Store:
         if unknown:
             raise StoreError(f"open flows: table flows has no column {', '.join(unknown)}")
         missing = {c: None for c in spec.names if c not in df.columns}
-        self._open = prepare(spec, df.assign(**missing)[list(spec.names)].reset_index(drop=True))
+        frame = df.assign(**missing)[list(spec.names)].reset_index(drop=True)
+        for col in spec.columns:  # our own records: only the times need converting
+            if col.duckdb == "TIMESTAMPTZ" and pd.api.types.is_integer_dtype(frame[col.name]):
+                frame[col.name] = pd.to_datetime(frame[col.name], unit="ns", utc=True)
+        self._open = frame
 
     @property
     def open_flows(self) -> pd.DataFrame:
@@ -379,41 +461,89 @@ class Store:
         return StoreSize(self.path.stat().st_size + wal_bytes, used + wal_bytes)
 
     def apply_retention(self, now: object) -> RetentionResult:
-        """Delete rows older than ``retention_days`` before ``now``; then, if the file is over
-        ``max_bytes``, the oldest flows, as many as the live data is over 90 % of it at its
-        present bytes per row. Space comes back a row group (122,880 rows) at a time and
-        freed blocks are reused before the file grows, so the file stays bounded."""
+        """Delete rows older than ``retention_days`` before ``now`` — by ``ingest_time``, or
+        by the rows' own time with ``retention_basis="capture"``; then, if the file is over
+        ``max_bytes``, the oldest flows (by the same basis), as many as the live data is
+        over 90 % of it at its present bytes per row. Space comes back a row group (122,880
+        rows) at a time and freed blocks are reused before the file grows, so the file
+        stays bounded. Every deletion is counted (``counters()["deleted"]``) and logged."""
         deleted = dict.fromkeys(TABLES, 0)
         now_ns = int(time_param(now).value)
         if self.retention_days is not None:
             cutoff = now_ns - int(self.retention_days * _DAY_NS)
             for spec in TABLES.values():
                 if spec.time_column is not None:
-                    deleted[spec.name] += self._delete_before(spec, cutoff)
+                    column = self._age_column(spec)
+                    n = self._delete(spec, (column,), (self._value(spec, column, cutoff),))
+                    deleted[spec.name] += self._deleted(
+                        spec.name, "age", n, f"{column} before {_iso(cutoff)}", logging.INFO
+                    )
         self._checkpoint()
         size, rows = self.size(), self.count("flows")
         if self.max_bytes is not None and size.file_bytes > self.max_bytes and rows:
             keep = int(rows * min(1.0, self.max_bytes * 0.9 / max(size.used_bytes, 1)))
             if keep < rows:
+                spec = TABLES["flows"]
+                key = tuple(dict.fromkeys((self._age_column(spec), "last_ns")))
+                order = ", ".join(f"{quote(c)} DESC" for c in key)
                 nth = self.query(
-                    "SELECT last_ns FROM flows ORDER BY last_ns DESC LIMIT 1 OFFSET ?", [keep]
+                    f"SELECT {', '.join(map(quote, key))} FROM flows ORDER BY {order} "
+                    "LIMIT 1 OFFSET ?",
+                    [keep],
                 )
-                cutoff = int(nth["last_ns"].iloc[0]) + 1
-                deleted["flows"] += self._delete_before(TABLES["flows"], cutoff)
+                last = tuple(_scalar(nth[c].iloc[0]) for c in key)
+                n = self._delete(spec, key, last, inclusive=True)
+                why = (
+                    f"store {size.file_bytes:,} bytes over max_store_bytes {self.max_bytes:,}: "
+                    f"the oldest by {', '.join(key)}, up to {', '.join(map(str, last))}"
+                )
+                deleted["flows"] += self._deleted("flows", "size", n, why, logging.WARNING)
                 self._checkpoint()
                 size = self.size()
         return RetentionResult({k: v for k, v in deleted.items() if v}, size)
 
-    def _delete_before(self, spec: Table, cutoff_ns: int) -> int:
-        col = spec.column(spec.time_column or "")
-        value: object = cutoff_ns if col.duckdb == "BIGINT" else time_param(cutoff_ns)
+    def _age_column(self, spec: Table) -> str:
+        """The column retention ages ``spec``'s rows by."""
+        if self.retention_basis == "ingest":
+            return INGEST_COLUMN
+        return spec.time_column or INGEST_COLUMN
+
+    @staticmethod
+    def _value(spec: Table, column: str, ns: int) -> object:
+        """``ns`` as the column holds it: an integer, or a UTC timestamp."""
+        return ns if spec.column(column).duckdb == "BIGINT" else time_param(ns)
+
+    def _delete(
+        self,
+        spec: Table,
+        key: tuple[str, ...],
+        bound: tuple[object, ...],
+        *,
+        inclusive: bool = False,
+    ) -> int:
+        """Delete the rows whose ``key`` sorts before ``bound`` (or equal, ``inclusive``)."""
+        names = ", ".join(map(quote, key))
+        marks = ", ".join("?" * len(key))
+        op = "<=" if inclusive else "<"
+        sql = f"DELETE FROM {quote(spec.name)} WHERE ({names}) {op} ({marks})"
         with self._lock:
-            row = _one(
-                self._connection().execute(
-                    f"DELETE FROM {quote(spec.name)} WHERE {quote(col.name)} < ?", [value]
-                )
-            )
+            row = _one(self._connection().execute(sql, list(bound)))
         return int(row[0]) if row is not None else 0
+
+    def _deleted(self, table: str, why: str, rows: int, detail: str, level: int) -> int:
+        """Count and log one deletion; ``rows``."""
+        if rows:
+            self._counts.add("deleted", table, {why: rows})
+            log.log(
+                level,
+                "store %s: deleted %d rows (%s, basis %s): %s",
+                table,
+                rows,
+                "retention_days" if why == "age" else "max_store_bytes",
+                self.retention_basis,
+                detail,
+            )
+        return rows
 
     def _checkpoint(self) -> None:
         with self._lock:
@@ -422,6 +552,15 @@ class Store:
 
 def _no_open_flows() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=object) for c in TABLES["flows"].names})
+
+
+def _scalar(value: object) -> object:
+    """A value read back as DuckDB binds it (numpy integers as ``int``)."""
+    return int(value) if isinstance(value, np.integer) else value
+
+
+def _iso(ns: int) -> str:
+    return pd.Timestamp(ns, unit="ns", tz="UTC").isoformat()
 
 
 def _one(result: duckdb.DuckDBPyConnection) -> tuple[Any, ...] | None:

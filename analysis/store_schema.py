@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Final
 
 __all__ = [
+    "INGEST_COLUMN",
     "MIGRATIONS",
+    "RETENTION_BASES",
     "SCHEMA_VERSION",
     "TABLES",
     "Column",
@@ -23,11 +25,30 @@ __all__ = [
     "quote",
 ]
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 """Version of the tables below; stored in ``meta`` as ``schema_version``."""
+INGEST_COLUMN: Final = "ingest_time"
+"""When the store wrote the row: every table with a ``time_column`` has it, and retention
+ages rows by it unless told to age them by capture time (``Store.retention_basis``)."""
+RETENTION_BASES: Final = ("ingest", "capture")
+"""What retention ages rows by: when the store wrote them, or their own (capture) time."""
+_AGED: Final = ("flows", "inventory_history", "migrations", "policy_hits", "collector_counters")
 MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
     1: ('ALTER TABLE flows ADD COLUMN "delay_us" DOUBLE',),
-    2: ('ALTER TABLE collector_counters ADD COLUMN "kernel" UBIGINT DEFAULT 0',),
+    # Rows stored before version 3 have no ingest time: they count as ingested at the
+    # upgrade, so that retention never deletes them earlier than it would have by age.
+    # (The column stays without NOT NULL in an upgraded file: DuckDB refuses the
+    # constraint in the transaction that filled it on a table with a primary key. The
+    # store writes it on every row, and a row without it is refused before the insert.)
+    2: tuple(
+        statement
+        for table in _AGED
+        for statement in (
+            f'ALTER TABLE "{table}" ADD COLUMN "{INGEST_COLUMN}" TIMESTAMPTZ',
+            f'UPDATE "{table}" SET "{INGEST_COLUMN}" = now()',
+        )
+    ),
+    3: ('ALTER TABLE collector_counters ADD COLUMN "kernel" UBIGINT',),
 }
 """Statements that upgrade version ``k`` to ``k + 1``."""
 
@@ -58,12 +79,18 @@ class Table:
     order_by: tuple[str, ...]
     """The ClickHouse sort key; also the order rows arrive in (time-major for events)."""
     time_column: str | None = None
-    """Rows whose value here is older than the retention age are deleted (None: never)."""
+    """The capture (or event) time of a row. A table that has one also has the column
+    ``INGEST_COLUMN``, and retention deletes its rows older than the retention age by one
+    or the other (None: never)."""
     primary_key: tuple[str, ...] = ()
     """DuckDB primary key (the tables that are updated in place)."""
     engine: str = "MergeTree"
     partition_by: str | None = None
     ttl: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.time_column is not None and INGEST_COLUMN not in self.names:
+            raise ValueError(f"table {self.name} has a time column but no {INGEST_COLUMN}")
 
     def column(self, name: str) -> Column:
         """The column called ``name``."""
@@ -85,6 +112,14 @@ def _c(
 
 _NAME = "LowCardinality(String)"
 _TS = "DateTime64(6, 'UTC')"
+
+
+def _ingest() -> Column:
+    return _c(
+        INGEST_COLUMN, "TIMESTAMPTZ", _TS, "when the store wrote the row (retention age)",
+        null=False,
+    )  # fmt: skip
+
 
 FLOWS = Table(
     "flows",
@@ -148,11 +183,12 @@ FLOWS = Table(
         ),
         _c("policy_verdict", "VARCHAR", _NAME, "verdict of the policy engine"),
         _c("policy_rule", "VARCHAR", _NAME, "rule that decided the verdict"),
+        _ingest(),
     ),
     order_by=("src_vm", "dst_vm", "first"),
     time_column="last_ns",
     partition_by="toYYYYMMDD(first)",
-    ttl="last + INTERVAL 30 DAY DELETE",
+    ttl=f"{INGEST_COLUMN} + INTERVAL 30 DAY DELETE",
 )
 
 INVENTORY_HISTORY = Table(
@@ -174,6 +210,7 @@ INVENTORY_HISTORY = Table(
             null=False,
             check=("added", "removed", "changed"),
         ),
+        _ingest(),
     ),
     order_by=("vm_uuid", "time"),
     time_column="time",
@@ -196,6 +233,7 @@ MIGRATIONS_TABLE = Table(
             null=False,
             check=("inventory", "dataplane"),
         ),
+        _ingest(),
     ),
     order_by=("vm_uuid", "time"),
     time_column="time",
@@ -219,6 +257,7 @@ POLICY_HITS = Table(
             "last time the rule decided a flow of the VM",
             null=False,
         ),
+        _ingest(),
     ),
     order_by=("rule", "vm_uuid"),
     time_column="last_hit",
@@ -251,6 +290,7 @@ COLLECTOR_COUNTERS = Table(
             "Map(LowCardinality(String), UInt64)",
             "messages rejected, by reason",
         ),
+        _ingest(),
     ),
     order_by=("collector_id", "time"),
     time_column="time",

@@ -7,12 +7,11 @@ tables (quoted). Filters are validated here, once, with errors that say what was
 from __future__ import annotations
 
 import ipaddress
-import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final
+from typing import Final
 
 import numpy as np
 import pandas as pd
@@ -29,7 +28,6 @@ __all__ = [
     "flows_where",
     "insert_sql",
     "normalize_ip",
-    "prepare",
     "schema_of",
     "select_sql",
     "time_param",
@@ -188,20 +186,6 @@ def insert_sql(spec: Table, given: list[str]) -> str:
         f"INSERT INTO {quote(spec.name)} ({', '.join(names)}) "
         f"SELECT {', '.join(exprs)} FROM incoming"
     )
-
-
-def prepare(spec: Table, df: pd.DataFrame) -> pd.DataFrame:
-    """Columns DuckDB cannot cast by itself: ns integers → UTC timestamps, dicts → JSON."""
-    changed: dict[str, Any] = {}
-    for col in spec.columns:
-        if col.name not in df.columns:
-            continue
-        values = df[col.name]
-        if col.duckdb == "TIMESTAMPTZ" and pd.api.types.is_integer_dtype(values.dtype):
-            changed[col.name] = pd.to_datetime(values, unit="ns", utc=True)
-        elif col.duckdb.startswith("MAP(") and values.dtype == object:
-            changed[col.name] = [None if v is None else json.dumps(dict(v)) for v in values]
-    return df.assign(**changed) if changed else df
 
 
 def upsert_sql(spec: Table, given: list[str], sums: tuple[str, ...], latest: str) -> str:

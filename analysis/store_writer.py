@@ -15,8 +15,12 @@ together (one records build and one insert for many engine batches). A lane made
 flows replaces one still queued). The queue is bounded by the rows it holds
 (``max_rows``): an item that would go over is dropped, counted under
 ``dropped{lane}`` and logged (at most every 10 s) — the engine never waits on the database.
-A write that fails is counted under ``errors{lane,exception}`` with its rows and logged; the
-thread goes on. Nothing is lost silently.
+A writer function returns the rows it wrote, or the store's ``AppendResult``: then rows the
+store could not keep are counted by the store's reason (``rejected{flows,bad_scope}``,
+``rejected{flows,refused_ConversionException}``, …) and values it stored as NULL by column
+(``coerced{flows,src_vm_uuid}``). A write that fails as a whole is counted under
+``errors{lane,exception}`` with its rows and logged; the thread goes on. Nothing is lost
+silently: ``rows_written`` counts only what the store committed.
 """
 
 from __future__ import annotations
@@ -30,12 +34,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Generic, TypeVar
 
-__all__ = ["Lane", "StoreWriter"]
+from .store_append import AppendResult
+
+__all__ = ["Lane", "StoreWriter", "Written"]
 
 log = logging.getLogger("vspan.store")
 
 T = TypeVar("T")
 _LOG_EVERY_S: Final = 10.0
+
+
+Written = int | AppendResult
+"""What a lane's writer function returns: rows written, or what one append did."""
 
 
 @dataclass
@@ -44,6 +54,8 @@ class _Counters:
     writes: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    coerced: dict[str, int] = field(default_factory=dict)
 
 
 class Lane(Generic[T]):
@@ -53,7 +65,7 @@ class Lane(Generic[T]):
         self,
         writer: StoreWriter,
         name: str,
-        write: Callable[[Sequence[T]], int],
+        write: Callable[[Sequence[T]], Written],
         size: Callable[[T], int],
         latest_only: bool,
     ) -> None:
@@ -83,7 +95,7 @@ class StoreWriter:
     def lane(
         self,
         name: str,
-        write: Callable[[Sequence[T]], int],
+        write: Callable[[Sequence[T]], Written],
         *,
         size: Callable[[T], int] = lambda item: 1,
         latest_only: bool = False,
@@ -117,15 +129,15 @@ class StoreWriter:
             return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
 
     def metrics(self) -> dict[str, int]:
-        """``rows_written{lane}``, ``writes{lane}``, ``dropped{lane}``, ``errors{lane,
-        exception}`` (rows), ``queue_rows`` and ``queue_items``."""
+        """``rows_written{lane}``, ``writes{lane}``, rows not stored: ``dropped{lane}``,
+        ``errors{lane,exception}``, ``rejected{lane,reason}``; values stored as NULL:
+        ``coerced{lane,column}``; and ``queue_rows``, ``queue_items``."""
         c = self._counters
         with self._cond:
             out = {"queue_rows": self._rows, "queue_items": len(self._queue)}
-            out |= {f"rows_written{{{k}}}": v for k, v in c.written.items()}
-            out |= {f"writes{{{k}}}": v for k, v in c.writes.items()}
-            out |= {f"dropped{{{k}}}": v for k, v in c.dropped.items()}
-            out |= {f"errors{{{k}}}": v for k, v in c.errors.items()}
+            for kind in ("rows_written", "writes", "dropped", "errors", "rejected", "coerced"):
+                counts = getattr(c, "written" if kind == "rows_written" else kind)
+                out |= {f"{kind}{{{k}}}": v for k, v in counts.items()}
         return out
 
     def written(self, lane: str) -> int:
@@ -156,6 +168,18 @@ class StoreWriter:
             self._last_log[key] = now
             log.warning("store %s: %s", key, message)
 
+    def _record(self, lane: str, done: Written) -> None:
+        """Count what one write did (the store has logged what it could not keep)."""
+        c = self._counters
+        if isinstance(done, AppendResult):
+            for reason, n in done.rejected.items():
+                self._count(c.rejected, f"{lane},{reason}", n)
+            for column, n in done.coerced.items():
+                self._count(c.coerced, f"{lane},{column}", n)
+            done = done.written
+        self._count(c.written, lane, done)
+        self._count(c.writes, lane, 1)
+
     def _take(self) -> list[tuple[Lane[Any], Any, int]] | None:
         """The items to write next (a run of one lane), or None to end the thread."""
         with self._cond:
@@ -177,15 +201,14 @@ class StoreWriter:
             items = [run[-1][1]] if lane.latest_only else [item for _, item, _ in run]
             rows = sum(r for _, _, r in run)
             try:
-                written = lane.write(items)
+                done = lane.write(items)
             except Exception as exc:  # counted and logged; the thread goes on
                 with self._cond:
                     self._count(self._counters.errors, f"{lane.name},{type(exc).__name__}", rows)
                 log.exception("store %s: writing %d rows failed", lane.name, rows)
             else:
                 with self._cond:
-                    self._count(self._counters.written, lane.name, written)
-                    self._count(self._counters.writes, lane.name, 1)
+                    self._record(lane.name, done)
             with self._cond:
                 self._rows -= rows
                 self._busy -= len(run)

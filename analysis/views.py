@@ -171,7 +171,8 @@ def vm_detail(store: Store, inventory: InventoryView, name_or_uuid: str, *,
     vm = inventory.vm(name_or_uuid) or inventory.vm(_canonical_uuid(name_or_uuid))
     if vm is None:
         raise UnknownVmError(f"no VM named or with UUID {name_or_uuid!r} in the inventory")
-    rows = _split(_totals(store, since, until, vm=vm.uuid), "bytes")
+    key = vm.uuid or vm.name  # a VM without a UUID (Linux bridge) is known by its name
+    rows = _split(_totals(store, since, until, vm=key), "bytes")
     is_src = rows["src_vm"] == vm.name
     sent = rows["bytes"].where(is_src, rows["bytes_rev"]).astype("int64")
     received = rows["total_bytes"] - sent
@@ -189,14 +190,14 @@ def vm_detail(store: Store, inventory: InventoryView, name_or_uuid: str, *,
         "peers": [{"vm": str(p), "bytes": int(s), "flows": int(n)}
                   for p, s, n in zip(top.index, top["sum"], top["size"], strict=True)],
     }  # fmt: skip
-    flows = store.query_flows(vm=vm.uuid, since=since, until=until, limit=recent, order="-last_ns")
+    flows = store.query_flows(vm=key, since=since, until=until, limit=recent, order="-last_ns")
     return {
         **_vm_row(vm),
-        "host_history": [{"time": t, "host": h} for t, h in host_history(vm.uuid)],
+        "host_history": [{"time": t, "host": h} for t, h in host_history(key)],
         "traffic": summary,
         "flows": json_rows(flows),
-        "policy_hits": json_rows(store.query_policy_hits(vm=vm.uuid, limit=None)),
-        "migrations": json_rows(store.query_migrations(vm=vm.uuid, limit=None)),
+        "policy_hits": json_rows(store.query_policy_hits(vm=key, limit=None)),
+        "migrations": json_rows(store.query_migrations(vm=key, limit=None)),
     }
 
 

@@ -88,8 +88,7 @@ class FlowRow(_Row):
     policy_verdict: str | None = Field(description="permit, deny or none")
     policy_rule: str | None = Field(description="rule that decided: profile#n")
     state: Literal["open", "closed"] = Field(
-        description="open: the flow goes on (its counters so far); closed: it ended and "
-        "is stored"
+        description="open: the flow goes on (its counters so far); closed: it ended and is stored"
     )
 
 

@@ -7,10 +7,18 @@ constructor, so tests replay recorded outputs and fake sysfs trees.
 - ``LibvirtSource``: ``<name>``, ``<uuid>``, and per ``<interface>`` its ``<target dev>``
   (the port; interfaces without one, as in a shut-off domain, are skipped), ``<mac
   address>`` and ``<source bridge>``. The port-profile is the 802.1Qbh ``<virtualport>``
-  ``profileid``, else the ``<source portgroup>``.
+  ``profileid``, else the ``<source portgroup>``; an Open vSwitch ``<virtualport>``'s
+  ``interfaceid`` is the interface's id (what libvirt writes as ``iface-id``).
 - ``OvsSource``: ``ovs-vsctl --format=json list Interface``; a row is a VM port when its
-  ``external_ids`` hold ``vm-uuid`` or ``attached-mac`` and its ``ofport`` is at least 1.
-  The VM name is ``external_ids:vm-name`` if set, else the ``vm-uuid``, else the port name.
+  ``ofport`` is at least 1 and its ``external_ids`` say whose it is, as libvirt writes them
+  (``virNetDevOpenvswitchAddPort``: ``attached-mac``, ``iface-id``, ``vm-id``,
+  ``iface-status=active``, ``port-profile`` from the ``<virtualport>`` profileid) or
+  OpenStack's os-vif (``vm-uuid`` for the instance) and OVN (``iface-id`` alone): the VM's
+  UUID is ``vm-id`` or ``vm-uuid`` (canonical; a value that is not a UUID names the VM but
+  is no UUID), the MAC ``attached-mac``, the interface's id ``iface-id``, the port-profile
+  ``port-profile``. A row marked ``iface-status=inactive`` is skipped: Open vSwitch's
+  convention for a second interface of the same ``iface-id`` that is not the one in use.
+  The VM name is ``external_ids:vm-name`` if set, else the VM's id, else the port name.
 - ``BridgeSource``: ports from ``<sysfs>/class/net/<bridge>/brif/``, ifindex from
   ``<sysfs>/class/net/<port>/ifindex``. A veth whose peer lives in a named network
   namespace is that namespace's VM (``ip -j link show`` → ``link_netnsid``, named by ``ip
@@ -122,7 +130,8 @@ def parse_domain_xml(text: str, origin: str) -> list[Port]:
         if profile is None and source is not None:
             profile = source.get("portgroup")
         bridge = source.get("bridge") if source is not None else None
-        ports.append(Port(str(dev.get("dev")), 0, 0, mac, name, vm_uuid, profile, bridge))
+        iface_id = params.get("interfaceid") if params is not None else None
+        ports.append(Port(str(dev.get("dev")), 0, 0, mac, name, vm_uuid, profile, bridge, iface_id))
     return ports
 
 
@@ -202,15 +211,17 @@ def parse_ovs_interfaces(
             continue  # not attached to a bridge (empty set) or failed (-1)
         if any(fnmatchcase(name, pattern) for pattern in uplinks):
             continue
-        vm_uuid, mac_text = ids.get("vm-uuid"), ids.get("attached-mac")
-        if vm_uuid is None and mac_text is None:
+        vm_id = _text(ids.get("vm-id")) or _text(ids.get("vm-uuid"))
+        iface_id, mac_text = _text(ids.get("iface-id")), _text(ids.get("attached-mac"))
+        if vm_id is None and iface_id is None and mac_text is None:
             continue  # an internal, patch or tunnel port
+        if ids.get("iface-status") == "inactive":
+            continue  # not the interface in use for this iface-id (a migration under way)
         mac = _mac(mac_text) if mac_text is not None else 0
         if mac is None:
             raise ConfigError(
                 f"attached-mac {mac_text!r} is not a MAC", path=origin, field=f"{name}.external_ids"
             )
-        vm_name = ids.get("vm-name") or vm_uuid or name
         ifindex = row.get("ifindex")
         ports.append(
             Port(
@@ -218,11 +229,26 @@ def parse_ovs_interfaces(
                 ifindex=ifindex if isinstance(ifindex, int) else 0,
                 vif=0,
                 mac=mac,
-                vm_name=str(vm_name),
-                vm_uuid=str(vm_uuid) if vm_uuid is not None else None,
+                vm_name=_text(ids.get("vm-name")) or vm_id or name,
+                vm_uuid=_uuid(vm_id),
+                profile=_text(ids.get("port-profile")),
+                iface_id=iface_id,
             )
         )
     return ports
+
+
+def _text(value: object) -> str | None:
+    """An ``external_ids`` value: a non-empty string, else None."""
+    return (value.strip() or None) if isinstance(value, str) else None
+
+
+def _uuid(text: str | None) -> str | None:
+    """``text`` as a canonical UUID; None when it is none."""
+    try:
+        return None if text is None else str(uuidlib.UUID(text))
+    except ValueError:
+        return None
 
 
 class OvsSource:

@@ -37,6 +37,10 @@ class Port:
     """Port-profile of the VM."""
     bridge: str | None = None
     """The vswitch (Linux bridge or OVS bridge) the port is on."""
+    iface_id: str | None = None
+    """The interface's own id where the vswitch has one (Open vSwitch
+    ``external_ids:iface-id``: libvirt's interface UUID, a Neutron port, an OVN logical
+    port); it stays the same when the VM moves, so the vif is kept under it."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -7,7 +7,8 @@ assignment in a JSON file in a state directory, rewritten atomically (temporary 
 ``fsync``, ``os.replace``) whenever it changes.
 
 Identity of a port (``port_identity``): ``vm:<uuid>/<mac>`` when the port's VM UUID and MAC
-are known, else ``port:<name>``. Rules of ``VifTable.assign``:
+are known, else ``iface:<iface-id>`` when the vswitch gives the interface an id, else
+``port:<name>``. Rules of ``VifTable.assign``:
 
 - an explicit vif (from the static inventory file) wins: whoever held that number before
   loses it and is given a new one;
@@ -44,9 +45,12 @@ class VifsExhaustedError(VspanError):
 
 
 def port_identity(port: Port) -> str:
-    """The key a port's vif is stored under: VM UUID + MAC, else the port name."""
+    """The key a port's vif is stored under: VM UUID + MAC, else the interface id, else the
+    port name."""
     if port.vm_uuid and port.mac:
         return f"vm:{port.vm_uuid.lower()}/{port.mac:012x}"
+    if port.iface_id:
+        return f"iface:{port.iface_id}"
     return f"port:{port.name}"
 
 

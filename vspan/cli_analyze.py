@@ -26,6 +26,7 @@ _HELP = {
     "loopback clients are served",
     "insecure_listen": "without --tokens, serve every client of a non-loopback --http "
     "address with no token at all (refused otherwise)",
+    "retention_basis": "age stored rows by 'ingest' time (default) or by 'capture' time",
 }
 
 
@@ -114,6 +115,11 @@ def run(args: argparse.Namespace) -> int:
     from vspan.analysis.service import Analyzer
     from vspan.api.server import HttpServer, create_app
 
+    # What the analyzer's parts log (a store deleting rows, an append losing some) goes to
+    # stderr with the start and exit lines; INFO and up.
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="vspan analyze: %(levelname)s %(message)s"
+    )
     config = _settings(args)
     tokens, open_access = _access(config)
     analyzer = Analyzer(config)
@@ -144,15 +150,27 @@ def run(args: argparse.Namespace) -> int:
         analyzer.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        counters = analyzer.counters()
-        engine, writer = counters.get("engine", {}), counters["store_writer"]
-        failed = sum(
-            v for k, v in writer.items() if k.startswith(("errors{flows", "dropped{flows"))
-        )
-        print(
-            f"vspan analyze: stopped: {engine.get('frames', 0):,} frames, "
-            f"{analyzer.stored_flows():,} flows stored"
-            + (f", {failed:,} flows not stored (see the log)" if failed else ""),
-            file=sys.stderr,
-        )
+        print(f"vspan analyze: stopped: {_summary(analyzer.counters())}", file=sys.stderr)
     return 0
+
+
+def _summary(counters: dict[str, Any]) -> str:
+    """Frames received, flows finished, and flow records the store wrote — and those it did
+    not, by reason: a "stored" here is a row in the store."""
+    engine, writer = counters.get("engine", {}), counters.get("store_writer", {})
+    lost = {
+        k: v
+        for k, v in writer.items()
+        if k.startswith(("dropped{flows", "rejected{flows", "errors{flows"))
+    }
+    text = (
+        f"{engine.get('frames', 0):,} frames, {engine.get('flows_finished', 0):,} flows "
+        f"finished, {writer.get('rows_written{flows}', 0):,} flow records stored"
+    )
+    if lost:
+        detail = ", ".join(f"{k} {v:,}" for k, v in sorted(lost.items()))
+        text += f", {sum(lost.values()):,} not stored ({detail})"
+    coerced = {k: v for k, v in writer.items() if k.startswith("coerced{flows")}
+    if coerced:
+        text += ", values stored as NULL: " + ", ".join(f"{k} {v:,}" for k, v in coerced.items())
+    return text

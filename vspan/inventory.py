@@ -69,7 +69,9 @@ class Vm:
     """A virtual machine."""
 
     name: str
-    uuid: str
+    uuid: str | None
+    """Canonical lower-case UUID; None when nothing told it (a VM found behind a Linux
+    bridge port), never "" (stored as NULL, matched by name and MAC instead)."""
     host: str
     """Name of the host it runs on."""
     nics: tuple[Nic, ...]
@@ -177,7 +179,7 @@ class Inventory(NicIndex):
         self.hosts = tuple(hosts)
         self.vms = tuple(vms)
         self._vm_by_name = {v.name: i for i, v in enumerate(vms)}
-        self._vm_by_uuid = {v.uuid: i for i, v in enumerate(vms)}
+        self._vm_by_uuid = {v.uuid: i for i, v in enumerate(vms) if v.uuid is not None}
         cid_of = {h.name: h.collector_id for h in hosts}
         vif_keys: list[int] = []
         mac_keys: list[int] = []

@@ -42,6 +42,10 @@ def test_file_then_flags(tmp_path: Path) -> None:
         ("idle_timeout: soon\n", r"analyzer\.yaml:1: idle_timeout: expected a number, got 'soon'"),
         ("require_known: yes please\n", r"analyzer\.yaml:1: require_known: expected true or false"),
         ("udpp: 127.0.0.1:1\n", r"analyzer\.yaml:1: udpp: unknown field"),
+        (
+            "retention_days: 7\nretention_basis: arrival\n",
+            r"analyzer\.yaml:2: retention_basis: expected ingest or capture, got 'arrival'",
+        ),
     ],
 )
 def test_file_errors_name_line_and_field(tmp_path: Path, text: str, message: str) -> None:
@@ -49,6 +53,13 @@ def test_file_errors_name_line_and_field(tmp_path: Path, text: str, message: str
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         AnalyzerConfig.load(str(path))
+
+
+def test_retention_ages_stored_rows_by_ingest_time_unless_told(tmp_path: Path) -> None:
+    assert AnalyzerConfig().retention_basis == "ingest"
+    path = tmp_path / "analyzer.yaml"
+    path.write_text("retention_basis: capture\n")
+    assert AnalyzerConfig.load(str(path)).retention_basis == "capture"
 
 
 def test_bad_flag_is_named() -> None:

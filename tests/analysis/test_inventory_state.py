@@ -134,6 +134,21 @@ def test_vm_registered_by_another_host_is_one_migration(rec: Recorder) -> None:
     assert state.migrations(since=5.5) == []
 
 
+def test_a_vm_without_a_uuid_has_none_not_an_empty_one(rec: Recorder) -> None:
+    # Regression (issue 17, point 1): snapshots gave UUID-less VMs (a Linux bridge's) the
+    # UUID "", which the store then failed to cast. No UUID is None, whatever the
+    # registration said ("" included), and the VM is found by name only.
+    state = rec.state()
+    state.register(1, "hv01", [db(uuid=None), PortInfo("web-01", 5, MAC_WEB, "", None)], now=1.0)
+    snap = state.snapshot()
+    assert {vm.name: vm.uuid for vm in snap.vms} == {"db-01": None, "web-01": None}
+    assert snap.vm("") is None
+    found = snap.vm("web-01")
+    assert found is not None
+    assert found.uuid is None
+    assert [e.vm_uuid for e in rec.events if e.vm_name] == [None, None]
+
+
 def test_migration_by_mac_when_no_uuid(rec: Recorder) -> None:
     state = rec.state()
     state.register(1, "hv01", [db(uuid=None)], now=1.0)
@@ -144,7 +159,7 @@ def test_migration_by_mac_when_no_uuid(rec: Recorder) -> None:
     ]
     vm = state.snapshot().resolve_vif(2, 9)
     assert vm is not None
-    assert (vm.name, vm.uuid, vm.profile) == ("db-01", "", "db")
+    assert (vm.name, vm.uuid, vm.profile) == ("db-01", None, "db")
     # A UUID registered later for the same MAC is adopted, not a new VM.
     state.register(2, "hv02", [db(9)], now=4.0)
     assert len(state.snapshot().vms) == 1

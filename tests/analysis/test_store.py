@@ -3,6 +3,8 @@ durability across ``kill -9``, restarts, schema versions, retention, and the wri
 
 from __future__ import annotations
 
+import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,7 +66,7 @@ def test_query_by_vm_matches_the_ground_truth(
     dc: tuple[SynthCapture, pd.DataFrame], store: Store
 ) -> None:
     cap, flows = dc
-    assert store.append_flows(flows, inventory=cap.inventory()) == len(flows)
+    assert store.append_flows(flows, inventory=cap.inventory()).written == len(flows)
     web = next(v for v in cap.vms if v.name == "web-01")
     truth = cap.truth[(cap.truth.src_vm == "web-01") | (cap.truth.dst_vm == "web-01")]
     by_name = store.query_flows(vm="web-01", limit=None)
@@ -179,7 +181,7 @@ store = Store(sys.argv[1])
 store.start()
 flows = pd.read_parquet(sys.argv[2])
 for part in (flows, flows.iloc[:7]):
-    print("stored", store.append_flows(part), flush=True)
+    print("stored", store.append_flows(part).written, flush=True)
 sys.stdin.read()  # wait to be killed
 """
 
@@ -227,10 +229,11 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
         Store(tmp_path).start()
 
 
-def test_retention_by_age_in_every_table(
+def test_retention_by_capture_time_in_every_table(
     dc: tuple[SynthCapture, pd.DataFrame], store: Store
 ) -> None:
     _, flows = dc
+    store.retention_basis = "capture"
     now = int(flows["last_ns"].max()) + 10 * DAY
     old = flows.assign(first_ns=flows.first_ns - 20 * DAY, last_ns=flows.last_ns - 20 * DAY)
     store.append_flows(pd.concat([old, flows], ignore_index=True))
@@ -245,13 +248,51 @@ def test_retention_by_age_in_every_table(
     store.retention_days = 15
     result = store.apply_retention(now)
     assert result.deleted == {"flows": len(flows), "inventory_history": 1, "migrations": 1}
+    assert store.counters()["deleted"] == {
+        "flows": {"age": len(flows)}, "inventory_history": {"age": 1}, "migrations": {"age": 1}
+    }  # fmt: skip
     assert store.count("flows") == len(flows)
     left = store.query_inventory_history(vm=uuid)["time"]
     assert left.tolist() == [pd.Timestamp(now - DAY, unit="ns", tz="UTC").floor("us")]
 
 
+def test_retention_ages_rows_by_ingest_time_by_default(
+    dc: tuple[SynthCapture, pd.DataFrame], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Regression (issue 17, point 6): flows replayed from a capture a year old were deleted
+    # by the first retention run after they were stored, without a log line or a counter.
+    _, flows = dc
+    stored_at = 1_900_000_000.0  # the store's clock (seconds)
+    now = int(stored_at * 1e9)
+    old = flows.assign(first_ns=flows.first_ns - 400 * DAY, last_ns=flows.last_ns - 400 * DAY)
+    uuid = "ba8b358e-b45b-5409-ac45-513288159c85"
+    event = pd.DataFrame({"time": [now - 400 * DAY], "host": "hv01", "vm_uuid": uuid,
+                          "event": "added"})  # fmt: skip
+    clock = [stored_at]
+    with Store(tmp_path, retention_days=30, clock=lambda: clock[0]) as store:
+        assert store.retention_basis == "ingest"
+        store.append_flows(old)
+        store.append_inventory_events(event)
+        with caplog.at_level(logging.INFO, logger="vspan.store"):
+            assert store.apply_retention(now + 29 * DAY).deleted == {}
+            assert store.count("flows") == len(flows)
+            assert not caplog.records
+            result = store.apply_retention(now + 31 * DAY)
+        assert result.deleted == {"flows": len(flows), "inventory_history": 1}
+        assert store.counters()["deleted"] == {
+            "flows": {"age": len(flows)}, "inventory_history": {"age": 1}
+        }  # fmt: skip
+    cutoff = pd.Timestamp(now + DAY, unit="ns", tz="UTC").isoformat()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"store flows: deleted {len(flows)} rows (retention_days, basis ingest): "
+        f"ingest_time before {cutoff}",
+        f"store inventory_history: deleted 1 rows (retention_days, basis ingest): "
+        f"ingest_time before {cutoff}",
+    ]
+
+
 def test_retention_by_size_deletes_the_oldest_flows(
-    dc: tuple[SynthCapture, pd.DataFrame], tmp_path: Path
+    dc: tuple[SynthCapture, pd.DataFrame], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     _, flows = dc
     big = pd.concat([flows] * 6200, ignore_index=True)  # 372k rows: 3 row groups and more
@@ -261,9 +302,19 @@ def test_retention_by_size_deletes_the_oldest_flows(
         for chunk in np.array_split(np.arange(len(big)), 4):
             store.append_flows(big.iloc[chunk])
         before = store.size()
-        result = store.apply_retention(2 * 10**18)
+        with caplog.at_level(logging.INFO, logger="vspan.store"):
+            result = store.apply_retention(2 * 10**18)
         kept = store.count("flows")
         assert result.deleted["flows"] == len(big) - kept
+        assert store.counters()["deleted"] == {"flows": {"size": len(big) - kept}}
+        (record,) = caplog.records
+        assert record.levelno == logging.WARNING
+        assert re.fullmatch(
+            rf"store flows: deleted {len(big) - kept} rows \(max_store_bytes, basis ingest\): "
+            rf"store [\d,]+ bytes over max_store_bytes {8 << 20:,}: the oldest by ingest_time, "
+            rf"last_ns, up to \S+ \S+, {stamps[-kept - 1]}",
+            record.getMessage(),
+        ), record.getMessage()
         # as many rows as fit in 90 % of max_bytes at the bytes per row before
         assert 0 < kept <= len(big) * (8 << 20) * 0.9 / before.used_bytes + 1
         oldest = store.query_flows(order="last_ns", limit=1)["last_ns"].iloc[0]
@@ -317,18 +368,45 @@ def test_a_store_reopened_for_writing_accepts_appends(tmp_path: Path) -> None:
         assert len(store.query_migrations()) == 2
 
 
-def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
-    import duckdb
+def _as_written_by(path: Path, version: int) -> None:
+    """Turn the store at ``path`` into what vspan wrote at schema ``version``: version 2 had
+    no ``ingest_time``, version 1 no ``flows.delay_us`` either."""
+    con = duckdb.connect(str(path / "vspan.duckdb"))
+    for table in TABLES.values():
+        if "ingest_time" in table.names:
+            con.execute(f'ALTER TABLE "{table.name}" DROP COLUMN "ingest_time"')
+    if version == 1:
+        con.execute('ALTER TABLE flows DROP COLUMN "delay_us"')
+    con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(version)])
+    con.close()
 
+
+def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     with Store(tmp_path):
         pass
-    # Make it what version 1 wrote: no flows.delay_us.
-    con = duckdb.connect(str(tmp_path / "vspan.duckdb"))
-    con.execute('ALTER TABLE flows DROP COLUMN "delay_us"')
-    con.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
-    con.close()
+    _as_written_by(tmp_path, 1)
     with Store(tmp_path) as store:
         columns = store.query("SELECT * FROM flows LIMIT 0").columns
         version = store.query("SELECT value FROM meta WHERE key = 'schema_version'")
-    assert "delay_us" in columns
-    assert str(version.iloc[0, 0]) == "2"
+    assert {"delay_us", "ingest_time"} <= set(columns)
+    assert str(version.iloc[0, 0]) == str(SCHEMA_VERSION) == "3"
+
+
+def test_rows_of_a_version_2_store_count_as_ingested_at_the_upgrade(
+    dc: tuple[SynthCapture, pd.DataFrame], tmp_path: Path
+) -> None:
+    # Version 2 had no ingest time; its rows, whatever their capture time, are kept
+    # retention_days from the upgrade (an age by capture time would delete them at once).
+    flows = dc[1]
+    with Store(tmp_path) as store:
+        store.append_flows(flows.assign(last_ns=flows.last_ns - 400 * DAY))
+    _as_written_by(tmp_path, 2)
+    upgraded_at = pd.Timestamp.now(tz="UTC")
+    with Store(tmp_path, retention_days=30) as store:
+        stamps = store.query("SELECT DISTINCT ingest_time FROM flows")["ingest_time"]
+        assert len(stamps) == 1
+        assert abs(stamps.iloc[0] - upgraded_at) < pd.Timedelta(minutes=5)
+        assert store.apply_retention(int(upgraded_at.value) + 29 * DAY).deleted == {}
+        assert store.apply_retention(int(upgraded_at.value) + 31 * DAY).deleted == {
+            "flows": len(flows)
+        }

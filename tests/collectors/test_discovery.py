@@ -241,7 +241,7 @@ OVS = json.dumps(
 
 def test_ovs_interfaces() -> None:
     assert parse_ovs_interfaces(OVS, uplinks=["eth*"]) == [
-        Port("vnet0", 12, 0, 0x525400000001, UUID1, UUID1),
+        Port("vnet0", 12, 0, 0x525400000001, UUID1, UUID1, iface_id="p-1"),
         Port("tap4", 0, 0, 0, "db-01", UUID2),
     ]
     assert [p.name for p in parse_ovs_interfaces(OVS)] == ["vnet0", "eth1", "tap4"]

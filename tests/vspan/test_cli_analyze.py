@@ -1,8 +1,18 @@
-"""``vspan analyze`` as a subprocess: a non-loopback ``--http`` address without ``--tokens``
-is refused (exit status 2, a message that says what to do) unless ``--insecure-listen`` (flag
-or config key) is given, which is logged as a WARNING; and ``vspan collect`` sends its
-control-plane token (``--control-token``, ``$VSPAN_CONTROL_TOKEN``, the config file's
-``control_token``) to an analyzer with a tokens file."""
+"""``vspan analyze`` as a subprocess.
+
+The listening policy: a non-loopback ``--http`` address without ``--tokens`` is refused (exit
+status 2, a message that says what to do) unless ``--insecure-listen`` (flag or config key)
+is given, which is logged as a WARNING; and ``vspan collect`` sends its control-plane token
+(``--control-token``, ``$VSPAN_CONTROL_TOKEN``, the config file's ``control_token``) to an
+analyzer with a tokens file.
+
+What is stored: a collector registers through the control plane, sends over the tunnel, and
+the store and the exit line say what was stored. Regression (issue 17, point 1): VMs a
+collector discovered behind a Linux bridge have no UUID. Their flows reached the store with
+``src_vm_uuid = ""``, the cast to UUID failed the whole append — the flows of the VM that had
+a UUID went with them — and at exit the analyzer printed "N flows stored" (flows finished)
+over a table of 0 rows.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +20,8 @@ import json
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -20,11 +32,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
+from vspan.analysis.store import Store
 from vspan.collectors.config import CollectorFile
+from vspan.collectors.control_client import ControlClient
+from vspan.collectors.model import Port
 from vspan.synth import generate_small, write_inventory_yaml
+from vspan.tunnel import encode_message
+from vspan.vntag import VnTag, encode_vntag
+from vspan_testing.analyzer_proc import AnalyzerProcess
 from vspan_testing.hosts import host_capture
+from vspan_testing.netlab import vspan_command
 
 READ, C1, C2 = "cli-read-0123456789", "cli-collector-1-0123456789", "cli-collector-2-0123456789"
 VSPAN = [sys.executable, "-m", "vspan.cli"]
@@ -211,3 +231,149 @@ def test_the_token_goes_in_the_authorization_header() -> None:
     assert ControlClient("http://127.0.0.1:1", 1, token=f" {C1}\n".strip()).token == C1
     with pytest.raises(ConfigError, match="empty or spans lines"):
         ControlClient("http://127.0.0.1:1", 1, token="a\r\nX-Evil: 1")
+
+
+CID = 7
+T0 = 1_700_000_000 * 10**9
+UUID_C = "6f1c2d9e-0000-4000-8000-00000000000c"
+VMS = {  # name: (port, vif, MAC, IPv4, UUID); a and b found behind a bridge, c by libvirt
+    "a": ("vm-a", 1, 0x0277_0000_0101, "10.77.1.1", None),
+    "b": ("vm-b", 2, 0x0277_0000_0102, "10.77.1.2", None),
+    "c": ("vnet0", 3, 0x0277_0000_0103, "10.77.1.3", UUID_C),
+}
+
+
+def udp_frame(src: str, dst: str, sport: int, payload: int) -> bytes:
+    """A VN-tagged UDP frame from VM ``src`` to VM ``dst`` as this host's collector tags it
+    (both local: ``d=0``, ``svif``/``dvif`` their vifs)."""
+    s, d = VMS[src], VMS[dst]
+    udp = struct.pack("!HHHH", sport, 9000, 8 + payload, 0) + bytes(payload)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
+                     socket.inet_aton(s[3]), socket.inet_aton(d[3]))  # fmt: skip
+    tag = encode_vntag(VnTag(d=0, svif=s[1], dvif=d[1], ethertype=0x0800))
+    return d[2].to_bytes(6, "big") + s[2].to_bytes(6, "big") + b"\x89\x26" + tag + ip + udp
+
+
+def test_flows_of_vms_without_a_uuid_are_stored_and_the_exit_line_counts_rows(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    analyzer = AnalyzerProcess(
+        ["--udp", "127.0.0.1:0", "--tcp", "off", "--http", "127.0.0.1:0", "--data-dir", str(data)],
+        stderr_path=tmp_path / "analyze.stderr",
+    ).wait_started()
+    # (src, dst, source port, packets): 3 flows, one of them with the VM that has a UUID
+    sent = [("a", "b", 40001, 3), ("b", "a", 40002, 2), ("a", "c", 40003, 4)]
+    try:
+        ports = [Port(p, 0, vif, mac, name, uuid) for name, (p, vif, mac, _, uuid) in VMS.items()]
+        ControlClient(analyzer.api, CID).register("hv07", ports)
+        frames = [
+            udp_frame(src, dst, sport, 10 + i) for src, dst, sport, n in sent for i in range(n)
+        ]
+        message = encode_message(
+            collector_id=CID, boot_id=1, seq=0, frames=frames,
+            ts_ns=[T0 + 1000 * i for i in range(len(frames))],
+        )  # fmt: skip
+        assert analyzer.udp is not None
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message, analyzer.udp)
+    finally:
+        summary = analyzer.stop()  # SIGTERM: every open flow is finished and written
+    with Store(data, read_only=True) as store:
+        flows = store.query_flows(limit=None, order="src_port")
+    assert [(f.src_vm, f.dst_vm, f.src_port, f.packets) for f in flows.itertuples()] == sent
+    uuids = flows[["src_vm_uuid", "dst_vm_uuid"]].astype(object)
+    assert uuids.where(uuids.notna(), None).values.tolist() == [
+        [None, None], [None, None], [None, UUID_C]
+    ]  # fmt: skip
+    assert summary.frames == len(frames)
+    assert summary.stored == len(flows) == len(sent)  # the exit line counts stored rows
+    assert (summary.finished, summary.not_stored) == (len(sent), 0), summary.line
+
+
+def _collect_replay(pcap: Path, inventory: Path, host: str, cid: int, udp: tuple[str, int]) -> None:
+    """``vspan collect --replay`` of one host's capture, as fast as it goes, to the end."""
+    done = subprocess.run(
+        [*vspan_command(), "collect", "--replay", str(pcap), "--inventory", str(inventory),
+         "--host", host, "--collector-id", str(cid), "--analyzer", f"{udp[0]}:{udp[1]}",
+         "--max-speed"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def _metric(analyzer: AnalyzerProcess, name: str) -> int:
+    """The value of the sample ``name`` (with its labels) on ``/metrics``; 0 when absent."""
+    for line in analyzer.get("/metrics").splitlines():
+        if line.startswith(name + " "):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+def test_a_replayed_old_capture_outlives_a_restart_unless_retention_is_by_capture_time(
+    tmp_path: Path,
+) -> None:
+    # Regression (issue 17, point 6): flows replayed from a capture of 2023 were stored, and
+    # deleted by the 30-day retention (on capture time) a moment after the analyzer
+    # restarted, with no log line and no counter.
+    cap = generate_small(seed=3)
+    assert pd.Timestamp(int(cap.frames.ts_ns.max()), tz="UTC").year == 2023
+    inventory, data = tmp_path / "inventory.yaml", tmp_path / "data"
+    write_inventory_yaml(cap, inventory)
+    flags = ["--udp", "127.0.0.1:0", "--tcp", "off", "--http", "127.0.0.1:0",
+             "--data-dir", str(data), "--inventory", str(inventory), "--retention-days", "30"]  # fmt: skip
+
+    def analyze(run: str, *extra: str) -> AnalyzerProcess:
+        log = tmp_path / f"analyze-{run}.stderr"
+        return AnalyzerProcess([*flags, *extra], stderr_path=log).wait_started()
+
+    first = analyze("replay")
+    try:
+        assert first.udp is not None
+        for host in cap.inventory().hosts:
+            pcap = tmp_path / f"{host.name}.pcap"
+            host_capture(cap, host.collector_id, pcap)
+            _collect_replay(pcap, inventory, host.name, host.collector_id, first.udp)
+        deadline = time.monotonic() + 30
+        while _metric(first, "vspan_frames_total") < len(cap.frames):
+            assert time.monotonic() < deadline, first.stderr()
+            time.sleep(0.1)
+    finally:
+        stored = first.stop()
+    assert stored.stored == len(cap.truth) > 0, stored.line
+    with Store(data, read_only=True) as store:
+        assert store.count("flows") == len(cap.truth)
+
+    # Restarted with the default (ingest time): retention runs in the first maintenance
+    # round, a second after the start, and keeps what was stored minutes ago.
+    again = analyze("restart")
+    try:
+        time.sleep(4)
+        assert _metric(again, 'vspan_store_rows_deleted_total{table="flows",reason="age"}') == 0
+    finally:
+        again.stop()
+    assert "deleted" not in again.stderr()
+    with Store(data, read_only=True) as store:
+        assert store.count("flows") == len(cap.truth)
+
+    # By capture time, as asked: deleted, counted, logged.
+    by_capture = analyze("capture", "--retention-basis", "capture")
+    line = re.compile(
+        rf"^vspan analyze: INFO store flows: deleted {len(cap.truth)} rows "
+        r"\(retention_days, basis capture\): last_ns before (\S+)$",
+        re.MULTILINE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while (found := line.search(by_capture.stderr())) is None:
+            assert time.monotonic() < deadline, by_capture.stderr()
+            time.sleep(0.1)
+        counted = _metric(by_capture, 'vspan_store_rows_deleted_total{table="flows",reason="age"}')
+    finally:
+        by_capture.stop()
+    cutoff = pd.Timestamp(found.group(1))
+    now = pd.Timestamp.now(tz="UTC")
+    assert now - pd.Timedelta(days=30, minutes=5) < cutoff <= now - pd.Timedelta(days=30)
+    assert counted == len(cap.truth)
+    with Store(data, read_only=True) as store:
+        assert store.count("flows") == 0
