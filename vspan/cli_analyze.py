@@ -98,8 +98,6 @@ def _access(config: Any) -> tuple[dict[str, str] | None, bool]:
             "--insecure-listen to serve every client without a token",
             field="http",
         )
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="vspan analyze: %(levelname)s: %(message)s")
     log.warning(
         "insecure listen: serving the API, dashboard and control plane on %s without "
         "tokens to every client; anyone who reaches it can read every flow and change "
@@ -118,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     # What the analyzer's parts log (a store deleting rows, an append losing some) goes to
     # stderr with the start and exit lines; INFO and up.
     logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="vspan analyze: %(levelname)s %(message)s"
+        level=logging.INFO, stream=sys.stderr, format="vspan analyze: %(levelname)s: %(message)s"
     )
     config = _settings(args)
     tokens, open_access = _access(config)

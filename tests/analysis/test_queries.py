@@ -331,14 +331,16 @@ def test_collectors_latest_counters_rates_loss_and_drops(data: ReadData, store: 
     assert tuple(got.columns) == COLLECTOR_COLUMNS
     rows = {r["collector_id"]: r for r in json_rows(got)}
     assert rows[1] | {"time": None} == {
-        "collector_id": 1, "restarts": 0, "time": None, "received": 300, "lost": 5,
+        "collector_id": 1, "restarts": 0, "time": None, "received": 300, "lost": 5, "kernel": 0,
         "duplicates": 1, "reordered": 2, "frames": 3000, "bytes": 270_000,
         "loss": pytest.approx(5 / 304), "messages_per_s": 100.0, "frames_per_s": 1000.0,
         "bytes_per_s": 90_000.0, "invalid": 2, "drops": {"bad_auth": 2, "lost": 5},
     }  # fmt: skip
+    # collector 2: the analyzer's socket dropped 6 of its messages; the network lost none
     assert (rows[2]["messages_per_s"], rows[2]["loss"], rows[2]["drops"]) == (
-        50.0, 0.0, {"bad_magic": 1},
+        50.0, 0.0, {"bad_magic": 1, "kernel": 6},
     )  # fmt: skip
+    assert (rows[2]["lost"], rows[2]["kernel"]) == (0, 6)
     # collector 3 restarted: both boots are in its last sample, summed; its rejects once
     assert (rows[3]["restarts"], rows[3]["received"], rows[3]["messages_per_s"]) == (1, 510, 10.0)
     assert rows[3]["drops"] == {"lost": 3, "unknown_collector": 4}

@@ -369,11 +369,13 @@ def test_a_store_reopened_for_writing_accepts_appends(tmp_path: Path) -> None:
 
 
 def _as_written_by(path: Path, version: int) -> None:
-    """Turn the store at ``path`` into what vspan wrote at schema ``version``: version 2 had
-    no ``ingest_time``, version 1 no ``flows.delay_us`` either."""
+    """Turn the store at ``path`` into what vspan wrote at schema ``version``: version 3 had
+    no ``collector_counters.kernel``, version 2 no ``ingest_time`` either, version 1 no
+    ``flows.delay_us`` either."""
     con = duckdb.connect(str(path / "vspan.duckdb"))
+    con.execute('ALTER TABLE collector_counters DROP COLUMN "kernel"')
     for table in TABLES.values():
-        if "ingest_time" in table.names:
+        if "ingest_time" in table.names and version <= 2:
             con.execute(f'ALTER TABLE "{table.name}" DROP COLUMN "ingest_time"')
     if version == 1:
         con.execute('ALTER TABLE flows DROP COLUMN "delay_us"')
@@ -388,8 +390,10 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     with Store(tmp_path) as store:
         columns = store.query("SELECT * FROM flows LIMIT 0").columns
         version = store.query("SELECT value FROM meta WHERE key = 'schema_version'")
+        counters = store.query("SELECT * FROM collector_counters LIMIT 0").columns
     assert {"delay_us", "ingest_time"} <= set(columns)
-    assert str(version.iloc[0, 0]) == str(SCHEMA_VERSION) == "3"
+    assert "kernel" in counters
+    assert str(version.iloc[0, 0]) == str(SCHEMA_VERSION) == "4"
 
 
 def test_rows_of_a_version_2_store_count_as_ingested_at_the_upgrade(

@@ -303,10 +303,16 @@ def _collect_replay(pcap: Path, inventory: Path, host: str, cid: int, udp: tuple
 
 
 def _metric(analyzer: AnalyzerProcess, name: str) -> int:
-    """The value of the sample ``name`` (with its labels) on ``/metrics``; 0 when absent."""
-    for line in analyzer.get("/metrics").splitlines():
-        if line.startswith(name + " "):
-            return int(float(line.split()[-1]))
+    """The value of the sample ``name`` (with its labels, in any order) on ``/metrics``; 0
+    when absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    want, _, labels = name.partition("{")
+    wanted = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+    for family in text_string_to_metric_families(analyzer.get("/metrics")):
+        for sample in family.samples:
+            if sample.name == want and sample.labels == wanted:
+                return int(sample.value)
     return 0
 
 
@@ -359,7 +365,7 @@ def test_a_replayed_old_capture_outlives_a_restart_unless_retention_is_by_captur
     # By capture time, as asked: deleted, counted, logged.
     by_capture = analyze("capture", "--retention-basis", "capture")
     line = re.compile(
-        rf"^vspan analyze: INFO store flows: deleted {len(cap.truth)} rows "
+        rf"^vspan analyze: INFO: store flows: deleted {len(cap.truth)} rows "
         r"\(retention_days, basis capture\): last_ns before (\S+)$",
         re.MULTILINE,
     )
