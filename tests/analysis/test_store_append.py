@@ -178,14 +178,15 @@ def test_an_append_without_a_required_column_still_fails_as_a_whole(store: Store
 
 
 def test_the_writer_counts_what_the_store_wrote_and_what_it_could_not(store: Store) -> None:
-    writer = StoreWriter(store)
+    writer = StoreWriter()
+    lane = writer.lane("flows", lambda parts: store.append("flows", pd.concat(parts)), size=len)
     writer.start()
     good = flow_rows(10, src_vm_uuid="")
     bad = flow_rows(3, scope="nowhere")
-    assert writer.submit(good)
-    assert writer.submit(bad)
+    assert lane.submit(good)
+    assert lane.submit(bad)
     writer.stop()
     metrics = writer.metrics()
-    assert metrics["rows_written"] == store.count("flows") == 10
-    assert metrics["rejected{bad_scope}"] == 3
-    assert metrics["coerced{src_vm_uuid}"] == 10
+    assert metrics["rows_written{flows}"] == store.count("flows") == 10
+    assert metrics["rejected{flows,bad_scope}"] == 3
+    assert metrics["coerced{flows,src_vm_uuid}"] == 10

@@ -5,12 +5,17 @@ network (``vspan_testing.netlab``). No inventory file: the analyzer learns the h
 from the collectors' registrations. In the management namespace, the real command::
 
     vspan analyze --udp 10.99.0.254:0 --tcp 10.99.0.254:0 --http 10.99.0.254:0 \\
-        --data-dir DIR --idle-timeout 2
+        --data-dir DIR --idle-timeout 2 --tokens tokens.yaml
 
 and in each host namespace (UDP, and again over TCP)::
 
     vspan collect --bridge br0 --uplink up-hX --uplink mgmt0 --analyzer 10.99.0.254:PORT \\
-        --control http://10.99.0.254:HTTP --collector-id N --host-name hX
+        --control http://10.99.0.254:HTTP --control-token TOKEN --collector-id N \\
+        --host-name hX
+
+The analyzer listens on a non-loopback address, so it needs tokens (it refuses to start
+without): a read token for the test's own API calls, and one ``collector:N`` token per
+collector for the control plane.
 
 The same with Open vSwitch instead of Linux bridges, where Open vSwitch runs (its own
 daemons per host, userspace datapath): the VM ports added the way libvirt adds them
@@ -57,6 +62,8 @@ from vspan_testing.ovs import OvsSwitch, disable_offload, ovs_unavailable
 pytestmark = pytest.mark.root
 
 CID = {"h1": 11, "h2": 22}
+READ_TOKEN = "deploy-read-token-0123456789"
+CONTROL_TOKEN = {host: f"deploy-collector-{cid}-0123456789" for host, cid in CID.items()}
 UPLINK = {"h1": "up-h2", "h2": "up-h1"}
 IDLE_S = 2.0
 TAG = 6  # bytes the VN-Tag adds to a frame (EtherType 0x8926 and the 4-byte tag)
@@ -231,10 +238,10 @@ class Deployment:
 
     def api(self, path: str) -> Any:
         """GET on the analyzer's API, from the management namespace."""
-        with (
-            in_netns(self.mgmt.ns),
-            urllib.request.urlopen(self.analyzer.api + path, timeout=10) as answer,
-        ):
+        ask = urllib.request.Request(
+            self.analyzer.api + path, headers={"Authorization": f"Bearer {READ_TOKEN}"}
+        )
+        with in_netns(self.mgmt.ns), urllib.request.urlopen(ask, timeout=10) as answer:
             return json.loads(answer.read())
 
     def vifs(self) -> dict[str, int]:
@@ -270,7 +277,8 @@ class OvsCollector:
         config.write_text(
             f"collector_id: {CID[host]}\nhost: {host}\n"
             f"analyzer: {dep.mgmt.ip}:{port[1]}\ntransport: {transport}\n"
-            f"control: {dep.analyzer.api}\nstate_dir: {self.state_dir}\nstats_interval: 1\n"
+            f"control: {dep.analyzer.api}\ncontrol_token: {CONTROL_TOKEN[host]}\n"
+            f"state_dir: {self.state_dir}\nstats_interval: 1\n"
             f"discovery:\n  kind: ovs\n  uplinks: [up-*, {dep.mgmt.port}]\n"
         )
         self.log_path = folder / f"collect-{host}.stderr"
@@ -300,7 +308,8 @@ def start_collectors(dep: Deployment, folder: Path, transport: str) -> None:
         if dep.ovs:
             dep.collectors[host] = OvsCollector(dep, host, folder, transport)
         else:
-            extra = ("--control", dep.analyzer.api, "--transport", transport)
+            extra = ("--control", dep.analyzer.api, "--control-token", CONTROL_TOKEN[host],
+                     "--transport", transport)  # fmt: skip
             dep.collectors[host] = CollectorProcess(
                 dep.lab, dep.mgmt, host, cid=cid, uplink=UPLINK[host], port=port[1],
                 workdir=folder, extra=extra,
@@ -345,8 +354,13 @@ def deployment(
 ) -> Iterator[Deployment]:
     data = folder / "data"
     addr = f"{mgmt.ip}:0"
+    tokens = folder / "tokens.yaml"
+    tokens.write_text(
+        f"{READ_TOKEN}: read\n"
+        + "".join(f"{CONTROL_TOKEN[h]}: collector:{cid}\n" for h, cid in CID.items())
+    )
     args = ["--udp", addr, "--tcp", addr, "--http", addr, "--data-dir", str(data),
-            "--idle-timeout", str(IDLE_S)]  # fmt: skip
+            "--idle-timeout", str(IDLE_S), "--tokens", str(tokens)]  # fmt: skip
     analyzer = AnalyzerProcess(
         args, stderr_path=folder / "analyze.stderr",
         spawn=lambda argv, **popen: lab.spawn(mgmt.ns, *argv, **popen),
