@@ -108,7 +108,11 @@ class EngineConfig:
     tick_s: float = 0.5
     """While chunks keep coming, tick at most this often."""
     open_every_s: float = 2.0
-    """Publish the open flows (``on_open``) this often, in the analyzer's time; 0: never."""
+    """Publish the open flows (``on_open``) this often, in the analyzer's time; 0: never.
+    With many open flows less often: at least a second per ``open_per_s`` of them (each
+    copy is turned into records on the store writer's thread)."""
+    open_per_s: int = 50_000
+    """Open flows the store writer is asked to turn into records per second, at most."""
 
     def __post_init__(self) -> None:
         if self.max_flows < 1 or not 0.0 <= self.evict_to <= 1.0:
@@ -276,8 +280,9 @@ class Engine:
         idled = self._table.advance_rows(at)
         self.idled += len(idled)
         self._emit(idled)
-        every = self.config.open_every_s
-        if self._on_open is not None and every > 0 and now - self._last_open >= every:
+        cfg = self.config
+        every = max(cfg.open_every_s, self._table.open_flows / max(cfg.open_per_s, 1))
+        if self._on_open is not None and cfg.open_every_s > 0 and now - self._last_open >= every:
             self._last_open = now
             self._on_open(self._table.open_rows(), at)
 
