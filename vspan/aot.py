@@ -5,7 +5,8 @@ that goes through every path that calls kernels: ``vspan report`` over pcapng an
 pcap, the engine's decode, endpoints and flow table (with expiry and eviction), pcap and
 pcapng writing with comments, reading the comments back, the AF_PACKET ring walk, and the
 sessions' packet filters. Each kernel is then exported for every argument types numba
-compiled it for, with ``numba.pycc``, into ``<kernel cache>/<digest>/aot-<python>-numpy<major>/vspan_kernels.*.so``
+compiled it for, with ``numba.pycc``, into
+``<kernel cache>/<digest>/aot-<python>-numpy<major>/vspan_kernels.*.so``
 (``_kernels.aot_dir``: one per interpreter and numpy C API), and a manifest maps (kernel,
 argument types as ``_kernels.arg_key`` gives them) to its entry.
 
