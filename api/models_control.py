@@ -36,6 +36,10 @@ __all__ = [
 
 Vif = Annotated[int, Field(ge=1, le=MAX_VIF, description="virtual interface id 1..4095")]
 Name = Annotated[str, Field(min_length=1, max_length=255)]
+_TOTAL = (
+    "SPAN sessions on the analyzer, for all hosts: while any exists, a collector mirrors only "
+    "what its sessions select (nothing, when none selects its VMs)"
+)
 
 
 def parse_mac(text: str) -> int:
@@ -119,6 +123,7 @@ class ConfigOut(BaseModel):
     host: str
     vms: int = Field(description="VMs the analyzer now places on this host")
     sessions: list[dict[str, Any]]
+    sessions_total: int = Field(0, description=_TOTAL)
     profiles: list[dict[str, Any]]
 
 
@@ -151,6 +156,7 @@ class SessionsOut(BaseModel):
     """The SPAN sessions that concern a collector's VMs (``vspan.collectors.sessions``)."""
 
     sessions: list[dict[str, Any]]
+    sessions_total: int = Field(0, description=_TOTAL)
 
 
 class ProfilesOut(BaseModel):

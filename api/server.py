@@ -37,6 +37,7 @@ def create_app(analyzer: Analyzer, *, tokens: Mapping[str, str] | None = None) -
         sessions_for=sessions.sessions_for,
         profiles_for=analyzer.profiles_for,
         now=analyzer.clock,
+        sessions_total=sessions.count,
     )
     app.state.analyzer = analyzer
     app.state.store = analyzer.store
