@@ -121,6 +121,8 @@ class Collector:
         self._next_refresh = 0.0
         self._next_heartbeat = 0.0
         self.steps = 0
+        self.selection_version = 0
+        """Counts the selections applied (a port or session change)."""
         self.errors: dict[str, int] = {}
         """Control-plane and refresh failures by kind (the data path goes on)."""
 
@@ -263,6 +265,7 @@ class Collector:
             }
         self.mirror.set_routes(routes)
         self.routes.sync(d for d in routes if d is not None)
+        self.selection_version += 1
 
     # --- counters -----------------------------------------------------------------------
 
@@ -316,6 +319,21 @@ class Collector:
             f"exported {c['exported']:,}, sent {c['frames_sent']:,} in "
             f"{c['messages_sent']:,} messages, truncated {c['truncated']:,}, "
             f"kernel drops {c['kernel_drops']:,}, dropped: {dropped}"
+        )
+
+    def sessions_line(self) -> str:
+        """What is mirrored, in one line: the sessions in force and the ports they select."""
+        host = self.settings.host
+        if not self.selective:
+            return f"{host}: no SPAN session: every VM port mirrored ({len(self.ports)})"
+        names = ", ".join(
+            s.name if s.destination is None else f"{s.name} -> {s.destination.url}"
+            for s in self.sessions.sessions
+        )
+        ports = {p for parts in self.mirror.routes.values() for sel in parts for p in sel.per_port}
+        return (
+            f"{host}: SPAN sessions here: {names or 'none'} ({self.sessions_total} on the "
+            f"analyzer); {len(ports)} of {len(self.ports)} VM ports selected"
         )
 
     def destination_lines(self) -> list[str]:

@@ -191,10 +191,16 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     next_stats = start + stats_every
+    shown, version = "", -1
     try:
         while not stopping:
             now = time.monotonic()
             collector.step(now)
+            if collector.selection_version != version:  # say when what is mirrored changes
+                version, line = collector.selection_version, collector.sessions_line()
+                if line != shown:
+                    print(f"vspan collect: {line}", file=sys.stderr, flush=True)
+                    shown = line
             if now >= next_stats:
                 for line in (collector.stats_line(), *collector.destination_lines()):
                     print(f"vspan collect: {line}", file=sys.stderr, flush=True)

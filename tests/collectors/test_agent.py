@@ -294,8 +294,13 @@ def test_while_sessions_exist_a_host_without_selected_vms_sends_nothing(
     counts = c.counters()
     assert (counts["exported"], counts["dropped"]["unselected"]) == (0, 2)
     assert control.heartbeats
+    line = "hv07: SPAN sessions here: none (1 on the analyzer); 0 of 3 VM ports selected"
+    assert c.sessions_line() == line
     control.total = 0  # deleted on the analyzer
+    version = c.selection_version
     c.step(2.5, poll_s=0.0)  # the refresh asks again
+    assert c.selection_version > version
+    assert c.sessions_line() == "hv07: no SPAN session: every VM port mirrored (3)"
     frames.send((OUT, WEB, 53, 3), (DB, APP, 53, 4))
     run(c, 3.0)
     assert a.read().marks() == [3, 4]
@@ -352,6 +357,10 @@ def test_a_destination_gets_its_sessions_frames_on_a_stream_of_its_own(
     frame both sessions select to both. Each analyzer sees one stream from seq 0, no gap."""
     a, b = analyzers
     c, frames = collector(a, sessions=ROUTED % b.addr[1], max_message=200)
+    assert c.sessions_line() == (
+        f"hv07: SPAN sessions here: web, db -> udp://127.0.0.1:{b.addr[1]} (0 on the "
+        "analyzer); 2 of 3 VM ports selected"
+    )
     sent = [
         (OUT, WEB, 53, 1),  # web: A
         (OUT, DB, 9999, 2),  # db, accepted: B
