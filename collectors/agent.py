@@ -257,7 +257,8 @@ class Collector:
         else:
             for destination, parts in self.sessions.routes(self.ports).items():
                 key = None if destination == self.settings.analyzer else destination
-                routes[key] = routes.get(key, ()) + parts
+                if parts:  # a destination none of this host's VMs goes to gets no stream
+                    routes[key] = routes.get(key, ()) + parts
         snaplen, sample = self.settings.snaplen, self.settings.sample
         if snaplen or sample > 1:
             routes = {

@@ -407,11 +407,13 @@ def test_destinations_follow_the_sessions_pushed_and_keep_their_counts(
     a, b = analyzers
     control = _Control()
     dest = f"udp://127.0.0.1:{b.addr[1]}"
-    control.docs = [{"name": "db", "vms": ["db-01"], "destination": dest}]
+    elsewhere = {"name": "elsewhere", "vms": ["nowhere"], "destination": "tcp://127.0.0.1:9"}
+    control.docs = [{"name": "db", "vms": ["db-01"], "destination": dest}, elsewhere]
     c, frames = collector(a, control=control)
     frames.send((OUT, DB, 1, 1), (OUT, WEB, 1, 2))
     run(c, 0.1)
     assert (a.read().marks(), b.read().marks()) == ([], [1])
+    assert [d.url for d in c.routes.forwarders] == [dest]  # none where no VM here goes
     control.docs = [{"name": "web", "vms": ["web-01"]}]  # the db session went
     c.step(2.5, poll_s=0.0)
     assert c.routes.forwarders == {}
