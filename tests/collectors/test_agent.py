@@ -189,6 +189,8 @@ class Frames:
     def __init__(self) -> None:
         self.counters = CaptureCounters()
         self.queue: list[PortBatch] = []
+        self.here = list(PORTS)
+        """The ports discovery finds now."""
 
     def send(self, *frames: tuple[int, int, int, int]) -> None:
         """Queue frames (dst MAC, src MAC, UDP port, mark), each captured at its sender."""
@@ -206,7 +208,7 @@ class Frames:
         return self.queue.pop(0) if self.queue else None
 
     def ports(self) -> list[Port]:
-        return list(PORTS)
+        return list(self.here)
 
 
 class Analyzer:
@@ -476,3 +478,28 @@ def test_a_destination_that_cannot_be_opened_counts_its_frames_and_is_retried(
     run(c, 3.0)
     assert (a.read().marks(), b.read().marks()) == ([2], [3])
     assert c.counters()["destinations"][dest]["dropped"]["unsent"] == 1
+
+
+def test_a_vm_migrating_onto_the_host_is_selected_at_the_next_refresh(
+    analyzers: tuple[Analyzer, Analyzer],
+) -> None:
+    """A session selects web-01, which is not on this host: nothing is sent. web-01 arrives
+    (a live migration: discovery finds its port): its frames are mirrored from the refresh."""
+    a, _ = analyzers
+    source = Frames()
+    source.here = PORTS[1:]
+    c = Collector(
+        CollectorSettings(collector_id=7, host="hv07", refresh_interval_s=1),
+        source=source, directory=source, sender=UdpSender(a.addr),
+        sessions=SessionSet.loads_yaml("sessions:\n  - {name: web, vms: [web-01]}\n"),
+    )  # fmt: skip
+    c.start(now=0.0)
+    STARTED.append(c)
+    source.send((OUT, DB, 1, 1), (DB, APP, 1, 2))
+    run(c, 0.1)
+    assert a.read().marks() == []
+    source.here = list(PORTS)  # web-01 migrated here
+    c.step(2.5, poll_s=0.0)
+    source.send((OUT, WEB, 1, 3), (OUT, DB, 1, 4), (WEB, DB, 1, 5))
+    run(c, 3.0)
+    assert a.read().marks() == [3, 5]
