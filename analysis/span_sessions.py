@@ -3,7 +3,9 @@
 The API creates, replaces and deletes sessions (JSON objects with the fields of
 ``vspan.collectors.sessions``); each is validated by ``SessionSet`` before it is kept, so a
 collector never receives a session it would refuse. ``sessions_for(host, vms)`` is the
-control plane's provider: the sessions selecting any of the VMs of a host. Every change is
+control plane's provider: the sessions selecting any of the VMs of a host, and ``count()``
+how many exist for all hosts (a collector none of whose VMs is selected then mirrors
+nothing). Every change is
 written to a temporary file and renamed over ``sessions.json`` (a crash leaves the old or
 the new list, never half of one).
 """
@@ -19,7 +21,7 @@ from typing import Any
 
 from vspan.collectors.model import Port
 from vspan.collectors.sessions import Session, SessionSet
-from vspan.errors import VspanError
+from vspan.errors import ConfigError, VspanError
 from vspan.inventory import Host, Vm
 
 __all__ = ["SessionConflictError", "SessionStore", "UnknownSessionError"]
@@ -34,8 +36,14 @@ class SessionConflictError(VspanError):
 
 
 def _validate(doc: Mapping[str, Any]) -> tuple[dict[str, Any], Session]:
-    """The session as kept (its JSON, UUIDs made canonical by the parser) and parsed."""
-    parsed = SessionSet.from_json_value([dict(doc)], origin="<session>").sessions[0]
+    """The session as kept (its JSON, UUIDs made canonical by the parser) and parsed;
+    ``ConfigError`` naming the session's field (``filter``, ``vms[1]``) if it is invalid."""
+    try:
+        parsed = SessionSet.from_json_value([dict(doc)], origin="<session>").sessions[0]
+    except ConfigError as exc:  # the line is the re-encoded JSON's: keep the field only
+        where = str(ConfigError("", path=exc.path, line=exc.line, field=exc.field))
+        field = (exc.field or "").removeprefix("[0]").removeprefix(".") or None
+        raise ConfigError(str(exc).removeprefix(where), field=field) from exc
     kept = dict(doc)
     if parsed.vms:
         kept["vms"] = list(parsed.vms)
@@ -70,6 +78,12 @@ class SessionStore:
         """Every session's JSON, in creation order."""
         with self._lock:
             return [dict(d) for d in self._docs.values()]
+
+    def count(self) -> int:
+        """How many sessions there are (the control plane tells collectors: while any
+        exists, a collector mirrors only what its sessions select)."""
+        with self._lock:
+            return len(self._docs)
 
     def get(self, name: str) -> dict[str, Any]:
         """The session called ``name``; ``UnknownSessionError`` if none."""

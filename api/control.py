@@ -6,7 +6,7 @@ Routes (prefix ``/api/v1/control``)::
 
     POST /collectors/{collector_id}/register   RegisterIn  -> ConfigOut
     POST /collectors/{collector_id}/heartbeat  HeartbeatIn -> HeartbeatOut
-    GET  /collectors/{collector_id}/sessions               -> SessionsOut
+    GET  /collectors/{collector_id}/sessions               -> SessionsOut (+ sessions_total)
     GET  /collectors/{collector_id}/profiles               -> ProfilesOut
     GET  /inventory                                        -> InventoryOut
     GET  /migrations?since=<time>                          -> MigrationsOut
@@ -40,7 +40,10 @@ from vspan.api.deps import (
     ProfilesFor,
     SessionsDep,
     SessionsFor,
+    SessionsTotal,
+    SessionsTotalDep,
     StateDep,
+    no_sessions,
     nothing_for,
     set_context,
 )
@@ -81,6 +84,7 @@ def register(
     state: StateDep,
     now: ClockDep,
     sessions_for: SessionsDep,
+    sessions_total: SessionsTotalDep,
     profiles_for: ProfilesDep,
 ) -> ConfigOut:
     """Register the collector's host and all its VM ports; answer with its configuration."""
@@ -91,6 +95,7 @@ def register(
         host=host.name,
         vms=len(vms),
         sessions=as_dicts(sessions_for(host, vms)),
+        sessions_total=sessions_total(),
         profiles=as_dicts(profiles_for(host, vms)),
     )
 
@@ -106,10 +111,15 @@ def heartbeat(
 
 
 @router.get("/collectors/{collector_id}/sessions", responses=_NOT_FOUND)
-def sessions(collector_id: CollectorId, state: StateDep, sessions_for: SessionsDep) -> SessionsOut:
-    """The SPAN sessions that concern the VMs on the collector's host."""
+def sessions(
+    collector_id: CollectorId,
+    state: StateDep,
+    sessions_for: SessionsDep,
+    sessions_total: SessionsTotalDep,
+) -> SessionsOut:
+    """The SPAN sessions that concern the VMs on the collector's host, and how many exist."""
     host, vms = state.collector_view(collector_id)
-    return SessionsOut(sessions=as_dicts(sessions_for(host, vms)))
+    return SessionsOut(sessions=as_dicts(sessions_for(host, vms)), sessions_total=sessions_total())
 
 
 @router.get("/collectors/{collector_id}/profiles", responses=_NOT_FOUND)
@@ -148,9 +158,10 @@ def install_control(
     sessions_for: SessionsFor = nothing_for,
     profiles_for: ProfilesFor = nothing_for,
     now: Clock = time.time,
+    sessions_total: SessionsTotal = no_sessions,
 ) -> None:
     """Mount the control plane on ``app``: the router, its context and its error mapping."""
-    set_context(app.state, ControlContext(state, sessions_for, profiles_for, now))
+    set_context(app.state, ControlContext(state, sessions_for, profiles_for, now, sessions_total))
     app.add_exception_handler(UnknownCollectorError, _unknown_collector)
     app.add_exception_handler(RegistrationError, _bad_registration)
     app.include_router(router)
@@ -162,10 +173,18 @@ def create_control_app(
     sessions_for: SessionsFor = nothing_for,
     profiles_for: ProfilesFor = nothing_for,
     now: Clock = time.time,
+    sessions_total: SessionsTotal = no_sessions,
 ) -> FastAPI:
     """A FastAPI app serving only the control plane (the analyzer mounts it with more), to
     loopback clients only."""
     app = FastAPI(title="vspan control plane", version="1")
     install_gate(app, AccessPolicy())
-    install_control(app, state, sessions_for=sessions_for, profiles_for=profiles_for, now=now)
+    install_control(
+        app,
+        state,
+        sessions_for=sessions_for,
+        profiles_for=profiles_for,
+        now=now,
+        sessions_total=sessions_total,
+    )
     return app

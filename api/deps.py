@@ -41,6 +41,8 @@ __all__ = [
     "ProfilesFor",
     "SessionsDep",
     "SessionsFor",
+    "SessionsTotal",
+    "SessionsTotalDep",
     "StateDep",
     "StoreDep",
     "get_clock",
@@ -50,8 +52,10 @@ __all__ = [
     "get_now",
     "get_profiles_for",
     "get_sessions_for",
+    "get_sessions_total",
     "get_state",
     "get_store",
+    "no_sessions",
     "nothing_for",
     "set_context",
 ]
@@ -59,6 +63,8 @@ __all__ = [
 SessionsFor = Callable[[Host, Sequence[Vm]], Sequence[Mapping[str, Any]]]
 """The SPAN sessions (JSON objects, ``vspan.collectors.sessions`` fields) that concern the
 given VMs of a host."""
+SessionsTotal = Callable[[], int]
+"""How many SPAN sessions exist, for all hosts."""
 ProfilesFor = Callable[[Host, Sequence[Vm]], Sequence[Mapping[str, Any]]]
 """The port-profiles (JSON objects) bound to the given VMs of a host."""
 Clock = Callable[[], float]
@@ -73,6 +79,11 @@ def nothing_for(host: Host, vms: Sequence[Vm]) -> list[dict[str, Any]]:
     return []
 
 
+def no_sessions() -> int:
+    """The default count of sessions: none."""
+    return 0
+
+
 @dataclass(frozen=True, slots=True)
 class ControlContext:
     """What the control plane's handlers work with."""
@@ -82,6 +93,8 @@ class ControlContext:
     profiles_for: ProfilesFor = nothing_for
     now: Clock = time.time
     """Wall clock, seconds since the epoch."""
+    sessions_total: SessionsTotal = no_sessions
+    """How many sessions exist for all hosts."""
 
 
 class AppContext(Generic[T]):
@@ -132,6 +145,11 @@ def get_sessions_for(context: ContextDep) -> SessionsFor:
     return context.sessions_for
 
 
+def get_sessions_total(context: ContextDep) -> SessionsTotal:
+    """The count of sessions."""
+    return context.sessions_total
+
+
 def get_profiles_for(context: ContextDep) -> ProfilesFor:
     """The port-profiles provider."""
     return context.profiles_for
@@ -140,6 +158,7 @@ def get_profiles_for(context: ContextDep) -> ProfilesFor:
 StateDep = Annotated[InventoryState, Depends(get_state)]
 ClockDep = Annotated[Clock, Depends(get_clock)]
 SessionsDep = Annotated[SessionsFor, Depends(get_sessions_for)]
+SessionsTotalDep = Annotated[SessionsTotal, Depends(get_sessions_total)]
 ProfilesDep = Annotated[ProfilesFor, Depends(get_profiles_for)]
 
 

@@ -39,6 +39,10 @@ Name = Annotated[str, Field(min_length=1, max_length=255)]
 Reason = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
 """A drop reason: a label value of ``/metrics``, so short and plain."""
 PortName = Annotated[str, Field(max_length=255)]
+_TOTAL = (
+    "SPAN sessions on the analyzer, for all hosts: while any exists, a collector mirrors only "
+    "what its sessions select (nothing, when none selects its VMs)"
+)
 
 
 def parse_mac(text: str) -> int:
@@ -122,6 +126,7 @@ class ConfigOut(BaseModel):
     host: str
     vms: int = Field(description="VMs the analyzer now places on this host")
     sessions: list[dict[str, Any]]
+    sessions_total: int = Field(0, description=_TOTAL)
     profiles: list[dict[str, Any]]
 
 
@@ -158,6 +163,7 @@ class SessionsOut(BaseModel):
     """The SPAN sessions that concern a collector's VMs (``vspan.collectors.sessions``)."""
 
     sessions: list[dict[str, Any]]
+    sessions_total: int = Field(0, description=_TOTAL)
 
 
 class ProfilesOut(BaseModel):

@@ -44,6 +44,7 @@ def create_app(
         sessions_for=sessions.sessions_for,
         profiles_for=analyzer.profiles_for,
         now=analyzer.clock,
+        sessions_total=sessions.count,
     )
     app.state.analyzer = analyzer
     app.state.store = analyzer.store

@@ -6,31 +6,27 @@ for every protocol, so neither another interface's frames nor unfiltered ones re
 ring. Constants are those of ``/usr/include/linux/if_packet.h`` (PACKET_*, TPACKET_V3),
 ``linux/if_ether.h`` (ETH_P_ALL) and ``asm-generic/socket.h`` (SO_ATTACH_FILTER).
 
-Filters: libpcap, loaded through ctypes (``libpcap.so.0.8`` on Debian: no development
-package needed), compiles the expression with ``pcap_open_dead`` + ``pcap_compile`` into
+Filters: ``vspan.collectors.bpf.compile_filter`` (libpcap) compiles the expression into
 classic BPF for Ethernet; the program's return value is the snaplen, so the kernel also
 cuts frames before they take ring space. ``SO_ATTACH_FILTER`` hands it to the socket as a
-``struct sock_fprog``. Layouts: ``struct bpf_insn``/``bpf_program`` of ``pcap/bpf.h``,
-``struct sock_filter``/``sock_fprog`` of ``/usr/include/linux/filter.h`` (``sock_filter``
-is ``bpf_insn``, 8 bytes; ``sock_fprog`` is a length and a pointer).
+``struct sock_fprog`` (``/usr/include/linux/filter.h``: a length and a pointer to
+``struct sock_filter``, which is libpcap's 8-byte ``struct bpf_insn``).
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
-import functools
 import mmap
 import socket
 import struct
-import threading
 from dataclasses import dataclass
 from typing import Final
 
 from vspan.collectors._tpacket import TPACKET_REQ3_FIELDS, TPACKET_STATS_V3_FIELDS, Ring
+from vspan.collectors.bpf import INSN_LEN, BpfInsn, compile_filter
 from vspan.collectors.model import Port
-from vspan.errors import ConfigError, VspanError
+from vspan.errors import VspanError
 
 __all__ = [
     "MAX_SNAPLEN",
@@ -56,25 +52,6 @@ MAX_SNAPLEN: Final = 262144
 _REQ3 = struct.Struct("=" + "I" * len(TPACKET_REQ3_FIELDS))
 _STATS3 = struct.Struct("=" + "I" * len(TPACKET_STATS_V3_FIELDS))
 SO_ATTACH_FILTER: Final = 26
-DLT_EN10MB: Final = 1
-PCAP_NETMASK_UNKNOWN: Final = 0xFFFFFFFF
-
-
-class BpfInsn(ctypes.Structure):
-    """``struct bpf_insn`` (pcap/bpf.h) = ``struct sock_filter`` (linux/filter.h)."""
-
-    _fields_ = (
-        ("code", ctypes.c_uint16),
-        ("jt", ctypes.c_uint8),
-        ("jf", ctypes.c_uint8),
-        ("k", ctypes.c_uint32),
-    )
-
-
-class BpfProgram(ctypes.Structure):
-    """``struct bpf_program`` (pcap/bpf.h)."""
-
-    _fields_ = (("bf_len", ctypes.c_uint), ("bf_insns", ctypes.POINTER(BpfInsn)))
 
 
 class SockFprog(ctypes.Structure):
@@ -83,61 +60,8 @@ class SockFprog(ctypes.Structure):
     _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.POINTER(BpfInsn)))
 
 
-INSN_LEN: Final = ctypes.sizeof(BpfInsn)
-if INSN_LEN != 8 or ctypes.sizeof(SockFprog) != 2 * ctypes.sizeof(ctypes.c_void_p):
-    raise ImportError("struct sock_filter/sock_fprog do not match linux/filter.h")
-
-
-@functools.cache
-def _libpcap() -> ctypes.CDLL:
-    name = ctypes.util.find_library("pcap")
-    if name is None:
-        raise ConfigError("a capture filter needs libpcap (libpcap0.8)", field="bpf")
-    lib = ctypes.CDLL(name)
-    lib.pcap_open_dead.argtypes = (ctypes.c_int, ctypes.c_int)
-    lib.pcap_open_dead.restype = ctypes.c_void_p
-    lib.pcap_compile.argtypes = (
-        ctypes.c_void_p,
-        ctypes.POINTER(BpfProgram),
-        ctypes.c_char_p,
-        ctypes.c_int,
-        ctypes.c_uint32,
-    )
-    lib.pcap_compile.restype = ctypes.c_int
-    lib.pcap_geterr.argtypes = (ctypes.c_void_p,)
-    lib.pcap_geterr.restype = ctypes.c_char_p
-    lib.pcap_freecode.argtypes = (ctypes.POINTER(BpfProgram),)
-    lib.pcap_freecode.restype = None
-    lib.pcap_close.argtypes = (ctypes.c_void_p,)
-    lib.pcap_close.restype = None
-    return lib
-
-
-_LOCK = threading.Lock()
-
-
-def compile_filter(expression: str, snaplen: int) -> bytes:
-    """The classic BPF of ``expression`` for Ethernet frames, ``sock_filter`` after another.
-
-    ``""`` accepts every frame. Accepted frames are cut to ``snaplen`` bytes. A filter
-    libpcap rejects raises ``ConfigError`` with libpcap's reason.
-    """
-    lib = _libpcap()
-    with _LOCK:  # libpcap's compiler is not reentrant before 1.8
-        handle = lib.pcap_open_dead(DLT_EN10MB, snaplen)
-        if not handle:
-            raise ConfigError("libpcap could not open a dead handle", field="bpf")
-        try:
-            program = BpfProgram()
-            if lib.pcap_compile(handle, program, expression.encode(), 1, PCAP_NETMASK_UNKNOWN):
-                reason = (lib.pcap_geterr(handle) or b"").decode(errors="replace")
-                raise ConfigError(f"bad capture filter {expression!r}: {reason}", field="bpf")
-            try:
-                return ctypes.string_at(program.bf_insns, program.bf_len * INSN_LEN)
-            finally:
-                lib.pcap_freecode(program)
-        finally:
-            lib.pcap_close(handle)
+if ctypes.sizeof(SockFprog) != 2 * ctypes.sizeof(ctypes.c_void_p):
+    raise ImportError("struct sock_fprog does not match linux/filter.h")
 
 
 def attach_filter(sock: socket.socket, program: bytes) -> None:

@@ -1,11 +1,19 @@
 """The collector: one component that captures VM traffic, tags it and ships it.
 
 Per step: poll the capture source → mirror (VN-tag per the mirroring rules and the SPAN
-sessions) → forward (tunnel messages, flushed when full or after 20 ms). Every
-``refresh_interval_s`` the port directory is asked again; new ports are captured from
-their first frame and sessions are re-selected (sessions follow VMs, so a VM that arrived
-by live migration is mirrored at once). With a control plane the collector registers its
-ports, fetches its sessions and sends heartbeats with its counters.
+sessions, per route) → forward (tunnel messages, flushed when full or after 20 ms; one
+stream per route: the collector's analyzer and each session destination, ``routes``).
+Every ``refresh_interval_s`` the port directory is asked again; new ports are captured
+from their first frame and sessions are re-selected (sessions follow VMs, so a VM that
+arrived by live migration is mirrored at once). With a control plane the collector
+registers its ports, fetches its sessions and sends heartbeats with its counters.
+
+Sessions: those of the collector's config and those the control plane pushes (a pushed
+session replaces a configured one of the same name). While any session exists — here, or
+on the analyzer for any host (``sessions_total`` of the control plane's answers) — only
+what sessions select is mirrored, and a host none of whose VMs is selected sends nothing;
+with none at all, everything is mirrored to the collector's analyzer. The control plane's
+last good answer stands while it cannot be reached.
 
 Time is an argument of ``step``; only the command-line loop reads the clock.
 """
@@ -25,7 +33,8 @@ from vspan.collectors.control_client import ControlClient, heartbeat_payload
 from vspan.collectors.forward import Forwarder, ForwarderConfig, Sender
 from vspan.collectors.mirror import Mirror
 from vspan.collectors.model import CaptureSource, Port, PortBatch, PortDirectory
-from vspan.collectors.sessions import Selection, SessionSet
+from vspan.collectors.routes import Routes, SenderFactory, make_sender
+from vspan.collectors.sessions import Destination, Selection, SessionSet
 from vspan.errors import VspanError
 
 __all__ = ["Collector", "CollectorSettings", "PortAware"]
@@ -53,6 +62,9 @@ class CollectorSettings:
     """How often the port directory is asked again."""
     heartbeat_interval_s: float = 10.0
     """How often counters go to the control plane."""
+    analyzer: Destination | None = None
+    """The collector's own analyzer as a session would name it: a session destination
+    equal to it (host text, port, transport) is that analyzer's stream, not a second one."""
 
 
 @runtime_checkable
@@ -78,32 +90,56 @@ class Collector:
         control: ControlClient | None = None,
         refresh: Any = None,
         wall: Callable[[], float] = time.time,
+        senders: SenderFactory = make_sender,
     ) -> None:
         self.settings = settings
         self.source = source
         self.directory = directory
-        self.sessions = sessions
+        self.local_sessions = sessions or SessionSet()
+        """The sessions of the collector's config."""
+        self.pushed_sessions = SessionSet()
+        """The sessions the control plane sent last."""
+        self.sessions_total = 0
+        """Sessions on the analyzer, for any host (the control plane's last answer)."""
         self.control = control
         self.wall = wall
         """The wall clock, only for the heartbeat's timestamp (``step`` takes ``now``)."""
         self.mirror = Mirror()
-        self.forwarder = Forwarder(
+        self.routes = Routes(
             ForwarderConfig(
                 collector_id=settings.collector_id,
                 max_message=settings.max_message,
                 key=settings.key,
             ),
             sender,
+            senders=senders,
         )
         self._refresh = refresh  # a Discovery's refresh(), when the directory is one
-        self._session_doc: list[Any] | None = None
+        self._session_doc: tuple[list[Any], object] | None = None
         self._last_now = 0.0
         self.ports: list[Port] = []
         self._next_refresh = 0.0
         self._next_heartbeat = 0.0
         self.steps = 0
+        self.selection_version = 0
+        """Counts the selections applied (a port or session change)."""
         self.errors: dict[str, int] = {}
         """Control-plane and refresh failures by kind (the data path goes on)."""
+
+    @property
+    def forwarder(self) -> Forwarder:
+        """The forwarder to the collector's own analyzer."""
+        return self.routes.default
+
+    @property
+    def sessions(self) -> SessionSet:
+        """The sessions in force: the config's and the control plane's."""
+        return self.local_sessions.merged(self.pushed_sessions)
+
+    @property
+    def selective(self) -> bool:
+        """Whether sessions exist (here or on the analyzer): only they are mirrored."""
+        return bool(self.local_sessions.sessions) or self.sessions_total > 0
 
     # --- component ----------------------------------------------------------------------
 
@@ -115,7 +151,7 @@ class Collector:
         """
         if self._refresh is not None:
             self._refresh()
-        self.forwarder.start()
+        self.routes.start()
         self._update_ports(now)
         self.source.start()
 
@@ -129,10 +165,10 @@ class Collector:
             try:
                 self.source.stop()
             finally:
-                self.forwarder.stop()
+                self.routes.stop()
 
     def step(self, now: float, poll_s: float = 0.02) -> int:
-        """One round: capture, mirror, forward; returns the frames exported."""
+        """One round: capture, mirror, forward; returns the frames exported (to any route)."""
         self.steps += 1
         if now >= self._next_refresh:
             self._update_ports(now)
@@ -141,8 +177,7 @@ class Collector:
         batch = self.source.poll(poll_s)
         if batch is not None and len(batch.frames):
             exported = self._export(batch, now)
-        if self.forwarder.flush_due(now):
-            self.forwarder.flush()
+        self.routes.flush_due(now)
         control = self.control
         if control is not None and now >= self._next_heartbeat:
             self._next_heartbeat = now + self.settings.heartbeat_interval_s
@@ -154,9 +189,10 @@ class Collector:
         learn = getattr(self.directory, "learn_macs", None)
         if callable(learn) and learn(batch):  # ports whose VM MAC the source did not know
             self._apply_ports(self.directory.ports())
-        result = self.mirror.process(batch)
-        self.forwarder.push(result.frames, now)
-        return len(result.frames)
+        before = self.mirror.counters.exported
+        for route, result in self.mirror.process_routes(batch).items():
+            self.routes.push(route, result.frames, now)
+        return self.mirror.counters.exported - before
 
     # --- ports and sessions -------------------------------------------------------------
 
@@ -174,22 +210,27 @@ class Collector:
         changed = ports != self.ports or not self.steps
         if changed:
             self._apply_ports(ports)
+        self.routes.retry()  # destinations whose sender could not start before
         if self.control is None:
             return
-        # The control plane is the one source of sessions: register when the ports change
-        # (the reply carries the sessions), else ask for them, so that sessions created or
-        # deleted on the analyzer reach this host within a refresh interval.
+        # Register when the ports change (the reply carries the sessions), else ask for
+        # them, so that sessions created or deleted on the analyzer reach this host within
+        # a refresh interval.
         control = self.control
         if changed:
             reply = self._call("register", lambda: control.register(self.settings.host, ports))
-            doc = reply.get("sessions") if isinstance(reply, dict) else None
         else:
-            doc = self._call("sessions", control.sessions)
-        if isinstance(doc, list) and doc != self._session_doc:
+            reply = self._call("sessions", control.session_state)
+        if not isinstance(reply, dict) or not isinstance(doc := reply.get("sessions"), list):
+            return
+        total = reply.get("sessions_total")
+        if (doc, total) != self._session_doc:
             parsed = self._call("sessions", lambda: SessionSet.from_json_value(doc))
             if isinstance(parsed, SessionSet):
-                self._session_doc = doc
-                self.sessions = parsed
+                self._session_doc = (doc, total)
+                self.pushed_sessions = parsed
+                # the analyzer has at least those it sent (all, if it does not say)
+                self.sessions_total = max(total if isinstance(total, int) else 0, len(doc))
                 self._apply_selection()
 
     def _apply_ports(self, ports: Sequence[Port]) -> None:
@@ -208,26 +249,35 @@ class Collector:
         self._apply_selection()
 
     def _apply_selection(self) -> None:
-        selection = (
-            self.sessions.select(self.ports)
-            if self.sessions and self.sessions.sessions
-            else Selection.everything()
-        )
+        """Each route's selections from the sessions in force and the ports; the forwarders
+        of the destinations named."""
+        routes: dict[Destination | None, tuple[Selection, ...]] = {None: ()}
+        if not self.selective:
+            routes[None] = (Selection.everything(),)
+        else:
+            for destination, parts in self.sessions.routes(self.ports).items():
+                key = None if destination == self.settings.analyzer else destination
+                if parts:  # a destination none of this host's VMs goes to gets no stream
+                    routes[key] = routes.get(key, ()) + parts
         snaplen, sample = self.settings.snaplen, self.settings.sample
         if snaplen or sample > 1:
-            cut = selection.snaplen
-            cut = np.where(cut == 0, snaplen, np.minimum(cut, snaplen) if snaplen else cut)
-            selection = dataclasses.replace(
-                selection,
-                snaplen=cut.astype(np.int32),
-                sample=np.maximum(selection.sample, sample).astype(np.int32),
-            )
-        self.mirror.set_selection(selection)
+            routes = {
+                key: tuple(_cut(p, snaplen, sample) for p in ps) for key, ps in routes.items()
+            }
+        self.mirror.set_routes(routes)
+        self.routes.sync(d for d in routes if d is not None)
+        self.selection_version += 1
 
     # --- counters -----------------------------------------------------------------------
 
     def counters(self) -> dict[str, Any]:
-        """Everything counted so far (the heartbeat's body and the stats line's source)."""
+        """Everything counted so far (the heartbeat's body and the stats line's source).
+
+        ``exported`` and ``dropped`` count each captured frame once: exported to some route,
+        else the reason it was not (with the default sender's lost messages). ``sent``
+        counters are the collector's analyzer's; ``destinations`` has those of each session
+        destination, and the frames exported to it.
+        """
         cap = self.source.counters
         sent = self.forwarder.sender.counters
         mirror = self.mirror.counters
@@ -248,6 +298,9 @@ class Collector:
             "bytes_sent": sent.bytes_sent,
             "ports": len(self.ports),
             "errors": dict(self.errors),
+            "sessions": len(self.sessions.sessions),
+            "sessions_total": self.sessions_total,
+            "destinations": self.routes.summary(mirror.routes),
         }
 
     def heartbeat(self) -> dict[str, Any]:
@@ -269,6 +322,33 @@ class Collector:
             f"kernel drops {c['kernel_drops']:,}, dropped: {dropped}"
         )
 
+    def sessions_line(self) -> str:
+        """What is mirrored, in one line: the sessions in force and the ports they select."""
+        host = self.settings.host
+        if not self.selective:
+            return f"{host}: no SPAN session: every VM port mirrored ({len(self.ports)})"
+        names = ", ".join(
+            s.name if s.destination is None else f"{s.name} -> {s.destination.url}"
+            for s in self.sessions.sessions
+        )
+        ports = {p for parts in self.mirror.routes.values() for sel in parts for p in sel.per_port}
+        return (
+            f"{host}: SPAN sessions here: {names or 'none'} ({self.sessions_total} on the "
+            f"analyzer); {len(ports)} of {len(self.ports)} VM ports selected"
+        )
+
+    def destination_lines(self) -> list[str]:
+        """One line per session destination: what went there."""
+        lines = []
+        for url, c in self.counters()["destinations"].items():
+            lost = ", ".join(f"{k} {v}" for k, v in sorted(c["dropped"].items()) if v) or "none"
+            lines.append(
+                f"{self.settings.host} -> {url}: exported {c['exported']:,}, sent "
+                f"{c['frames_sent']:,} in {c['messages_sent']:,} messages, truncated "
+                f"{c['truncated']:,}, dropped: {lost}"
+            )
+        return lines
+
     def _call(self, kind: str, fn: Any) -> object:
         try:
             return fn()
@@ -279,3 +359,14 @@ class Collector:
 
     def _count(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
+def _cut(selection: Selection, snaplen: int, sample: int) -> Selection:
+    """``selection`` with the collector-wide snaplen and sampling applied on top."""
+    cut = selection.snaplen
+    cut = np.where(cut == 0, snaplen, np.minimum(cut, snaplen) if snaplen else cut)
+    return dataclasses.replace(
+        selection,
+        snaplen=cut.astype(np.int32),
+        sample=np.maximum(selection.sample, sample).astype(np.int32),
+    )

@@ -13,16 +13,17 @@
     state_dir: /var/lib/vspan        # keeps the vif assignment across restarts
     snaplen: 0                       # bytes kept per frame, 0: all
     sample: 1                        # 1:N sampling per port
-    filter: ""                       # BPF filter run in the kernel
+    filter: ""                       # libpcap filter run in the kernel, on every port
     stats_interval: 10               # seconds between stats lines
     discovery:                       # where the VM ports come from
       kind: bridge                   # static | libvirt | ovs | bridge
       bridges: [br0]
       uplinks: [eth*]
-    sessions:                        # SPAN sessions (default: mirror every VM)
-      - name: web
+    sessions:                        # SPAN sessions (collectors/sessions.py); while any exists,
+      - name: web                    # here or on the analyzer, only selected VMs are mirrored
         vms: ["web-*"]
         direction: both
+        filter: "tcp port 443"       # libpcap expression (optional)
 """
 
 from __future__ import annotations

@@ -103,6 +103,14 @@ class ControlClient:
         """The SPAN sessions that concern this collector's VMs."""
         return _list(self._call("GET", "sessions"), "sessions")
 
+    def session_state(self) -> dict[str, Any]:
+        """``{"sessions": [...], "sessions_total": N}``: the SPAN sessions that concern this
+        collector's VMs, and how many the analyzer has for all hosts (absent from older
+        analyzers)."""
+        doc = _object(self._call("GET", "sessions"), "sessions")
+        _list(doc, "sessions")
+        return doc
+
     def profiles(self) -> list[dict[str, Any]]:
         """The port-profiles bound to this collector's VMs."""
         return _list(self._call("GET", "profiles"), "profiles")

@@ -1,8 +1,8 @@
-"""SPAN sessions: which VMs' traffic to mirror, which way, how much of it, and where to.
+"""SPAN sessions: which VMs' traffic to mirror, which way, which frames, how much, where to.
 
 A session selects VMs, not ports: ``vms`` entries match a VM's name or UUID exactly, or
 its name as an ``fnmatch`` pattern; ``profiles`` match its port-profile (patterns too).
-``select(ports)`` is re-run on the current ports whenever discovery reports a change, so a
+``routes(ports)`` is re-run on the current ports whenever discovery reports a change, so a
 VM that appears on a new port (a live migration to this host, a reboot) is mirrored at
 once. Collector config (YAML, ``sessions:``), or the same fields as JSON from the
 analyzer's control plane (a list or ``{"sessions": [...]}``, as text or decoded)::
@@ -12,14 +12,31 @@ analyzer's control plane (a list or ``{"sessions": [...]}``, as text or decoded)
         vms: [web-01, "db-*", 6f1c2d9e-0000-4000-8000-000000000001]
         profiles: [pci]
         direction: both           # rx | tx | both (default both)
-        filter: "tcp port 443"    # BPF, applied by the capture layer (optional)
+        filter: "tcp port 443"    # a libpcap expression (optional)
         snaplen: 128              # bytes of each frame to keep; 0 = all (default)
         sample: 10                # keep 1 frame in 10 per port (default 1)
         destination: "udp://10.0.0.5:47470"   # analyzer; udp:// or tcp://, port default 47470
 
-Several sessions on one port merge: rx and tx are or-ed, ``both`` is set when one session
-asks for both directions of the port's VM, the snaplen is the largest (0 wins), the
-sampling the densest (smallest N), filters are all kept.
+What the fields do:
+
+- While at least one session exists (in the collector's config, or on the analyzer), a
+  collector mirrors only what its sessions select: a host with no selected VM sends nothing
+  (it still registers and heartbeats). With no session anywhere every VM is mirrored.
+- ``filter`` is a libpcap (tcpdump) expression, applied to the untagged frame as the VM port
+  saw it (an 802.1Q tag the kernel took off put back). libpcap compiles it when the session
+  is loaded — a bad one is a ``ConfigError`` naming the line and field, a 422 on the API —
+  and ``vspan.collectors.bpf`` runs it over each batch where the frame is mirrored.
+- ``destination`` sends the session's frames to that analyzer instead of the collector's
+  own, like a Nexus 1000V ERSPAN session: only there. The collector's analyzer gets the
+  frames of sessions without a destination. A frame that sessions with different
+  destinations select goes to each of them. Every destination has a forwarder of its own:
+  its own ``boot_id`` and ``seq`` (so no analyzer sees the others' messages as gaps), its
+  own counters, the collector's ``collector_id`` and AUTH key.
+
+Sessions of one destination merge per port: rx and tx are or-ed, ``both`` is set when one
+session asks for both directions of the port's VM, the snaplen is the largest (0 wins),
+the sampling the densest (smallest N). Sessions with different filters stay apart (one
+``Selection`` each, with its filter); a frame is wanted when any of them wants it.
 """
 
 from __future__ import annotations
@@ -36,6 +53,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import numpy.typing as npt
 
+from vspan.collectors.bpf import PacketFilter
 from vspan.collectors.model import Port
 from vspan.errors import ConfigError
 from vspan.inventory import MAX_VIF
@@ -95,6 +113,12 @@ class Destination:
             raise ValueError(f"expected [udp|tcp://]host[:port], got {text!r}")
         return cls(url.hostname, url.port or DEFAULT_PORT, url.scheme)
 
+    @property
+    def url(self) -> str:
+        """``udp://host:port`` (an IPv6 address in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.transport}://{host}:{self.port}"
+
 
 @dataclass(frozen=True, slots=True)
 class Session:
@@ -109,7 +133,7 @@ class Session:
     direction: Direction = Direction.BOTH
     """Frames the selected VMs receive (rx), send (tx), or both."""
     filter: str | None = None
-    """BPF filter expression for the capture layer."""
+    """A libpcap expression the frames must match (checked when the session is loaded)."""
     snaplen: int = 0
     """Bytes of each original frame to keep; 0 keeps all."""
     sample: int = 1
@@ -141,14 +165,15 @@ class PortSelection:
     sample: int
     """Keep 1 frame in ``sample``."""
     filters: tuple[str, ...] = ()
-    """BPF filters of the sessions (the capture layer applies them; none means all)."""
+    """The filter of the sessions selecting the port (none: every frame)."""
     sessions: tuple[str, ...] = ()
     """Names of the sessions selecting the port."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Selection:
-    """Per-vif columns (index = vif, 0..4095) that ``mirror`` applies as masks."""
+    """Per-vif columns (index = vif, 0..4095) that ``mirror`` applies as masks: what the
+    sessions sharing one filter want."""
 
     rx: npt.NDArray[np.bool_]
     """Frames delivered to this vif's VM are wanted."""
@@ -162,6 +187,8 @@ class Selection:
     """1:N sampling; 1 keeps all."""
     per_port: dict[str, PortSelection] = field(default_factory=dict)
     """The same, by port name, for the selected ports only."""
+    filter: PacketFilter | None = None
+    """What a wanted frame must also match; None: every frame."""
 
     @classmethod
     def everything(cls) -> Selection:
@@ -183,40 +210,34 @@ class SessionSet:
         self.sessions: tuple[Session, ...] = tuple(sessions)
 
     def destinations(self) -> list[Destination | None]:
-        """Distinct destinations, in first-use order (one mirror and forwarder each)."""
+        """Distinct destinations, in first-use order (one forwarder each)."""
         return list(dict.fromkeys(s.destination for s in self.sessions))
 
     def for_destination(self, destination: Destination | None) -> SessionSet:
         """The sessions that send to ``destination`` (None: the collector's default)."""
         return SessionSet([s for s in self.sessions if s.destination == destination])
 
-    def select(self, ports: Sequence[Port]) -> Selection:
-        """Merge the sessions over ``ports``: what to mirror of each vif."""
-        chosen = self.sessions
-        rx, tx, both = (np.zeros(MAX_VIF + 1, np.bool_) for _ in range(3))
-        snaplen = np.zeros(MAX_VIF + 1, np.int32)
-        sample = np.ones(MAX_VIF + 1, np.int32)
-        per_port: dict[str, PortSelection] = {}
-        for port in ports:
-            hits = [s for s in chosen if s.matches(port)]
-            if not hits or not 1 <= port.vif <= MAX_VIF:
-                continue
-            directions = {s.direction for s in hits}
-            snaps = [s.snaplen for s in hits]
-            sel = PortSelection(
-                rx=bool(directions & {Direction.RX, Direction.BOTH}),
-                tx=bool(directions & {Direction.TX, Direction.BOTH}),
-                both=Direction.BOTH in directions,
-                snaplen=0 if 0 in snaps else max(snaps),
-                sample=min(s.sample for s in hits),
-                filters=tuple(dict.fromkeys(s.filter for s in hits if s.filter)),
-                sessions=tuple(s.name for s in hits),
-            )
-            per_port[port.name] = sel
-            v = port.vif
-            rx[v], tx[v], both[v] = sel.rx, sel.tx, sel.both
-            snaplen[v], sample[v] = sel.snaplen, sel.sample
-        return Selection(rx, tx, both, snaplen, sample, per_port)
+    def merged(self, pushed: SessionSet) -> SessionSet:
+        """These sessions (the collector's config) and ``pushed`` ones (the control
+        plane's); a pushed session replaces a local one of the same name."""
+        names = {s.name for s in pushed.sessions}
+        return SessionSet([*(s for s in self.sessions if s.name not in names), *pushed.sessions])
+
+    def routes(self, ports: Sequence[Port]) -> dict[Destination | None, tuple[Selection, ...]]:
+        """Per destination, what its sessions want of ``ports`` (``selections``)."""
+        return {d: self.for_destination(d).selections(ports) for d in self.destinations()}
+
+    def selections(self, ports: Sequence[Port]) -> tuple[Selection, ...]:
+        """What the sessions want of ``ports``: one ``Selection`` per distinct filter (the
+        sessions without one together), in first-use order, those selecting no port left
+        out. ``()``: nothing is wanted."""
+        out = []
+        for text in dict.fromkeys(s.filter for s in self.sessions):
+            group = [s for s in self.sessions if s.filter == text]
+            sel = _merge(group, ports, None if text is None else PacketFilter.compile(text))
+            if sel.per_port:
+                out.append(sel)
+        return tuple(out)
 
     # --- loading ------------------------------------------------------------------------
 
@@ -276,6 +297,35 @@ class SessionSet:
         return cls.loads_json(text, origin)
 
 
+def _merge(sessions: Sequence[Session], ports: Sequence[Port], filt: PacketFilter | None
+           ) -> Selection:  # fmt: skip
+    """The sessions (sharing ``filt``) merged over ``ports``: what to mirror of each vif."""
+    rx, tx, both = (np.zeros(MAX_VIF + 1, np.bool_) for _ in range(3))
+    snaplen = np.zeros(MAX_VIF + 1, np.int32)
+    sample = np.ones(MAX_VIF + 1, np.int32)
+    per_port: dict[str, PortSelection] = {}
+    for port in ports:
+        hits = [s for s in sessions if s.matches(port)]
+        if not hits or not 1 <= port.vif <= MAX_VIF:
+            continue
+        directions = {s.direction for s in hits}
+        snaps = [s.snaplen for s in hits]
+        sel = PortSelection(
+            rx=bool(directions & {Direction.RX, Direction.BOTH}),
+            tx=bool(directions & {Direction.TX, Direction.BOTH}),
+            both=Direction.BOTH in directions,
+            snaplen=0 if 0 in snaps else max(snaps),
+            sample=min(s.sample for s in hits),
+            filters=() if filt is None else (filt.expression,),
+            sessions=tuple(s.name for s in hits),
+        )
+        per_port[port.name] = sel
+        v = port.vif
+        rx[v], tx[v], both[v] = sel.rx, sel.tx, sel.both
+        snaplen[v], sample[v] = sel.snaplen, sel.sample
+    return Selection(rx, tx, both, snaplen, sample, per_port, filt)
+
+
 def _strings(node: Node, key: str) -> tuple[str, ...]:
     if not node.has(key):
         return ()
@@ -301,6 +351,14 @@ def _parse_session(node: Node) -> Session:
     snaplen = node.get("snaplen").as_int(0, 0xFFFF) if node.has("snaplen") else 0
     if 0 < snaplen < MIN_SNAPLEN:
         raise node.get("snaplen").error(f"snaplen {snaplen} below {MIN_SNAPLEN}; 0 keeps all")
+    filt = None
+    if node.has("filter") and node.get("filter").value is not None:
+        filt = node.get("filter").as_str().strip() or None  # "" is no filter
+        try:
+            if filt is not None:  # compiled once: the mirror takes it from the cache
+                PacketFilter.compile(filt)
+        except ConfigError as exc:
+            raise node.get("filter").error(str(exc).removeprefix("bpf: ")) from None
     destination = None
     if node.has("destination") and node.get("destination").value is not None:
         dest = node.get("destination")
@@ -313,7 +371,7 @@ def _parse_session(node: Node) -> Session:
         vms=vms,
         profiles=profiles,
         direction=direction,
-        filter=node.get("filter").as_str() if node.has("filter") else None,
+        filter=filt,
         snaplen=snaplen,
         sample=node.get("sample").as_int(1, 1 << 30) if node.has("sample") else 1,
         destination=destination,

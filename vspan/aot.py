@@ -3,9 +3,10 @@
 The build runs in a child process with numba (``VSPAN_KERNELS=jit``). It runs a workload
 that goes through every path that calls kernels: ``vspan report`` over pcapng and classic
 pcap, the engine's decode, endpoints and flow table (with expiry and eviction), pcap and
-pcapng writing with comments, reading the comments back, and the AF_PACKET ring walk. Each
-kernel is then exported for every argument types numba compiled it for, with
-``numba.pycc``, into ``<kernel cache>/<digest>/aot-<python>-numpy<major>/vspan_kernels.*.so``
+pcapng writing with comments, reading the comments back, the AF_PACKET ring walk, and the
+sessions' packet filters. Each kernel is then exported for every argument types numba
+compiled it for, with ``numba.pycc``, into
+``<kernel cache>/<digest>/aot-<python>-numpy<major>/vspan_kernels.*.so``
 (``_kernels.aot_dir``: one per interpreter and numpy C API), and a manifest maps (kernel,
 argument types as ``_kernels.arg_key`` gives them) to its entry.
 
@@ -69,7 +70,7 @@ def _workload(tmp: Path) -> None:
     from vspan.analysis.report import analyze_captures
     from vspan.analysis.ring_comments import epb_comments
     from vspan.analysis.textrows import TEXT_FORMATS, text_blocks
-    from vspan.collectors import _tpacket
+    from vspan.collectors import _tpacket, bpf
     from vspan.inventory import Inventory
     from vspan.pcapfile import CaptureReader
     from vspan.pcapwrite import PcapngWriter
@@ -105,6 +106,7 @@ def _workload(tmp: Path) -> None:
     for batch in CaptureReader(tmp / "comments.pcapng"):
         epb_comments(batch)
     _tpacket._compile_kernels()
+    bpf.warm_up()
 
 
 def _fragments() -> Any:

@@ -88,7 +88,7 @@ def _build(args: argparse.Namespace) -> tuple[Any, float]:
     from vspan.collectors.forward import TcpSender, UdpSender
     from vspan.collectors.model import PortDirectory
     from vspan.collectors.replay import ReplaySource
-    from vspan.collectors.sessions import SessionSet
+    from vspan.collectors.sessions import Destination, SessionSet
     from vspan.collectors.vifs import VifTable
     from vspan.errors import ConfigError
     from vspan.inventory import Inventory
@@ -170,6 +170,7 @@ def _build(args: argparse.Namespace) -> tuple[Any, float]:
         max_message=max_message,
         snaplen=settings_snap,
         sample=settings_sample,
+        analyzer=Destination(address[0], address[1], transport),
     )
     collector = Collector(
         settings,
@@ -203,23 +204,28 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     next_stats = start + stats_every
+    shown, version = "", -1
     try:
         while not stopping:
             now = time.monotonic()
             collector.step(now)
+            if collector.selection_version != version:  # say when what is mirrored changes
+                version, line = collector.selection_version, collector.sessions_line()
+                if line != shown:
+                    print(f"vspan collect: {line}", file=sys.stderr, flush=True)
+                    shown = line
             if now >= next_stats:
-                print(f"vspan collect: {collector.stats_line()}", file=sys.stderr, flush=True)
+                for line in (collector.stats_line(), *collector.destination_lines()):
+                    print(f"vspan collect: {line}", file=sys.stderr, flush=True)
                 next_stats = now + stats_every
             if args.duration is not None and now - start >= args.duration:
                 break
-            if (
-                getattr(collector.source, "finished", False)
-                and not collector.forwarder.pending_frames
-            ):
+            if getattr(collector.source, "finished", False) and not collector.routes.pending_frames:
                 break
     finally:
         collector.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        print(f"vspan collect: stopped: {collector.stats_line()}", file=sys.stderr, flush=True)
+        for line in (collector.stats_line(), *collector.destination_lines()):
+            print(f"vspan collect: stopped: {line}", file=sys.stderr, flush=True)
     return 0

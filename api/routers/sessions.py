@@ -2,8 +2,10 @@
 
 ``GET /sessions``, ``GET /sessions/{name}``, ``POST /sessions`` (201; 409 if the name is
 taken), ``PUT /sessions/{name}`` (404 if none), ``DELETE /sessions/{name}`` (204). Bodies
-are the JSON fields of ``vspan.collectors.sessions``; one that does not validate is a 422
-whose detail says which field and why.
+are the JSON fields of ``vspan.collectors.sessions``; one that does not validate (a
+``filter`` libpcap rejects included) is a 422 whose detail names the field and says why
+(``filter: bad capture filter 'udp port x': ...``). Collectors apply a change within their
+refresh interval; while any session exists, a collector mirrors only what sessions select.
 """
 
 from __future__ import annotations

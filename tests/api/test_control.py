@@ -71,7 +71,10 @@ class Served:
 @pytest.fixture
 def served() -> Iterator[Served]:
     state, clock = InventoryState(), Clock()
-    app = create_control_app(state, sessions_for=sessions_for, profiles_for=profiles_for, now=clock)
+    app = create_control_app(
+        state, sessions_for=sessions_for, profiles_for=profiles_for, now=clock,
+        sessions_total=lambda: 5,  # the analyzer's sessions for every host
+    )  # fmt: skip
     with serve(app) as url:
         yield Served(url, state, clock)
 
@@ -83,6 +86,7 @@ def test_register_answers_with_the_collectors_config(served: Served) -> None:
         "host": "hv01",
         "vms": 2,
         "sessions": [{"name": "all-hv01", "vms": [U_WEB, U_DB], "snaplen": 128}],
+        "sessions_total": 5,
         "profiles": [{"name": "pci", "rules": []}, {"name": "web", "rules": []}],
     }
     vm = served.state.snapshot().resolve_vif(1, 2)
@@ -96,9 +100,12 @@ def test_sessions_and_profiles_feed_the_collectors_session_parser(served: Served
     sessions = client.sessions()
     assert sessions == [{"name": "all-hv01", "vms": [U_WEB], "snaplen": 128}]
     parsed = SessionSet.loads_json(json.dumps({"sessions": sessions}))
-    assert parsed.select([WEB]).per_port["vnet0"].snaplen == 128
+    (selection,) = parsed.selections([WEB])
+    assert selection.per_port["vnet0"].snaplen == 128
     assert client.profiles() == [{"name": "web", "rules": []}]
-    assert served.call("GET", "/collectors/1/sessions") == (200, {"sessions": sessions})
+    want = {"sessions": sessions, "sessions_total": 5}
+    assert served.call("GET", "/collectors/1/sessions") == (200, want)
+    assert client.session_state() == want
 
 
 def test_heartbeat_is_kept_per_collector(served: Served) -> None:

@@ -213,10 +213,13 @@ def test_sessions_crud_persists_and_feeds_sessions_for(served: Served) -> None:
 @pytest.mark.parametrize(
     ("body", "reason"),
     [
-        ({"name": "x"}, "selects nothing"),
-        ({"name": "x", "vms": ["a"], "direction": "up"}, "unknown direction 'up'"),
-        ({"name": "x", "vms": ["a"], "snaplen": 4}, "snaplen 4 below 14"),
-        ({"name": "x", "vms": ["a"], "colour": "red"}, "colour"),
+        ({"name": "x"}, "session 'x' selects nothing"),
+        ({"name": "x", "vms": ["a"], "direction": "up"}, "direction: unknown direction 'up'"),
+        ({"name": "x", "vms": ["a"], "snaplen": 4}, "snaplen: snaplen 4 below 14"),
+        ({"name": "x", "vms": ["a"], "colour": "red"}, "colour: unknown field"),
+        ({"name": "x", "vms": ["a"], "filter": "udp port banana"}, "filter: bad capture filter"),
+        ({"name": "x", "vms": ["a"], "filter": 7}, "filter: expected a non-empty string"),
+        ({"name": "x", "vms": ["a", 5]}, "vms[1]: expected a non-empty string"),
     ],
 )
 def test_invalid_sessions_are_422_with_the_parsers_reason(
@@ -224,7 +227,9 @@ def test_invalid_sessions_are_422_with_the_parsers_reason(
 ) -> None:
     status, doc, _ = served.call("POST", "/api/v1/sessions", body)
     assert status == 422
-    assert reason in doc["detail"]
+    assert doc["detail"].startswith(reason)
+    assert served.call("PUT", "/api/v1/sessions/x", body)[0] in (404, 422)
+    assert served.get("/api/v1/sessions") == {"sessions": []}  # nothing kept
 
 
 def _tshark_frames(path: Path) -> list[str]:
@@ -283,8 +288,15 @@ def test_collectors_get_the_api_sessions_and_vms_gone_leave_the_counts(tmp_path:
         ]  # fmt: skip
         client = ControlClient(served.url, host.collector_id, timeout=10.0)
         config = client.register(host.name, ports)
-        assert config["sessions"] == [session]
+        assert (config["sessions"], config["sessions_total"]) == ([session], 1)
         assert client.sessions() == [session]
+        other = {"name": "other-host", "vms": ["nowhere-*"]}  # selects no VM of this host
+        assert served.call("POST", "/api/v1/sessions", other)[0] == 201
+        assert client.session_state() == {"sessions": [session], "sessions_total": 2}
+        assert served.call("DELETE", "/api/v1/sessions/web")[0] == 204
+        assert client.session_state() == {"sessions": [], "sessions_total": 1}
+        assert served.call("DELETE", "/api/v1/sessions/other-host")[0] == 204
+        assert client.register(host.name, ports)["sessions_total"] == 0
         hosts = {h["name"]: h for h in served.get("/api/v1/hosts")["hosts"]}
         assert hosts[host.name]["vms"] == len(on_host) - 1
         names = [v["name"] for v in served.get("/api/v1/vms")["vms"]]

@@ -2,13 +2,15 @@
 
 Each case is one frame on one port; the tag is read back with ``decode_vntag`` at offset 14
 and the bytes around it are compared with the original. A per-frame Python reference of
-the rules and of the session selection is held against the vectorized code on random
-batches, and nothing is ever lost: exported + duplicates + unselected + sampled + runts
-equals the input.
+the rules and of the sessions (per session: its VMs, direction and filter, evaluated in
+Python) is held against the vectorized code on random batches with two routes, and nothing
+is ever lost: per route exported + duplicates + unselected + filtered + sampled + runts
+equals the input, and across routes each frame is counted once.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +21,8 @@ from hypothesis import strategies as st
 from vspan.batch import FrameBatch
 from vspan.collectors.mirror import LocalMacs, Mirror, MirrorResult
 from vspan.collectors.model import Port, PortBatch
-from vspan.collectors.sessions import Direction, Selection, Session, SessionSet
+from vspan.collectors.sessions import Destination, Direction, Selection, Session, SessionSet
+from vspan.inventory import MAX_VIF
 from vspan.vntag import decode_vntag
 
 A, B, C = 0x020000000005, 0x020000000009, 0x02000000000C
@@ -49,8 +52,20 @@ def port_batch(rows: list[tuple[int, bool, bytes]]) -> PortBatch:
     )
 
 
+NOTHING = Selection(
+    rx=np.zeros(MAX_VIF + 1, np.bool_),
+    tx=np.zeros(MAX_VIF + 1, np.bool_),
+    both=np.zeros(MAX_VIF + 1, np.bool_),
+    snaplen=np.zeros(MAX_VIF + 1, np.int32),
+    sample=np.ones(MAX_VIF + 1, np.int32),
+)
+
+
 def selection(*sessions: Session, ports: list[Port] = PORTS) -> Selection:
-    return SessionSet(sessions).select(ports)
+    """The one selection of filterless sessions (``NOTHING`` when they select no port)."""
+    parts = SessionSet(sessions).selections(ports)
+    assert len(parts) <= 1
+    return parts[0] if parts else NOTHING
 
 
 def run(rows: list[tuple[int, bool, bytes]], sel: Selection | None = None) -> MirrorResult:
@@ -241,7 +256,101 @@ def test_local_macs_lookup() -> None:
     assert LocalMacs.from_ports([]).lookup(np.array([A], dtype=np.uint64)).tolist() == [0]
 
 
+# --- filters and routes ------------------------------------------------------------------
+
+
+def udp(dst: int, src: int, dport: int, sport: int = 40000) -> bytes:
+    """An IPv4/UDP frame (checksums 0: the filter does not care)."""
+    ip = bytes.fromhex("450000200000400040110000") + bytes([10, 0, 0, 1, 10, 0, 0, 2])
+    return frame(dst, src, 14)[:14] + ip + struct.pack("!HHHH", sport, dport, 12, 0) + b"abcd"
+
+
+def test_a_filter_keeps_only_the_frames_it_accepts() -> None:
+    sel = selection(Session("s", vms=("web-01",), direction=Direction.TX, filter="udp port 9999"))
+    result = run([(5, True, udp(X, A, 9999)), (5, True, udp(X, A, 53)), (5, False, udp(A, X, 1))],
+                 sel)  # fmt: skip
+    assert (result.exported, result.filtered, result.unselected) == (1, 1, 1)
+    assert result.rows.tolist() == [0]
+
+
+def test_the_filter_of_the_receiver_applies_where_the_frame_is_exported() -> None:
+    """A session on B (rx) with a filter: A's frames to B are exported at A's port, and
+    filtered there, by B's session's filter."""
+    sel = selection(Session("b", vms=("db-01",), direction=Direction.RX, filter="udp port 9999"))
+    result = run([(5, True, udp(B, A, 9999)), (5, True, udp(B, A, 53))], sel)
+    assert tags(result) == [(0, 5, 9)]
+    assert (result.exported, result.filtered) == (1, 1)
+
+
+def test_selections_with_different_filters_each_want_their_frames() -> None:
+    parts = SessionSet(
+        [
+            Session("a", vms=("web-01",), direction=Direction.TX, filter="udp port 9999"),
+            Session("b", vms=("db-01",), direction=Direction.RX, snaplen=50),
+        ]
+    ).selections(PORTS)
+    mirror = Mirror(selection=parts)
+    mirror.set_ports(PORTS)
+    rows = [
+        (5, True, udp(X, A, 9999)),  # a's filter accepts
+        (5, True, udp(X, A, 53)),  # a's filter refuses; b does not want it
+        (5, True, udp(B, A, 53) + bytes(40)),  # b wants it (no filter), cut to 50
+        (9, False, udp(B, X, 7)),  # delivered to B from outside: b
+    ]
+    result = mirror.process(port_batch(rows))
+    assert result.rows.tolist() == [0, 2, 3]
+    assert result.frames.caplen.tolist() == [len(rows[0][2]) + 6, 56, len(rows[3][2]) + 6]
+    assert (result.filtered, result.unselected) == (1, 0)
+
+
+def test_routes_get_their_own_frames_and_counters_count_each_frame_once() -> None:
+    """Route None wants web-01's frames, route "b" db-01's through a filter: a frame from
+    web-01 to db-01 goes to both, others to one or none."""
+    dest = Destination("10.9.9.9")
+    routes = SessionSet(
+        [
+            Session("a", vms=("web-01",), direction=Direction.TX),
+            Session("b", vms=("db-01",), filter="udp port 9999", destination=dest),
+        ]
+    ).routes(PORTS)
+    mirror = Mirror()
+    mirror.set_ports(PORTS)
+    mirror.set_routes(routes)
+    rows = [
+        (5, True, udp(B, A, 9999)),  # both routes
+        (5, True, udp(B, A, 53)),  # route None only (b's filter refuses)
+        (9, True, udp(X, B, 9999)),  # route b only
+        (12, True, udp(X, C, 9999)),  # nobody's
+        (9, True, udp(X, B, 1)),  # selected by b, filtered
+    ]
+    results = mirror.process_routes(port_batch(rows))
+    assert results[None].rows.tolist() == [0, 1]
+    assert results[dest].rows.tolist() == [0, 2]
+    assert tags(results[dest]) == [(0, 5, 9), (0, 9, 0)]
+    assert (results[dest].filtered, results[dest].unselected) == (2, 1)
+    c = mirror.counters
+    assert (c.frames, c.exported, c.routes) == (5, 3, {None: 2, dest: 2})
+    assert c.dropped == {
+        "duplicates": 0,
+        "unselected": 1,
+        "filtered": 1,
+        "sampled_out": 0,
+        "runts": 0,
+    }
+    with pytest.raises(ValueError, match="several routes"):
+        mirror.process(port_batch(rows))
+    mirror.set_routes({None: ()})  # sessions exist, none selects this host's VMs
+    assert mirror.process(port_batch(rows)).unselected == 5
+
+
 # --- the reference, one frame at a time ------------------------------------------------
+
+
+FILTERS = {
+    None: lambda f: True,
+    "ether[14] & 1 = 0": lambda f: len(f) > 14 and f[14] & 1 == 0,
+    "ether[15] > 60": lambda f: len(f) > 15 and f[15] > 60,
+}
 
 
 @dataclass
@@ -249,11 +358,18 @@ class Ref:
     tags: list[tuple[int, int, int, int]]  # (row, d, svif, dvif)
     dup: int = 0
     unselected: int = 0
+    filtered: int = 0
 
 
-def reference(rows: list[tuple[int, bool, bytes]], sel: Selection) -> Ref:
-    """The module docstring's rules and selection, per frame (sample=1)."""
+def reference(rows: list[tuple[int, bool, bytes]], sessions: list[Session]) -> Ref:
+    """The module docstring's rules and each session's VMs, direction and filter, per frame
+    (sample=1)."""
     local = {p.mac: p.vif for p in PORTS}
+    port = {p.vif: p for p in PORTS}
+
+    def wants(s: Session, vif: int, way: Direction) -> bool:
+        return s.matches(port[vif]) and s.direction in (way, Direction.BOTH)
+
     out = Ref([])
     for i, (p, sent, data) in enumerate(rows):
         dst, src = int.from_bytes(data[:6], "big"), int.from_bytes(data[6:12], "big")
@@ -261,20 +377,30 @@ def reference(rows: list[tuple[int, bool, bytes]], sel: Selection) -> Ref:
         dvif = 0 if group else local.get(dst, 0)
         svif = local.get(src, 0)
         if sent:
-            others_rx = any(sel.rx[q.vif] for q in PORTS if q.vif != p)
-            want = sel.tx[p] or (dvif != 0 and sel.rx[dvif]) or (group and others_rx)
             tag = (0, p, dvif)
+            want = [
+                s
+                for s in sessions
+                if wants(s, p, Direction.TX)
+                or (dvif != 0 and wants(s, dvif, Direction.RX))
+                or (group and any(wants(s, q, Direction.RX) for q in port if q != p))
+            ]
         elif svif == 0:
-            want, tag = bool(sel.rx[p]), (1, 0, p)
-        elif not group and dvif == p and sel.both[p]:
-            want, tag = True, (1, svif, p)
+            tag, want = (1, 0, p), [s for s in sessions if wants(s, p, Direction.RX)]
         else:
-            out.dup += 1
-            continue
-        if want:
+            intra = not group and dvif == p
+            want = [s for s in sessions if intra and wants(s, p, Direction.BOTH)]
+            want = [s for s in want if s.direction is Direction.BOTH]  # the session asks both
+            tag = (1, svif, p)
+            if not want:
+                out.dup += 1
+                continue
+        if not want:
+            out.unselected += 1
+        elif any(FILTERS[s.filter](data) for s in want):
             out.tags.append((i, *tag))
         else:
-            out.unselected += 1
+            out.filtered += 1
     return out
 
 
@@ -293,49 +419,63 @@ session_strategy = st.builds(
         st.sampled_from(["web-01", "db-01", "app-01", "*-01"]), min_size=1, max_size=2
     ).map(tuple),
     direction=st.sampled_from(list(Direction)),
+    filter=st.sampled_from(list(FILTERS)),
     snaplen=st.sampled_from([0, 14, 30]),
     sample=st.sampled_from([1, 1, 2, 3]),
+    destination=st.sampled_from([None, Destination("b")]),
 )
 
 
 @settings(max_examples=200, deadline=None)
 @given(
     rows=st.lists(row_strategy, max_size=40),
-    sessions=st.lists(session_strategy, max_size=3, unique_by=lambda s: s.vms),
+    sessions=st.lists(session_strategy, max_size=4),
 )
 def test_vectorized_equals_reference_and_loses_nothing(
     rows: list[tuple[int, bool, int, int, int]], sessions: list[Session]
 ) -> None:
-    named = [
-        Session(f"s{i}", **{k: getattr(s, k) for k in ("vms", "direction", "snaplen", "sample")})
-        for i, s in enumerate(sessions)
-    ]
-    sel = selection(*named) if named else Selection.everything()
+    named = [Session(f"s{i}", **{k: getattr(s, k) for k in FIELDS}) for i, s in enumerate(sessions)]
+    mirror = Mirror()
+    mirror.set_ports(PORTS)
+    if named:
+        mirror.set_routes({None: (), **SessionSet(named).routes(PORTS)})
     frames = [
         (p, sent, frame(dst, src, size, fill=i)) for i, (p, sent, dst, src, size) in enumerate(rows)
     ]
-    result = run(frames, sel)
+    results = mirror.process_routes(port_batch(frames))
     n = len(frames)
-    assert (
-        result.exported + result.duplicates + result.unselected + result.sampled_out + result.runts
-        == n
-    )
-    assert result.exported == len(result.frames)
     ok = [(p, s, f) for p, s, f in frames if len(f) >= 14]
     ok_rows = [i for i, (_, _, f) in enumerate(frames) if len(f) >= 14]
-    ref = reference(ok, sel)
-    assert result.duplicates == ref.dup
-    assert result.unselected == ref.unselected
-    got = {int(r): t for r, t in zip(result.rows, tags(result), strict=True)}
-    want = {ok_rows[i]: (d, s, v) for i, d, s, v in ref.tags}
-    assert set(got) <= set(want)  # sampling only removes
-    assert len(want) - len(got) == result.sampled_out
-    for row, tag in got.items():
-        assert tag == want[row]
-    if all(s.sample == 1 for s in named):
-        assert got == want
-    for i, row in enumerate(result.rows.tolist()):
-        original, tagged = frames[row][2], result.frames.frame(i)
-        assert tagged[:12] == original[:12]
-        assert original[12:].startswith(tagged[18:])
-        assert int(result.frames.origlen[i]) == len(original) + 6
+    exported: set[int] = set()
+    for key, result in results.items():
+        r = result
+        assert r.exported + r.duplicates + r.unselected + r.filtered + r.sampled_out + r.runts == n
+        assert r.exported == len(r.frames)
+        route = [s for s in named if s.destination == key]
+        ref = reference(ok, route if named else EVERYTHING)
+        assert (r.duplicates, r.unselected, r.filtered) == (ref.dup, ref.unselected, ref.filtered)
+        got = {int(row): t for row, t in zip(r.rows, tags(r), strict=True)}
+        want = {ok_rows[i]: (d, s, v) for i, d, s, v in ref.tags}
+        assert set(got) <= set(want)  # sampling only removes
+        assert len(want) - len(got) == r.sampled_out
+        for row, tag in got.items():
+            assert tag == want[row]
+        if all(s.sample == 1 for s in route):
+            assert got == want
+        for i, row in enumerate(r.rows.tolist()):
+            original, tagged = frames[row][2], r.frames.frame(i)
+            assert tagged[:12] == original[:12]
+            assert original[12:].startswith(tagged[18:])
+            assert int(r.frames.origlen[i]) == len(original) + 6
+        exported |= set(got)
+    c = mirror.counters
+    assert c.frames == n
+    assert c.exported == len(exported)
+    assert c.exported + sum(c.dropped.values()) == n
+
+
+FIELDS = ("vms", "direction", "filter", "snaplen", "sample", "destination")
+EVERYTHING = [  # what a collector without sessions mirrors: rx and tx of every VM, not both
+    Session("rx", vms=("*",), direction=Direction.RX),
+    Session("tx", vms=("*",), direction=Direction.TX),
+]

@@ -1,12 +1,20 @@
-"""Tests of vspan.collectors.sessions: loading (YAML and JSON, line-numbered errors) and
-selection of ports by VM identity, which follows a VM onto a new port."""
+"""Tests of vspan.collectors.sessions: loading (YAML and JSON, line-numbered errors, filters
+compiled by libpcap), selection of ports by VM identity, which follows a VM onto a new port,
+sessions split by filter and by destination, and the merge of config and pushed sessions."""
 
 from __future__ import annotations
 
 import pytest
 
 from vspan.collectors.model import Port
-from vspan.collectors.sessions import Destination, Direction, PortSelection, Session, SessionSet
+from vspan.collectors.sessions import (
+    Destination,
+    Direction,
+    PortSelection,
+    Selection,
+    Session,
+    SessionSet,
+)
 from vspan.errors import ConfigError
 
 UUID_WEB = "6f1c2d9e-0000-4000-8000-000000000001"
@@ -106,6 +114,18 @@ BAD = [
         "Port out of range 0-65535",
     ),
     ('  - name: s\n    vms: [""]\n', 2, "sessions[0].vms[0]", "expected a non-empty string"),
+    (
+        "  - name: s\n    vms: [a]\n    filter: udp port banana\n",
+        3,
+        "sessions[0].filter",
+        "bad capture filter 'udp port banana': ",
+    ),
+    (
+        "  - name: s\n    vms: [a]\n    filter: [udp]\n",
+        3,
+        "sessions[0].filter",
+        "expected a non-empty string",
+    ),
 ]
 
 
@@ -170,6 +190,15 @@ def test_destination_parse(text: str, expected: Destination) -> None:
     assert Destination.parse(text) == expected
 
 
+def per_port(selections: tuple[Selection, ...]) -> dict[str, PortSelection]:
+    """The ports the selections select (each once: the sessions here share no filter)."""
+    out: dict[str, PortSelection] = {}
+    for sel in selections:
+        assert not set(out) & set(sel.per_port)
+        out.update(sel.per_port)
+    return out
+
+
 @pytest.mark.parametrize(
     ("session", "selected"),
     [
@@ -183,50 +212,69 @@ def test_destination_parse(text: str, expected: Destination) -> None:
     ],
 )
 def test_select_by_name_uuid_pattern_profile(session: Session, selected: set[str]) -> None:
-    assert set(SessionSet([session]).select(PORTS).per_port) == selected
+    assert set(per_port(SessionSet([session]).selections(PORTS))) == selected
 
 
 def test_merge_of_several_sessions_on_one_port() -> None:
-    sel = SessionSet(
+    (sel,) = SessionSet(
         [
-            Session(
-                "a", vms=("web-01",), direction=Direction.TX, snaplen=64, sample=10, filter="udp"
-            ),
+            Session("a", vms=("web-01",), direction=Direction.TX, snaplen=64, sample=10),
             Session("b", profiles=("web",), direction=Direction.RX, snaplen=128, sample=4),
-            Session("c", vms=("web-*",), direction=Direction.RX, filter="udp"),
+            Session("c", vms=("web-*",), direction=Direction.RX),
         ]
-    ).select(PORTS)
+    ).selections(PORTS)
     assert sel.per_port["vnet0"] == PortSelection(
-        rx=True,
-        tx=True,
-        both=False,
-        snaplen=0,
-        sample=1,
-        filters=("udp",),
-        sessions=("a", "b", "c"),
+        rx=True, tx=True, both=False, snaplen=0, sample=1, sessions=("a", "b", "c")
     )
+    assert sel.filter is None
     assert (bool(sel.rx[5]), bool(sel.tx[5]), bool(sel.both[5])) == (True, True, False)
     assert (int(sel.snaplen[5]), int(sel.sample[5])) == (0, 1)
     assert not sel.rx[9]
     assert not sel.tx[9]
-    two = SessionSet(
+    (two,) = SessionSet(
         [
             Session("a", vms=("db-01",), direction=Direction.BOTH, snaplen=64, sample=10),
             Session("b", vms=("db-01",), direction=Direction.TX, snaplen=128, sample=4),
         ]
-    ).select(PORTS)
+    ).selections(PORTS)
     assert (bool(two.both[9]), int(two.snaplen[9]), int(two.sample[9])) == (True, 128, 4)
+
+
+def test_sessions_with_different_filters_stay_apart() -> None:
+    """One selection per distinct filter (the filterless ones together), in first-use order;
+    a filter selecting no port is left out."""
+    parts = SessionSet(
+        [
+            Session("a", vms=("web-01",), direction=Direction.TX, filter="udp"),
+            Session("b", profiles=("web",), direction=Direction.RX, snaplen=128),
+            Session("c", vms=("web-*",), direction=Direction.RX, filter="udp"),
+            Session("d", vms=("db-01",), filter="tcp port 443"),
+            Session("e", vms=("nobody",), filter="icmp"),
+        ]
+    ).selections(PORTS)
+    assert [None if p.filter is None else p.filter.expression for p in parts] == [
+        "udp",
+        None,
+        "tcp port 443",
+    ]
+    udp, plain, tls = parts
+    assert udp.per_port == {
+        "vnet0": PortSelection(True, True, False, 0, 1, ("udp",), ("a", "c")),
+    }
+    assert plain.per_port == {"vnet0": PortSelection(True, False, False, 128, 1, (), ("b",))}
+    assert set(tls.per_port) == {"vnet1"}
+    assert SessionSet([Session("e", vms=("nobody",))]).selections(PORTS) == ()
 
 
 def test_sessions_follow_the_vm_to_a_new_port() -> None:
     """After a live migration the VM shows up on another port, with another vif."""
     sessions = SessionSet([Session("s", vms=(UUID_WEB,), direction=Direction.RX)])
-    before = sessions.select(PORTS)
+    (before,) = sessions.selections(PORTS)
     assert set(before.per_port) == {"vnet0"}
     moved = [p for p in PORTS if p.name != "vnet0"]
-    assert sessions.select(moved).per_port == {}
+    assert sessions.selections(moved) == ()
     back = [*moved, Port("vnet7", 17, 33, 0x020000000005, "web-01", UUID_WEB.upper())]
-    after = sessions.select(back)
+    (after,) = sessions.selections(back)
     assert set(after.per_port) == {"vnet7"}
     assert bool(after.rx[33])
     assert not after.rx[5]
@@ -235,6 +283,33 @@ def test_sessions_follow_the_vm_to_a_new_port() -> None:
 def test_destinations_split_the_sessions() -> None:
     sessions = SessionSet.loads_yaml(CONFIG)
     a = Destination("10.0.0.5", 47470, "udp")
-    assert sessions.destinations() == [a, Destination("2001:db8::1", 47470, "tcp")]
+    b = Destination("2001:db8::1", 47470, "tcp")
+    assert sessions.destinations() == [a, b]
     assert [s.name for s in sessions.for_destination(a).sessions] == ["web-debug"]
     assert sessions.for_destination(None).sessions == ()
+    routes = sessions.routes(PORTS)
+    assert list(routes) == [a, b]  # no route None: no session without a destination
+    (to_a,) = routes[a]
+    assert set(to_a.per_port) == {"vnet0", "vnet1"}
+    assert to_a.filter is not None
+    assert to_a.filter.expression == "tcp port 443"
+    (to_b,) = routes[b]
+    assert set(to_b.per_port) == {"vnet1"}
+
+
+def test_pushed_sessions_join_the_configured_ones_and_win_a_name() -> None:
+    local = SessionSet([Session("a", vms=("web-01",)), Session("b", vms=("db-01",))])
+    pushed = SessionSet([Session("b", vms=("app-01",)), Session("c", profiles=("web",))])
+    merged = local.merged(pushed)
+    assert [(s.name, s.vms) for s in merged.sessions] == [
+        ("a", ("web-01",)),
+        ("b", ("app-01",)),
+        ("c", ()),
+    ]
+    assert local.merged(SessionSet()).sessions == local.sessions
+    assert SessionSet().merged(pushed).sessions == pushed.sessions
+
+
+def test_an_empty_filter_is_no_filter() -> None:
+    (session,) = SessionSet.loads_yaml('sessions:\n  - {name: s, vms: [a], filter: " "}\n').sessions
+    assert session.filter is None

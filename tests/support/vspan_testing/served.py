@@ -101,7 +101,13 @@ def serve_views(
 
             install_read_api(app, store=store, now=source.clock)
         sessions = install_views(app, source)
-        install_control(app, state, sessions_for=sessions.sessions_for, now=source.clock)
+        install_control(
+            app,
+            state,
+            sessions_for=sessions.sessions_for,
+            now=source.clock,
+            sessions_total=sessions.count,
+        )
         server = HttpServer(app, "127.0.0.1", 0)
         server.start()
         try:
