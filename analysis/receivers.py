@@ -8,7 +8,7 @@ buffering by default) and go back on ``Chunk.release()``. When the consumer is b
 no buffer is free, datagrams are read and counted as ``dropped_backpressure``: the loop
 never blocks on the consumer, so the kernel's socket buffer keeps draining.
 
-``TcpReceiver`` runs one thread per connection around a ``StreamDecoder``: whole valid
+``TcpReceiver`` runs one selector thread over every connection's ``StreamDecoder``: whole valid
 messages are re-packed into the same chunk form; the first invalid message is counted by
 reason (handed over in ``Chunk.rejected``) and closes the stream. TCP chunks are bounded in
 flight too, but a TCP connection waits instead of dropping (TCP's own flow control then
