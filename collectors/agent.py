@@ -22,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from vspan.collectors.control_client import ControlClient, heartbeat_payload
-from vspan.collectors.forward import Forwarder, ForwarderConfig, Sender
+from vspan.collectors.forward import Forwarder, ForwarderConfig, Sender, boot_id_at
 from vspan.collectors.mirror import Mirror
 from vspan.collectors.model import CaptureSource, Port, PortBatch, PortDirectory
 from vspan.collectors.sessions import Selection, SessionSet
@@ -85,7 +85,8 @@ class Collector:
         self.sessions = sessions
         self.control = control
         self.wall = wall
-        """The wall clock, only for the heartbeat's timestamp (``step`` takes ``now``)."""
+        """The wall clock, only for the heartbeat's timestamp and the ``boot_id`` of a start
+        (its Unix second: boots increase, see ``forward.boot_id_at``); ``step`` takes ``now``."""
         self.mirror = Mirror()
         self.forwarder = Forwarder(
             ForwarderConfig(
@@ -115,7 +116,8 @@ class Collector:
         """
         if self._refresh is not None:
             self._refresh()
-        self.forwarder.start()
+        previous = self.forwarder.boot_id if self.forwarder.boot_id else None
+        self.forwarder.start(boot_id=boot_id_at(self.wall(), after=previous))
         self._update_ports(now)
         self.source.start()
 
