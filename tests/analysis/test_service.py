@@ -180,3 +180,83 @@ def test_maintenance_applies_retention_without_errors(tmp_path: Path) -> None:
     finally:
         analyzer.stop()
     assert analyzer.errors == {}
+
+
+# --- which collectors are accepted -----------------------------------------------------------
+
+KEY = bytes(range(16))
+FRAME = bytes(12) + b"\x89\x26" + bytes(4) + b"\x08\x00" + bytes(30)
+
+
+def _message(cid: int, seq: int, *, key: bytes | None = None) -> bytes:
+    return encode_message(collector_id=cid, boot_id=1, seq=seq, frames=[FRAME, FRAME],
+                          ts_ns=[1, 2], key=key)  # fmt: skip
+
+
+def _send_both(analyzer: Analyzer, messages: list[bytes]) -> None:
+    """Each message over UDP, then over a TCP connection of its own."""
+    addresses = analyzer.addresses()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for m in messages:
+            sock.sendto(m, addresses["udp"])
+    for m in messages:
+        with socket.create_connection(addresses["tcp"]) as conn:
+            conn.sendall(m)
+
+
+def _wait_accounted(analyzer: Analyzer, messages: int) -> None:
+    assert analyzer.engine is not None
+    deadline = time.monotonic() + 10
+    while True:
+        totals = analyzer.engine.accounting.totals()
+        if totals["received"] + totals["invalid"] >= messages:
+            return
+        assert time.monotonic() < deadline, totals
+        time.sleep(0.02)
+
+
+def test_keys_alone_accept_only_the_collectors_with_a_key(tmp_path: Path) -> None:
+    (tmp_path / "keys.yaml").write_text(f"5: {KEY.hex()}\n")
+    config = AnalyzerConfig(udp="127.0.0.1:0", tcp="127.0.0.1:0", data_dir=str(tmp_path / "d"),
+                            keys=str(tmp_path / "keys.yaml"))  # fmt: skip
+    analyzer = Analyzer(config)
+    analyzer.start()
+    try:
+        # Collector 6 has no key: spec/tunnel.md says configured keys mean known only.
+        _send_both(analyzer, [_message(5, 0, key=KEY), _message(6, 0), _message(5, 1, key=KEY)])
+        _wait_accounted(analyzer, 6)
+    finally:
+        analyzer.stop()
+    engine = analyzer.engine
+    assert engine is not None
+    assert engine.frames == 4  # collector 5's two messages (their TCP copies are duplicates)
+    invalid = engine.accounting.invalid()
+    assert invalid.to_dict("records") == [
+        {"collector_id": 0, "reason": "unknown_collector", "messages": 2}
+    ]
+    assert engine.accounting.collector(6) is None
+
+
+def test_require_known_accepts_registered_collectors(tmp_path: Path) -> None:
+    (tmp_path / "inv.yaml").write_text("hosts:\n  - name: hv1\n    collector_id: 1\nvms: []\n")
+    config = AnalyzerConfig(udp="127.0.0.1:0", tcp="127.0.0.1:0", data_dir=str(tmp_path / "d"),
+                            inventory=str(tmp_path / "inv.yaml"), require_known=True)  # fmt: skip
+    analyzer = Analyzer(config)
+    analyzer.start()
+    engine = analyzer.engine
+    assert engine is not None
+    try:
+        _send_both(analyzer, [_message(1, 0), _message(2, 0)])
+        _wait_accounted(analyzer, 4)
+        assert engine.frames == 2  # host hv1 of the inventory: accepted, unauthenticated
+        assert engine.accounting.invalid()["messages"].sum() == 2
+        # Collector 2 registers through the control plane; from then on it is known.
+        analyzer.state.register(2, "hv2", [], analyzer.clock())
+        _send_both(analyzer, [_message(2, 1)])
+        _wait_accounted(analyzer, 6)
+    finally:
+        analyzer.stop()
+    assert engine.frames == 4
+    col = engine.accounting.collector(2)
+    assert col is not None
+    assert col.boot_id == 1

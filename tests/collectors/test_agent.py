@@ -144,3 +144,36 @@ def test_sessions_created_on_the_analyzer_reach_the_collector(tmp_path: Path) ->
     assert control.registered == 1  # the ports did not change: no new registration
     assert control.heartbeats  # sent, and valid for the control plane
     collector.stop()
+
+
+def test_boot_ids_are_the_start_second_and_increase_across_restarts(
+    tmp_path: Path, receiver: socket.socket
+) -> None:
+    """The analyzer refuses a keyed collector's boot older than its current one (a replay):
+    so a collector's boot_id is the Unix second of its start, and a restart within the same
+    second still takes a larger one."""
+    cap = generate_small(seed=5)
+    inventory = cap.inventory()
+    host = inventory.hosts[0]
+    host_capture(cap, host.collector_id, tmp_path / "hv.pcap")
+    source = ReplaySource(tmp_path / "hv.pcap", inventory, speed=None, host=host.name)
+    collector = Collector(
+        CollectorSettings(collector_id=host.collector_id, host=host.name),
+        source=source, directory=source, sender=UdpSender(receiver.getsockname()),
+        wall=lambda: 1_700_000_123.9,
+    )  # fmt: skip
+    boots = []
+    for _ in range(2):
+        collector.start(now=0.0)
+        collector.step(0.001, poll_s=0.0)
+        collector.stop()
+        boots.append(collector.forwarder.boot_id)
+    seen = set()
+    while True:
+        try:
+            seen.add(decode_message(receiver.recv(65535)).boot_id)
+        except TimeoutError:
+            break
+    assert boots == [1_700_000_123, 1_700_000_124]
+    assert seen <= set(boots)
+    assert 1_700_000_123 in seen

@@ -23,6 +23,7 @@ from vspan.collectors.forward import (
     SendCounters,
     TcpSender,
     UdpSender,
+    boot_id_at,
 )
 from vspan.errors import TunnelError
 from vspan.tunnel import HEADER_LEN, RECORD_LEN, Message, decode_message, encode_message
@@ -276,3 +277,14 @@ def test_udp_sender_checks_its_size() -> None:
         UdpSender((LOOPBACK, 1), max_message=70000)
     with pytest.raises(RuntimeError, match="before start"):
         UdpSender((LOOPBACK, 1)).send(b"x")
+
+
+def test_boot_id_at_is_the_second_modulo_2_32_and_after_the_previous_boot() -> None:
+    assert boot_id_at(1_700_000_123.9) == 1_700_000_123
+    assert boot_id_at(float(2**32 + 5)) == 5
+    assert boot_id_at(1_700_000_123.9, after=1_700_000_100) == 1_700_000_123
+    assert boot_id_at(1_700_000_123.9, after=1_700_000_123) == 1_700_000_124  # same second
+    assert boot_id_at(1_700_000_000.0, after=1_700_000_123) == 1_700_000_124  # clock went back
+    assert boot_id_at(3.0, after=2**32 - 1) == 3  # after the wrap, 3 is newer
+    assert boot_id_at(2.0, after=2**32 - 1) == 2
+    assert boot_id_at(float(2**32 - 1), after=2**32 - 1) == 0
