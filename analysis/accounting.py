@@ -22,8 +22,12 @@ collector with a key, whose messages are authenticated, ``boot_id`` must increas
 collectors take the Unix second of their start (``collectors/forward.py``), and a boot whose
 sequence is not tracked and which is not newer (modulo 2^32, as seqs are) than the
 collector's current boot is a replay of an old boot: its messages are dropped and counted as
-``stale_boot``. Together with the duplicate window this means an authenticated message is
-ingested at most once, whatever is replayed and when. Collectors without a key are not
+``stale_boot``. Together with the duplicate window this means that, while the analyzer
+runs, an authenticated message is ingested at most once, whatever is replayed and when.
+Across a restart of the analyzer, ``restore_boots`` brings back each keyed collector's
+current boot (saved in the store), so older boots stay refused; the seq window is not
+saved, so up to ``WINDOW`` messages of the current boot sent before the restart could be
+taken once more as late ones if replayed then. Collectors without a key are not
 authenticated, so nothing stops anyone from sending in their name; their boots are taken
 as they come.
 
@@ -44,6 +48,7 @@ clock.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Final
 
@@ -186,6 +191,16 @@ class Accounting:
             stats.invalid[reason] = stats.invalid.get(reason, 0) + messages
             self._bound()
 
+    def restore_boots(self, boots: Mapping[int, int], now: float) -> None:
+        """The current boot of collectors with a key, as saved before a restart of the
+        analyzer: from their first message on, older boots are refused as replays."""
+        with self._lock:
+            for cid, boot in boots.items():
+                col = self._collector(cid, now)
+                col.keyed = True
+                if col.current is None:
+                    col.current, col.current_since = boot, now
+
     # --- counting (lock held) -----------------------------------------------------------
 
     def _collector(self, cid: int, now: float) -> CollectorStats:
@@ -243,7 +258,7 @@ class Accounting:
         stream = self._streams.get((col.collector_id, boot))
         if stream is not None:
             return stream
-        if col.current is not None:
+        if col.current is not None and boot != col.current:
             if col.keyed and not _newer(boot, col.current):
                 return None
             col.restarts += 1

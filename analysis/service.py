@@ -137,6 +137,8 @@ class Analyzer:
             on_batch=self._on_batch,
             registered=registered,
         )
+        if keys:
+            self._guard("restore_boots", lambda: self._restore_boots(set(keys), now))
         self.engine.start()
         rcfg = ReceiverConfig(
             max_message=cfg.tcp_max_message,
@@ -181,6 +183,23 @@ class Analyzer:
     def addresses(self) -> dict[str, tuple[str, int]]:
         """Where the receivers listen (with the ports the kernel chose for port 0)."""
         return {("udp" if isinstance(r, UdpReceiver) else "tcp"): r.address for r in self.receivers}
+
+    def _restore_boots(self, keyed: set[int], now: float) -> None:
+        """Give the accounting each keyed collector's boot of the last counters saved, so
+        that a replay of an older boot is refused from the start (see ``accounting``)."""
+        assert self.engine is not None
+        rows = self.store.query(
+            "SELECT c.collector_id, c.boot_id FROM collector_counters c JOIN ("
+            "SELECT collector_id, max(time) AS t FROM collector_counters GROUP BY collector_id"
+            ") m ON c.collector_id = m.collector_id AND c.time = m.t"
+        )
+        newest: dict[int, int] = {}
+        for cid, boot in zip(rows["collector_id"].tolist(), rows["boot_id"].tolist(), strict=True):
+            if cid in keyed:  # the newest of the boots of that sample, in serial order
+                old = newest.get(cid)
+                if old is None or 0 < (boot - old) % (1 << 32) < 1 << 31:
+                    newest[cid] = boot
+        self.engine.accounting.restore_boots(newest, now)
 
     def registered_collectors(self) -> npt.NDArray[np.int64]:
         """collector_ids of the inventory's hosts (file or control plane): what
