@@ -328,10 +328,16 @@ class TcpReceiver(ReceiverBase):
 
     def _emit(self, batch: _Round) -> bool:
         """Hand over one round's messages (and rejections); waits while too many are in
-        flight. False when ``stop()`` came meanwhile."""
+        flight — time that does not count towards any connection's idle timeout. False when
+        ``stop()`` came meanwhile."""
+        started = time.monotonic()
         while not self._in_flight.acquire(timeout=self.config.poll_s):
             if self._stop.is_set():
                 return False
+        waited = time.monotonic() - started
+        if waited > self.config.poll_s:  # the analyzer was behind, not the peers
+            for conn in self._conns.values():
+                conn.since += waited
         size = np.fromiter((len(m) for m in batch.messages), np.int64, len(batch.messages))
         offsets = np.zeros(size.size, np.int64)
         np.cumsum(size[:-1], out=offsets[1:])

@@ -174,12 +174,13 @@ class Accounting:
         reason: str,
         *,
         messages: int = 1,
-        known: bool = False,
+        known: bool = True,
         now: float | None = None,
     ) -> None:
-        """Count messages rejected before ingest (a TCP stream's decoder) under ``reason``;
-        ``known``: the collector has a key or is registered (else it is counted under
-        collector 0 unless already tracked); ``now``: when (default: the latest update's)."""
+        """Count messages rejected before ingest (a TCP stream's decoder) under ``reason``.
+        ``known``: the collector has a key or is registered; the engine says False for any
+        other, which is then counted under collector 0 unless already tracked. ``now``:
+        when (default: the latest update's)."""
         if reason not in REASON_CODES:
             raise ValueError(f"unknown reason {reason!r}; expected one of {REASON_NAMES[1:]}")
         with self._lock:
@@ -286,10 +287,10 @@ class Accounting:
     def _bound(self) -> None:
         cfg = self.config
         self._expire_boots()
-        others = [c for c in self._collectors.values() if not c.keyed and c.collector_id]
-        if len(others) > cfg.max_collectors:
+        if len(self._collectors) > cfg.max_collectors:  # else no need to look closer
+            others = [c for c in self._collectors.values() if not c.keyed and c.collector_id]
             others.sort(key=lambda c: c.touched)
-            for col in others[: len(others) - cfg.max_collectors]:
+            for col in others[: max(0, len(others) - cfg.max_collectors)]:
                 self._forget_collector(col)
         if len(self._streams) > cfg.max_streams:
             spare = sorted(

@@ -333,8 +333,8 @@ def test_invalid_messages_of_collectors_never_accepted_count_under_collector_0()
         good6,
     ]
     acc.update(ingested_with(bad, keys=keys), now=0.0)
-    acc.add_rejected(88, "bad_record")  # a TCP stream's rejection, unknown collector
-    acc.add_rejected(6, "bad_record")
+    acc.add_rejected(88, "bad_record", known=False)  # a TCP stream's, unknown collector
+    acc.add_rejected(6, "bad_record", known=False)  # not known, but tracked
     table = acc.invalid().set_index(["collector_id", "reason"])["messages"].to_dict()
     assert table == {
         (0, "bad_length"): 1,
