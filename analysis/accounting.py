@@ -19,7 +19,7 @@ sequence is walked message by message.
 
 **Boots and replays.** A new ``boot_id`` for a known ``collector_id`` is a restart. For a
 collector with a key, whose messages are authenticated, ``boot_id`` must increase: vspan's
-collectors take the Unix second of their start (``collectors/forward.py``), and a boot whose
+collectors take the time of their start (``collectors/forward.py``), and a boot whose
 sequence is not tracked and which is not newer (modulo 2^32, as seqs are) than the
 collector's current boot is a replay of an old boot: its messages are dropped and counted as
 ``stale_boot``. Together with the duplicate window this means that, while the analyzer

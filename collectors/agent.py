@@ -86,7 +86,7 @@ class Collector:
         self.control = control
         self.wall = wall
         """The wall clock, only for the heartbeat's timestamp and the ``boot_id`` of a start
-        (its Unix second: boots increase, see ``forward.boot_id_at``); ``step`` takes ``now``."""
+        (quarter seconds: boots increase, see ``forward.boot_id_at``); ``step`` takes ``now``."""
         self.mirror = Mirror()
         self.forwarder = Forwarder(
             ForwarderConfig(

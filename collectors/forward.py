@@ -16,12 +16,13 @@ Senders never block the capture loop:
   seen), so errors alone lose nothing. Messages still queued at ``stop`` after the drain
   timeout are counted as ``stopped``.
 
-``boot_id``: a collector takes the Unix second of its start (``boot_id_at``), so that its
-boots increase (modulo 2^32, like seqs): the analyzer refuses, from a collector with a key, a
-boot older than its current one as a replay of captured traffic (``docs/tunnel.md``). Starting
-takes longer than a second, so two starts of one collector do not share a second; a clock set
-back by more than the time between two starts makes the analyzer refuse the new boot until
-the clock has caught up (counted there as ``stale_boot``).
+``boot_id``: a collector takes the time of its start in quarter seconds since the Unix epoch
+(``boot_id_at``), so that its boots increase (modulo 2^32 in serial-number order, like seqs:
+any two starts less than 17 years apart compare right): the analyzer refuses, from a
+collector with a key, a boot older than its current one as a replay of captured traffic
+(``docs/tunnel.md``). Starting a collector process takes longer than a quarter second, so two
+starts do not share a value; a clock set back by more than the time between two starts makes
+the analyzer refuse the new boot until the clock has caught up (counted as ``stale_boot``).
 
 Memory is bounded when the analyzer is down: the forwarder keeps less than one message of
 frames, the TCP queue ``max_queue_bytes``, UDP nothing.
@@ -44,6 +45,7 @@ from vspan.tunnel import HEADER_LEN, MAX_UDP_MESSAGE, RECORD_LEN
 from vspan.tunnel_batch import concat_batches, encode_batch, plan_messages, slice_batch
 
 __all__ = [
+    "BOOT_TICKS_PER_S",
     "DROP_REASONS",
     "Forwarder",
     "ForwarderConfig",
@@ -300,10 +302,14 @@ class TcpSender:
 # --- the forwarder --------------------------------------------------------------------
 
 
+BOOT_TICKS_PER_S: Final = 4
+"""``boot_id`` counts quarter seconds since the Unix epoch (modulo 2^32)."""
+
+
 def boot_id_at(wall_s: float, *, after: int | None = None) -> int:
-    """The ``boot_id`` of a start at Unix time ``wall_s``: its second modulo 2^32 — or, when
-    ``after`` (this process's previous boot) is not older, the one after ``after``."""
-    boot = int(wall_s) % (1 << 32)
+    """The ``boot_id`` of a start at Unix time ``wall_s``: its quarter seconds modulo 2^32 —
+    or, when ``after`` (this process's previous boot) is not older, the one after ``after``."""
+    boot = int(wall_s * BOOT_TICKS_PER_S) % (1 << 32)
     if after is not None and not 0 < (boot - after) % (1 << 32) < 1 << 31:
         boot = (after + 1) % (1 << 32)
     return boot

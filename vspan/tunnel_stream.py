@@ -172,12 +172,13 @@ class StreamDecoder:
             return NEED_DATA
         with memoryview(self._buf) as view:
             data = bytes(view[self._pos : self._pos + length])
+        # Raises with the message still at _pos (current_collector names its sender).
+        message = decode_message(data, keys=self._keys, require_known=self._known_here, stream=True)
         self._pos += length
         self._length = None
         if self._pos * 2 >= len(self._buf):  # compact: amortized linear copying
             del self._buf[: self._pos]
             self._pos = 0
-        message = decode_message(data, keys=self._keys, require_known=self._known_here, stream=True)
         return data, message
 
 

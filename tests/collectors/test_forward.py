@@ -279,12 +279,12 @@ def test_udp_sender_checks_its_size() -> None:
         UdpSender((LOOPBACK, 1)).send(b"x")
 
 
-def test_boot_id_at_is_the_second_modulo_2_32_and_after_the_previous_boot() -> None:
-    assert boot_id_at(1_700_000_123.9) == 1_700_000_123
-    assert boot_id_at(float(2**32 + 5)) == 5
-    assert boot_id_at(1_700_000_123.9, after=1_700_000_100) == 1_700_000_123
-    assert boot_id_at(1_700_000_123.9, after=1_700_000_123) == 1_700_000_124  # same second
-    assert boot_id_at(1_700_000_000.0, after=1_700_000_123) == 1_700_000_124  # clock went back
-    assert boot_id_at(3.0, after=2**32 - 1) == 3  # after the wrap, 3 is newer
-    assert boot_id_at(2.0, after=2**32 - 1) == 2
-    assert boot_id_at(float(2**32 - 1), after=2**32 - 1) == 0
+def test_boot_id_at_counts_quarter_seconds_modulo_2_32_after_the_previous_boot() -> None:
+    now = 1_700_000_123.9  # 6,800,000,495 quarter seconds: 2,505,033,199 modulo 2^32
+    assert boot_id_at(now) == 6_800_000_495 - 2**32
+    assert boot_id_at(now + 0.25) == boot_id_at(now) + 1
+    assert boot_id_at(now, after=boot_id_at(now) - 1000) == boot_id_at(now)
+    assert boot_id_at(now, after=boot_id_at(now)) == boot_id_at(now) + 1  # same quarter
+    assert boot_id_at(now - 60, after=boot_id_at(now)) == boot_id_at(now) + 1  # clock back
+    assert boot_id_at(0.75, after=2**32 - 1) == 3  # after the wrap, 3 is newer
+    assert boot_id_at(float(2**30), after=2**32 - 1) == 0  # 2^32 quarters wrap to 0

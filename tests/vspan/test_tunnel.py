@@ -578,6 +578,15 @@ def test_stream_validates_whole_messages() -> None:
     _broken(decoder, "bad_auth: tag at offset 122 does not verify with the key of collector_id 7")
 
 
+def test_current_collector_names_the_sender_of_a_whole_message_that_failed() -> None:
+    decoder = StreamDecoder(keys={7: KEY})
+    decoder.feed(VECTOR_SEQ6 + _flipped(VECTOR_SEQ6, 8 * 130))
+    assert isinstance(decoder.next_message(), Message)
+    with pytest.raises(TunnelError, match="bad_auth"):
+        decoder.next_message()
+    assert decoder.current_collector == 7
+
+
 @pytest.mark.parametrize(
     ("partial", "message"),
     [
