@@ -70,7 +70,7 @@ class StreamStats:
             self.span = min(WINDOW, self.span + advance)
             self.received += k
             return np.ones(k, np.bool_)
-        return np.fromiter((self._one(s) for s in seqs.tolist()), np.bool_, count=k)
+        return np.fromiter((self.observe_one(s) for s in seqs.tolist()), np.bool_, count=k)
 
     def _clear(self, advance: int) -> None:
         """Forget the ring slots of the ``advance`` seqs after ``highest`` (they are new)."""
@@ -83,7 +83,8 @@ class StreamStats:
         if end > WINDOW:
             self.seen[: end - WINDOW] = False
 
-    def _one(self, s: int) -> bool:
+    def observe_one(self, s: int) -> bool:
+        """Apply one seq; whether its message is accepted (``observe`` of one, cheaper)."""
         self.received += 1
         ahead = (s - self.highest) % MOD
         if 0 < ahead < HALF:

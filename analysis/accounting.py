@@ -231,20 +231,31 @@ class Accounting:
         np.cumsum(np.bincount(inverse, minlength=uniq.size), out=bounds[1:])
         rows = v[order]  # message index of each grouped position
         seqs = ing.seq[rows].astype(np.int64)
-        keyed = ing.authenticated[v][first]
+        keyed = ing.authenticated[v][first].tolist()
+        starts, keys = bounds.tolist(), uniq.tolist()
+        one_seq, one_count, one_size = (  # single-message groups take a scalar path
+            a.tolist() for a in (seqs, ing.count[rows], ing.size[rows])
+        )
         for g in np.argsort(first).tolist():  # sequences in order of first appearance
-            key, at = int(uniq[g]), rows[bounds[g] : bounds[g + 1]]
+            lo, hi, key = starts[g], starts[g + 1], keys[g]
             col = self._collector(key >> 32, now)
-            col.keyed |= bool(keyed[g])
-            stream = self._stream(col, key & 0xFFFF_FFFF, int(seqs[bounds[g]]), now)
+            col.keyed |= keyed[g]
+            stream = self._stream(col, key & 0xFFFF_FFFF, one_seq[lo], now)
             if stream is None:  # an old boot of an authenticated collector: a replay
-                col.stale_boot += at.size
+                col.stale_boot += hi - lo
                 continue
-            ok = stream.observe(seqs[bounds[g] : bounds[g + 1]])
+            stream.last_seen = now
+            if hi - lo == 1:
+                if stream.observe_one(one_seq[lo]):
+                    accepted[rows[lo]] = True
+                    stream.frames += one_count[lo]
+                    stream.bytes += one_size[lo]
+                continue
+            at = rows[lo:hi]
+            ok = stream.observe(seqs[lo:hi])
             accepted[at] = ok
             stream.frames += int(ing.count[at[ok]].sum())
             stream.bytes += int(ing.size[at[ok]].sum())
-            stream.last_seen = now
         live = np.flatnonzero(accepted[v])  # each collector's latest accepted message
         _, latest = np.unique(cid[live][::-1], return_index=True)
         pick = live[live.size - 1 - latest]

@@ -19,6 +19,7 @@ from vspan.pcapfile import read_capture
 from vspan.synth import SynthCapture, generate_small, write_inventory_yaml
 from vspan.tunnel import encode_message
 from vspan.vntag import VnTag, encode_vntag
+from vspan_testing.analyzer_proc import AnalyzerProcess, metric
 from vspan_testing.hosts import replay_hosts
 
 PROFILES = Path(__file__).resolve().parents[2] / "docs" / "examples" / "profiles.yaml"
@@ -297,3 +298,44 @@ def test_after_a_restart_of_the_analyzer_an_old_boot_is_still_refused(tmp_path: 
     col = engine.accounting.collector(5)
     assert col is not None
     assert (col.stale_boot, col.restarts, col.boot_id) == (2, 0, 2000)
+
+
+def test_vspan_analyze_flooded_with_hostile_collector_ids_stays_small(tmp_path: Path) -> None:
+    """``vspan analyze`` receives 200,000 invalid datagrams, each naming another collector
+    id, then valid messages from 5,000 collector ids and 2,000 boots of one: /metrics stays
+    under 100 KB and the resident memory grows by less than 64 MB. (Before, each id got its
+    own series: 200,000 ids made 106 MB of /metrics.)"""
+    with AnalyzerProcess(tmp_path / "data", "--tcp", "off", "--max-collectors", "100",
+                         "--max-streams", "200") as analyzer:  # fmt: skip
+        udp = analyzer.addresses["udp"]
+        good = _message(1, 0)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(good, udp)
+            analyzer.wait_for(lambda: _metric(analyzer, "vspan_frames_total") == 2)
+            before = analyzer.rss()
+            for cid in range(1000, 201_000):  # cut: bad_length, from 200,000 collector ids
+                sock.sendto(good[:8] + cid.to_bytes(4, "big") + good[12:-1], udp)
+                if cid % 500 == 0:
+                    time.sleep(0.001)
+            for cid in range(300_000, 305_000):  # valid, 5,000 collector ids
+                sock.sendto(good[:8] + cid.to_bytes(4, "big") + good[12:], udp)
+                if cid % 100 == 0:
+                    time.sleep(0.005)
+            for boot in range(2, 2002):  # valid, 2,000 boots of collector 1
+                sock.sendto(good[:12] + boot.to_bytes(4, "big") + good[16:], udp)
+                if boot % 100 == 0:
+                    time.sleep(0.005)
+        analyzer.wait_for(lambda: _metric(analyzer, "vspan_frames_total") == 2 * 7001, 60)
+        status, body = analyzer.get("/metrics")
+        grown = analyzer.rss() - before
+    assert status == 200
+    invalid = metric(body.decode(), "vspan_collector_invalid_messages_total",
+                     [("collector_id", "0"), ("reason", "bad_length")])  # fmt: skip
+    assert invalid == 200_000  # all of them, under collector 0
+    assert len(body) < 100_000, f"/metrics is {len(body):,} bytes"
+    assert grown < 64 << 20, f"resident memory grew by {grown / 1e6:.0f} MB"
+
+
+def _metric(analyzer: AnalyzerProcess, name: str) -> float | None:
+    status, body = analyzer.get("/metrics")
+    return metric(body.decode(), name) if status == 200 else None
