@@ -26,7 +26,7 @@ import pytest
 
 from vspan.analysis.receivers import Chunk, ReceiverConfig, TcpReceiver
 from vspan.tunnel import HEADER, MAGIC, VERSION, encode_message
-from vspan_testing.analyzer_proc import AnalyzerProcess, metric
+from vspan_testing.measured_analyzer import MeasuredAnalyzer, metric
 
 FRAME = bytes(12) + b"\x89\x26" + bytes(4) + b"\x08\x00" + bytes(40)
 LOCAL = ("127.0.0.1", 0)
@@ -178,7 +178,7 @@ def test_2000_connections_against_vspan_analyze_stay_within_the_limit_and_memory
     slack); the API answers throughout; and a collector is served once the flood is gone.
     (With a thread and up to 34 MB per connection and no limit, this grew by hundreds of
     MB.)"""
-    with AnalyzerProcess(tmp_path / "data", "--tcp-max-connections", "256",
+    with MeasuredAnalyzer(tmp_path / "data", "--tcp-max-connections", "256",
                          "--tcp-idle-timeout", "120") as analyzer:  # fmt: skip
         tcp = analyzer.addresses["tcp"]
         with socket.create_connection(tcp) as warm:  # the engine's kernels are loaded
@@ -206,7 +206,7 @@ def test_2000_connections_against_vspan_analyze_stay_within_the_limit_and_memory
             analyzer.wait_for(lambda: collector_frames(analyzer, 7) == 4)
 
 
-def collector_frames(analyzer: AnalyzerProcess, cid: int) -> float | None:
+def collector_frames(analyzer: MeasuredAnalyzer, cid: int) -> float | None:
     status, body = analyzer.get("/metrics")
     assert status == 200
     return metric(body.decode(), "vspan_collector_frames_total", [("collector_id", str(cid))])
@@ -222,7 +222,7 @@ def test_vspan_analyze_at_a_low_fd_limit_keeps_serving_the_api(tmp_path: Path) -
 
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
 
-    with AnalyzerProcess(tmp_path / "data", preexec=low_fd_limit) as analyzer:
+    with MeasuredAnalyzer(tmp_path / "data", preexec=low_fd_limit) as analyzer:
         tcp = analyzer.addresses["tcp"]
         socks = [socket.create_connection(tcp) for _ in range(600)]
         time.sleep(1.0)

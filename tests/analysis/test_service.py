@@ -19,8 +19,8 @@ from vspan.pcapfile import read_capture
 from vspan.synth import SynthCapture, generate_small, write_inventory_yaml
 from vspan.tunnel import encode_message
 from vspan.vntag import VnTag, encode_vntag
-from vspan_testing.analyzer_proc import AnalyzerProcess, metric
 from vspan_testing.hosts import replay_hosts
+from vspan_testing.measured_analyzer import MeasuredAnalyzer, metric
 
 PROFILES = Path(__file__).resolve().parents[2] / "docs" / "examples" / "profiles.yaml"
 
@@ -305,7 +305,7 @@ def test_vspan_analyze_flooded_with_hostile_collector_ids_stays_small(tmp_path: 
     id, then valid messages from 5,000 collector ids and 2,000 boots of one: /metrics stays
     under 100 KB and the resident memory grows by less than 64 MB. (Before, each id got its
     own series: 200,000 ids made 106 MB of /metrics.)"""
-    with AnalyzerProcess(tmp_path / "data", "--tcp", "off", "--max-collectors", "100",
+    with MeasuredAnalyzer(tmp_path / "data", "--tcp", "off", "--max-collectors", "100",
                          "--max-streams", "200") as analyzer:  # fmt: skip
         udp = analyzer.addresses["udp"]
         good = _message(1, 0)
@@ -336,6 +336,6 @@ def test_vspan_analyze_flooded_with_hostile_collector_ids_stays_small(tmp_path: 
     assert grown < 64 << 20, f"resident memory grew by {grown / 1e6:.0f} MB"
 
 
-def _metric(analyzer: AnalyzerProcess, name: str) -> float | None:
+def _metric(analyzer: MeasuredAnalyzer, name: str) -> float | None:
     status, body = analyzer.get("/metrics")
     return metric(body.decode(), name) if status == 200 else None

@@ -1,6 +1,8 @@
-"""``vspan analyze`` as a real process for tests: started the way the README says, on
-loopback ports the kernel picks, with its stderr collected (log lines can be counted) and
-its resident memory readable from /proc."""
+"""``vspan analyze`` as a real process whose resources a test measures: started the way the
+README says, on loopback ports the kernel picks, optionally under lowered limits
+(``preexec``, e.g. ``setrlimit``), with its stderr kept in memory (log lines can be counted)
+and its resident memory read from /proc. For the hostile-input tests; the lab's deployment
+tests use ``analyzer_proc``."""
 
 from __future__ import annotations
 
@@ -15,12 +17,12 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["AnalyzerProcess", "metric"]
+__all__ = ["MeasuredAnalyzer", "metric"]
 
 _READY = re.compile(r"receiving on (?P<where>.*?); API on http://(?P<http>[^/ ]+)/")
 
 
-class AnalyzerProcess:
+class MeasuredAnalyzer:
     """``vspan analyze ARGS`` (udp, tcp and http on 127.0.0.1 port 0 unless given)."""
 
     def __init__(
@@ -106,7 +108,7 @@ class AnalyzerProcess:
                 raise AssertionError("timed out; last log lines:\n" + "".join(self.lines[-20:]))
             time.sleep(0.05)
 
-    def __enter__(self) -> AnalyzerProcess:
+    def __enter__(self) -> MeasuredAnalyzer:
         return self
 
     def __exit__(self, *exc: object) -> None:
