@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import queue
+import resource
 import select
 import socket
 import subprocess
@@ -178,6 +179,12 @@ def test_2000_connections_against_vspan_analyze_stay_within_the_limit_and_memory
     slack); the API answers throughout; and a collector is served once the flood is gone.
     (With a thread and up to 34 MB per connection and no limit, this grew by hundreds of
     MB.)"""
+    need = 2200  # this process holds the 2,000 client sockets
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"needs {need} file descriptors, the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
     with MeasuredAnalyzer(tmp_path / "data", "--tcp-max-connections", "256",
                          "--tcp-idle-timeout", "120") as analyzer:  # fmt: skip
         tcp = analyzer.addresses["tcp"]
