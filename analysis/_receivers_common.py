@@ -43,8 +43,22 @@ class ReceiverConfig:
     """Hand a chunk over at most this long after its first datagram."""
     poll_s: float = 0.1
     """Socket timeout of the loops: how soon ``stop()`` is noticed."""
-    max_message: int = 16 << 20
-    """Largest message a TCP stream may announce."""
+    max_message: int = MAX_DATAGRAM
+    """Largest message a TCP stream may announce (what a UDP datagram can carry, unless
+    set higher): a header announcing more closes the stream at once, and a connection
+    holds less than ``max_message + tcp_read_bytes`` before the tag is checked."""
+    tcp_max_connections: int = 512
+    """TCP connections served at once; more are accepted and closed at once (counted as
+    ``rejected_connections``). Lowered at start to what the fd limit leaves after
+    ``tcp_reserve_fds``."""
+    tcp_idle_timeout_s: float = 20.0
+    """A TCP connection that completes no message for this long is closed (counted as
+    ``closed_idle``): measured from its last whole message, so trickling bytes does not
+    keep it open. A sender whose connection was closed while idle reconnects."""
+    tcp_reserve_fds: int = 128
+    """File descriptors kept free for the rest of the analyzer (API, store, ring)."""
+    tcp_read_bytes: int = 1 << 16
+    """Bytes read from one connection at a time."""
 
     def __post_init__(self) -> None:
         if self.buffer_bytes < 2 * MAX_DATAGRAM:
@@ -53,6 +67,14 @@ class ReceiverConfig:
             )
         if self.buffers < 1:
             raise ValueError(f"buffers {self.buffers}: need at least 1")
+        for name in ("max_message", "tcp_max_connections", "tcp_read_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)}: need at least 1")
+        if self.tcp_idle_timeout_s <= 0 or self.tcp_reserve_fds < 0:
+            raise ValueError(
+                f"tcp_idle_timeout_s {self.tcp_idle_timeout_s} must be positive and "
+                f"tcp_reserve_fds {self.tcp_reserve_fds} not negative"
+            )
 
 
 @dataclass(eq=False)

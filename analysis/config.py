@@ -12,7 +12,7 @@ analyzer listens on loopback only. File format (all keys optional)::
     keys: keys.yaml             # collector_id -> hex key (AUTH); see load_keys
     tokens: tokens.yaml         # API bearer token -> read|admin|collector[:ID] (api.auth)
     insecure_listen: false      # serve non-loopback clients without tokens (see below)
-    require_known: false        # accept only collectors with a key
+    require_known: false        # also accept only registered collectors (see below)
     idle_timeout: 60            # seconds (capture time)
     active_timeout: 300
     max_flows: 1000000
@@ -25,6 +25,20 @@ analyzer listens on loopback only. File format (all keys optional)::
     udp_rcvbuf: 67108864        # bytes of socket buffer: datagrams wait there while behind
     store_queue_rows: 1000000   # rows queued for the store writer at most (then counted drops)
     ring_queue_bytes: 268435456 # frame bytes queued for the ring's disk at most
+    # bounds on hostile input (each rejection or eviction is counted; docs/tunnel.md)
+    max_collectors: 4096        # collectors without a key tracked with their own counters
+    max_streams: 4096           # (collector, boot_id) sequences tracked
+    boot_grace: 60              # seconds a collector's older boots are kept after a restart
+    max_macs_per_vif: 1024      # MACs learned from tags behind one vif
+    max_learned_macs: 262144    # MACs learned from tags in all
+    tcp_max_connections: 512    # TCP tunnel connections at once
+    tcp_idle_timeout: 20        # seconds without a whole message before a connection closes
+    tcp_max_message: 65535      # largest message a TCP stream may announce
+
+Which collectors are accepted: with ``keys``, only those that have a key (their messages
+must be authenticated); with ``require_known``, only those with a key or registered (a host
+of the static inventory, or registered through the control plane); with neither, any.
+Others are dropped as ``unknown_collector``.
 """
 
 from __future__ import annotations
@@ -43,6 +57,9 @@ from vspan.yamlconf import Node, load_file
 __all__ = ["DEFAULT_HTTP_PORT", "AnalyzerConfig", "load_keys", "parse_address"]
 
 DEFAULT_HTTP_PORT = 8470
+_MIN_MESSAGE = 70
+"""The smallest message with one frame and a tag (24 + 12 + 18 + 16 bytes)."""
+_MAX_TCP_MESSAGE = 16 << 20
 
 
 def _default_data_dir() -> str:
@@ -78,7 +95,9 @@ class AnalyzerConfig:
     reaches ``http`` reads flows and changes sessions and the inventory). Logged as a
     WARNING at start."""
     require_known: bool = False
-    """Accept tunnel messages only from collectors that have a key."""
+    """Accept tunnel messages only from known collectors: with a key, or registered (a host
+    of the inventory file or registered through the control plane). ``keys`` alone already
+    restricts to the collectors with a key."""
     idle_timeout: float = 60.0
     """Seconds without packets that end a flow (capture time)."""
     active_timeout: float = 300.0
@@ -108,6 +127,31 @@ class AnalyzerConfig:
     ring_queue_bytes: int = 256 << 20
     """Frame bytes waiting for the packet ring's disk writes at most; beyond, frames are
     not kept in the ring and counted (``frames_dropped{backpressure}``)."""
+    max_collectors: int = 4096
+    """Collectors without a key tracked with their own counters (and metrics series); the
+    least recently seen beyond are forgotten (counted)."""
+    max_streams: int = 4096
+    """(collector, boot_id) sequences tracked for loss and duplicates (about 1.3 KB each);
+    the least recently seen beyond are forgotten (counted), never a keyed collector's
+    current one."""
+    boot_grace: float = 60.0
+    """Seconds after a collector's restart that its older boot's sequence is kept (late
+    messages are still told from replays), then forgotten (counted)."""
+    max_macs_per_vif: int = 1024
+    """MACs learned from tags behind one (collector, vif); beyond, the least recently seen
+    are forgotten (counted)."""
+    max_learned_macs: int = 262_144
+    """MACs learned from tags in all (24 bytes each); beyond, the least recently seen are
+    forgotten (counted)."""
+    tcp_max_connections: int = 512
+    """TCP tunnel connections at once; more are closed at once (counted). Lowered at start
+    to what the fd limit leaves after 128 for the API, store and ring."""
+    tcp_idle_timeout: float = 20.0
+    """Seconds a TCP tunnel connection may go without completing a message before it is
+    closed (counted); trickled bytes do not count. Idle senders reconnect."""
+    tcp_max_message: int = 65_535
+    """Largest message a TCP tunnel stream may announce (bytes held per connection before
+    its tag is checked); a header announcing more closes the stream."""
 
     def resolved_data_dir(self) -> str:
         """``data_dir`` with its default applied."""
@@ -142,9 +186,22 @@ class AnalyzerConfig:
             "udp_rcvbuf",
             "store_queue_rows",
             "ring_queue_bytes",
+            "max_collectors",
+            "max_streams",
+            "max_macs_per_vif",
+            "max_learned_macs",
+            "tcp_max_connections",
+            "tcp_idle_timeout",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"must be positive, got {getattr(self, name)}", field=name)
+        if self.boot_grace < 0:
+            raise ConfigError(f"must not be negative, got {self.boot_grace}", field="boot_grace")
+        if not _MIN_MESSAGE <= self.tcp_max_message <= _MAX_TCP_MESSAGE:
+            raise ConfigError(
+                f"expected {_MIN_MESSAGE}..{_MAX_TCP_MESSAGE} bytes, got {self.tcp_max_message}",
+                field="tcp_max_message",
+            )
         if self.retention_basis not in RETENTION_BASES:
             expected = " or ".join(RETENTION_BASES)
             raise ConfigError(

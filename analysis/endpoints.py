@@ -12,6 +12,12 @@ as a VIF id), then the MAC (inventory, else MACs learned from tagged frames), th
 itself. Learning MAC → (host, vif) from tags is what puts the two copies of a cross-host
 packet — ``svif=a, dvif=0`` at host A and ``svif=0, dvif=b`` at host B — into one flow even
 without an inventory.
+
+The learned table is bounded (``LearningConfig``), since a VM can send frames from as many
+source MACs as it likes: at most ``max_macs_per_vif`` MACs behind one (host, vif) and
+``max_macs`` in all; beyond, the least recently seen MACs are forgotten and counted
+(``evicted``). "Seen" is in batches (a logical clock), so nothing reads a clock. A MAC
+forgotten is only no longer resolved by MAC; it is learned again when its vif sends.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ __all__ = [
     "KIND_VIF",
     "EndpointResolver",
     "Endpoints",
+    "LearningConfig",
     "NicDirectory",
     "endpoint_host_vif",
 ]
@@ -48,6 +55,21 @@ _VIF_BITS = np.uint64(20)
 _VIF_MASK = (np.uint64(1) << _VIF_BITS) - np.uint64(1)
 _BROADCAST_BIT = np.uint64(1 << 40)
 """The I/G bit of a MAC as a 48-bit integer: group (multicast/broadcast) addresses."""
+
+
+@dataclass(frozen=True, slots=True)
+class LearningConfig:
+    """Bounds of the MAC table learned from tags (24 bytes per MAC)."""
+
+    max_macs_per_vif: int = 1024
+    """MACs kept behind one (collector_id, vif); beyond, the least recently seen go."""
+    max_macs: int = 262_144
+    """MACs kept in all; beyond, the least recently seen go."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_macs_per_vif", "max_macs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)}: need at least 1")
 
 
 class NicDirectory(Protocol):
@@ -90,10 +112,18 @@ def endpoint_host_vif(ep: U64, nic_host: U32 | None, nic_vif: U32 | None) -> tup
 class EndpointResolver:
     """Resolves frame endpoints; keeps the MAC → (host, vif) table learned from tags."""
 
-    def __init__(self, directory: NicDirectory | None = None) -> None:
+    def __init__(
+        self, directory: NicDirectory | None = None, *, learning: LearningConfig | None = None
+    ) -> None:
         self.directory = directory
+        self.learning = learning or LearningConfig()
         self._table: tuple[U64, U64] = (np.zeros(0, np.uint64), np.zeros(0, np.uint64))
         """(sorted MACs, their VIF endpoints), replaced whole so other threads may read it."""
+        self._stamp = np.zeros(0, np.int64)
+        """When each MAC of the table was last seen (``_tick``); only the resolving thread."""
+        self._tick = 0
+        self.evicted = 0
+        """Learned MACs forgotten because of ``learning``'s bounds."""
 
     @property
     def learned(self) -> int:
@@ -162,16 +192,32 @@ class EndpointResolver:
         self._learn(mac[pick], KIND_VIF | (uniq[codes[pick]] & ~_LOCAL_KEY))
 
     def _learn(self, macs: U64, eps: U64) -> None:
+        """Learn distinct MACs (newest pair each); refresh what is known, bound the table."""
         unicast = (macs & _BROADCAST_BIT) == 0
         macs, eps = macs[unicast], eps[unicast]
         if macs.size == 0:
             return
-        # Newest wins: put the new pairs first and keep the first occurrence of each MAC.
+        self._tick += 1
         old_mac, old_ep = self._table
+        if old_mac.size:
+            pos = np.minimum(np.searchsorted(old_mac, macs), old_mac.size - 1)
+            same = (old_mac[pos] == macs) & (old_ep[pos] == eps)
+            self._stamp[pos[same]] = self._tick  # known and unmoved: only seen again
+            if same.all():
+                return
+            macs, eps = macs[~same], eps[~same]
+        # New pairs first, so that np.unique keeps them over a MAC's old pair.
         all_mac = np.concatenate([macs, old_mac])
         all_ep = np.concatenate([eps, old_ep])
+        all_stamp = np.concatenate([np.full(macs.size, self._tick, np.int64), self._stamp])
         uniq, first = np.unique(all_mac, return_index=True)
-        self._table = (uniq, all_ep[first])
+        ep, stamp = all_ep[first], all_stamp[first]
+        keep = _within_bounds(ep, stamp, self.learning)
+        if keep is not None:
+            self.evicted += int(keep.size - np.count_nonzero(keep))
+            uniq, ep, stamp = uniq[keep], ep[keep], stamp[keep]
+        self._stamp = stamp
+        self._table = (uniq, ep)
 
     def _lookup_learned(self, mac: U64) -> U64:
         out = np.zeros(mac.shape, dtype=np.uint64)
@@ -182,6 +228,26 @@ class EndpointResolver:
         hit = table[pos] == mac
         out[hit] = eps[pos[hit]]
         return out
+
+
+def _within_bounds(
+    ep: U64, stamp: npt.NDArray[np.int64], cfg: LearningConfig
+) -> npt.NDArray[np.bool_] | None:
+    """Which MACs stay: the ``max_macs_per_vif`` most recently seen of each endpoint, then
+    the ``max_macs`` most recently seen of those; ``None`` when every one stays."""
+    keep = np.ones(ep.size, np.bool_)
+    _, counts = np.unique(ep, return_counts=True)
+    if counts.size and counts.max() > cfg.max_macs_per_vif:
+        order = np.lexsort((-stamp, ep))  # by endpoint, most recent first
+        sorted_ep = ep[order]
+        start = np.flatnonzero(np.r_[True, sorted_ep[1:] != sorted_ep[:-1]])
+        rank = np.arange(ep.size) - np.repeat(start, np.diff(np.r_[start, ep.size]))
+        keep[order[rank >= cfg.max_macs_per_vif]] = False
+    if np.count_nonzero(keep) > cfg.max_macs:
+        live = np.flatnonzero(keep)
+        oldest = live[np.argsort(-stamp[live], kind="stable")[cfg.max_macs :]]
+        keep[oldest] = False
+    return None if keep.all() else keep
 
 
 _LOCAL_KEY = np.uint64(1) << np.uint64(63)

@@ -1,12 +1,14 @@
 """The live flow engine: chunks from the receivers in, finished and open flows out.
 
-Per chunk: ``ingest`` (validation and decoding of every message at once) → accounting →
-the same pipeline ``vspan report`` runs over files (``decode_batch`` → ``usable`` →
-``EndpointResolver`` → ``FlowTable``). Everything the engine hands on goes through
-callbacks that must not block (the analyzer's put them on queues): the frames of each batch
-(``on_batch``, the packet ring), finished flows (``on_flows``, as ``Finished`` rows: no
-pandas on this thread) and, every ``open_every_s``, a copy of the open flows (``on_open``).
-Without ``on_flows`` finished flows wait for ``drain()``.
+Per chunk: ``ingest`` (validation and decoding of every message at once) → accounting,
+which drops duplicates, stale messages and replays of old boots → the frames of the
+accepted messages only, through the same pipeline ``vspan report`` runs over files
+(``decode_batch`` → ``usable`` → ``EndpointResolver`` → ``FlowTable``). Everything the
+engine hands on goes through callbacks that must not block (the analyzer's put them on
+queues): the frames of each batch (``on_batch``, the packet ring), finished flows
+(``on_flows``, as ``Finished`` rows: no pandas on this thread) and, every ``open_every_s``, a
+copy of the open flows (``on_open``). Without ``on_flows`` finished flows wait for
+``drain()``.
 
 Flow time is capture time, as in ``FlowTable``; but a quiet network sends no frames to move
 it on, so the engine keeps a capture clock: the newest capture time seen, moved on by the
@@ -34,10 +36,10 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from vspan.analysis.accounting import Accounting
+from vspan.analysis.accounting import Accounting, AccountingConfig
 from vspan.analysis.columns import Decoded
 from vspan.analysis.decode import decode_batch
-from vspan.analysis.endpoints import EndpointResolver, NicDirectory
+from vspan.analysis.endpoints import EndpointResolver, LearningConfig, NicDirectory
 from vspan.analysis.flowkeys import usable
 from vspan.analysis.flows import FLOW_COLUMNS, Finished, FlowConfig, FlowTable
 from vspan.analysis.ingest import ingest
@@ -56,6 +58,7 @@ OpenSink = Callable[[Finished, int], None]
 BatchSink = Callable[[FrameBatch, Decoded], None]
 """Takes each batch with its decode, while the batch's buffer is still valid."""
 InventoryGetter = Callable[[], NicDirectory | None]
+RegisteredGetter = Callable[[], npt.ArrayLike]
 Clock = Callable[[], float]
 
 _NS = 1_000_000_000
@@ -99,7 +102,12 @@ class EngineConfig:
     keys: Mapping[int, bytes] | None = None
     """BLAKE2b key per ``collector_id``; those collectors must authenticate."""
     require_known: bool = False
-    """Accept only the collectors in ``keys``."""
+    """Accept only known collectors: those in ``keys`` and the registered ones (the
+    engine's ``registered``); others are dropped as ``unknown_collector``."""
+    accounting: AccountingConfig = field(default_factory=AccountingConfig)
+    """Bounds of the per-collector accounting (collectors, sequences, old boots)."""
+    learning: LearningConfig = field(default_factory=LearningConfig)
+    """Bounds of the MAC table learned from tags."""
     max_pending_flows: int = 1_000_000
     """Finished flows kept for ``drain()`` (without ``on_flows``); older ones are dropped
     and counted as ``dropped_flows``."""
@@ -135,16 +143,18 @@ class Engine:
         on_batch: BatchSink | None = None,
         accounting: Accounting | None = None,
         clock: Clock = time.time,
+        registered: RegisteredGetter | None = None,
     ) -> None:
         self.config = config or EngineConfig()
-        self.accounting = accounting or Accounting()
+        self.accounting = accounting or Accounting(self.config.accounting)
         self._source = source
         self._inventory = inventory
+        self._registered = registered
         self._on_flows = on_flows
         self._on_open = on_open
         self._on_batch = on_batch
         self._clock = clock
-        self._resolver = EndpointResolver()
+        self._resolver = EndpointResolver(learning=self.config.learning)
         self._table = FlowTable(self.config.flow)
         self._pending: list[Finished] = []
         self._pending_rows = 0
@@ -159,7 +169,8 @@ class Engine:
         self._last_open = 0.0
         self.chunks = 0
         self.messages = 0
-        """Valid messages ingested."""
+        """Messages ingested: valid, and not dropped by the accounting (duplicate, stale,
+        old boot)."""
         self.frames = 0
         """Frames of valid messages."""
         self.bytes = 0
@@ -190,7 +201,11 @@ class Engine:
         return self._table.open_flows
 
     def counters(self) -> dict[str, int]:
-        """Every counter, for metrics (undecodable reasons prefixed ``undecodable_``)."""
+        """Every counter, for metrics (undecodable reasons prefixed ``undecodable_``): valid
+        messages dropped (``dropped_duplicate``, ``dropped_stale``, ``dropped_stale_boot``),
+        the accounting's bounds (``streams``, ``streams_evicted``, ``collectors_tracked``,
+        ``collectors_evicted``) and the learned MACs (``learned_macs``,
+        ``learned_macs_evicted``)."""
         out = {
             name: int(getattr(self, name))
             for name in (
@@ -208,6 +223,13 @@ class Engine:
             )
         }
         out.update({f"undecodable_{k}": v for k, v in self.undecodable.items()})
+        totals = self.accounting.totals()
+        for name, total in (("duplicate", "duplicates"), ("stale", "stale"),
+                            ("stale_boot", "stale_boot")):  # fmt: skip
+            out[f"dropped_{name}"] = totals[total]
+        out.update(self.accounting.counters())
+        out["learned_macs"] = self._resolver.learned
+        out["learned_macs_evicted"] = self._resolver.evicted
         return out
 
     # --- processing (no thread, no clock) -----------------------------------------------
@@ -216,19 +238,24 @@ class Engine:
         """Ingest, account and process one chunk received at ``now``; releases it."""
         try:
             cfg = self.config
+            registered = np.asarray(
+                () if self._registered is None else self._registered(), np.int64
+            )
             ing = ingest(
                 chunk.data,
                 chunk.offsets,
                 chunk.sizes,
                 keys=cfg.keys,
                 require_known=cfg.require_known,
+                registered=registered,
             )
-            self.accounting.update(ing, now, kernel_drops=chunk.kernel_drops)
+            accepted = self.accounting.update(ing, now, kernel_drops=chunk.kernel_drops)
             for collector, reason in chunk.rejected:
-                self.accounting.add_rejected(collector, reason)
+                known = collector in (cfg.keys or {}) or bool(np.isin(collector, registered))
+                self.accounting.add_rejected(collector, reason, now=now, known=known)
             self.chunks += 1
-            self.messages += int(np.count_nonzero(ing.valid))
-            self.process(ing.frames, now=now)
+            self.messages += int(np.count_nonzero(accepted))
+            self.process(ing.frames_of(accepted), now=now)
         finally:
             chunk.release()
 

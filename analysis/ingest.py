@@ -103,12 +103,31 @@ class Ingested:
     """``OK`` or the code (``REASON_NAMES``) of the first rule the message breaks."""
     authenticated: Mask
     """Valid and verified with its collector's key."""
+    known: Mask
+    """The header names a collector with a key or a registered one (what ``require_known``
+    accepts)."""
 
     @property
     def valid(self) -> Mask:
         """Messages that passed every rule."""
         ok: Mask = self.reason == OK
         return ok
+
+    def frames_of(self, messages: Mask) -> FrameBatch:
+        """The frames of the (valid) messages selected by ``messages``, one per message."""
+        keep = messages[self.message]
+        if keep.all():
+            return self.frames
+        f, rows = self.frames, np.flatnonzero(keep)
+        return FrameBatch(
+            data=f.data,
+            offset=f.offset[rows],
+            caplen=f.caplen[rows],
+            origlen=f.origlen[rows],
+            ts_ns=f.ts_ns[rows],
+            linktype=f.linktype[rows],
+            host=f.host[rows],
+        )
 
     def __len__(self) -> int:
         return int(self.size.shape[0])
@@ -167,11 +186,14 @@ def ingest(
     *,
     keys: Mapping[int, bytes] | None = None,
     require_known: bool = False,
+    registered: npt.ArrayLike = (),
 ) -> Ingested:
     """Validate the datagrams ``data[offsets[i]:offsets[i] + sizes[i]]``; decode the valid ones.
 
     ``keys`` and ``require_known`` mean what they mean for ``decode_message``: a message is
     accepted here exactly when ``decode_message`` accepts it, with the same reason when not.
+    ``registered`` names collectors known without a key (registered through the control
+    plane): with ``require_known`` they are accepted too (unauthenticated).
     Raises ``ValueError`` only for a caller's bug (a datagram outside the buffer).
     """
     offsets = np.asarray(offsets, np.int64)
@@ -193,8 +215,9 @@ def ingest(
     v.fail(collector == 0, "bad_collector")
     key_ids = np.fromiter(keys or (), np.int64, count=len(keys or ()))
     has_key = np.isin(collector, key_ids)
+    known = named & (has_key | np.isin(collector, np.asarray(registered, np.int64)))
     if require_known:
-        v.fail(~has_key, "unknown_collector")
+        v.fail(~known, "unknown_collector")
     auth = flags & FLAG_AUTH != 0
     v.fail(has_key & ~auth, "bad_auth")
     tag_len = np.where(auth, AUTH_LEN, 0)
@@ -224,6 +247,7 @@ def ingest(
         size=sizes,
         reason=v.reason,
         authenticated=valid & has_key,
+        known=known,
     )
 
 

@@ -13,7 +13,7 @@ dropped — by the kernel, which counts it. Each datagram carries that count
 one (``Chunk.kernel_drops``): the accounting charges sequence gaps to the analyzer's socket
 first, never to the network.
 
-``TcpReceiver`` runs one thread per connection around a ``StreamDecoder``: whole valid
+``TcpReceiver`` runs one selector thread over every connection's ``StreamDecoder``: whole valid
 messages are re-packed into the same chunk form; the first invalid message is counted by
 reason (handed over in ``Chunk.rejected``) and closes the stream. TCP chunks are bounded in
 flight too, but a TCP connection waits instead of dropping (TCP's own flow control then

@@ -31,10 +31,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
+from vspan.analysis.accounting import AccountingConfig
 from vspan.analysis.columns import Decoded
 from vspan.analysis.config import AnalyzerConfig, load_keys, parse_address
+from vspan.analysis.endpoints import LearningConfig
 from vspan.analysis.engine import Engine, EngineConfig
 from vspan.analysis.flows import Finished, FlowConfig
 from vspan.analysis.inventory_snapshot import InventoryEvent, InventorySnapshot, Migration
@@ -125,6 +129,10 @@ class Analyzer:
         self._stop = threading.Event()
         self._maintenance: threading.Thread | None = None
         self._seen_macs: dict[int, tuple[int, int]] = {}
+        self._registered_ids: tuple[InventorySnapshot | None, npt.NDArray[np.int64]] = (
+            None,
+            np.zeros(0, np.int64),
+        )
         self.errors: dict[str, int] = {}
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -142,6 +150,13 @@ class Analyzer:
         if cfg.profiles:
             self.policy = load_policy(cfg.profiles)
         keys = load_keys(cfg.keys) if cfg.keys else None
+        known_only = cfg.require_known or bool(keys)  # spec/tunnel.md: keys mean known only
+        registered = self.registered_collectors if cfg.require_known else None
+        if known_only:
+            log.info(
+                "tunnel: only known collectors accepted: %d with a key%s",
+                len(keys or {}), ", and registered ones" if cfg.require_known else "",
+            )  # fmt: skip
         self.engine = Engine(
             EngineConfig(
                 flow=FlowConfig(
@@ -149,7 +164,15 @@ class Analyzer:
                 ),
                 max_flows=cfg.max_flows,
                 keys=keys,
-                require_known=cfg.require_known,
+                require_known=known_only,
+                accounting=AccountingConfig(
+                    max_collectors=cfg.max_collectors,
+                    max_streams=cfg.max_streams,
+                    boot_grace_s=cfg.boot_grace,
+                ),
+                learning=LearningConfig(
+                    max_macs_per_vif=cfg.max_macs_per_vif, max_macs=cfg.max_learned_macs
+                ),
             ),
             source=self.chunks,
             inventory=lambda: self.state,
@@ -157,10 +180,18 @@ class Analyzer:
             on_open=self._on_open,
             on_batch=self._on_batch,
             clock=self.clock,
+            registered=registered,
         )
+        if keys:
+            self._guard("restore_boots", lambda: self._restore_boots(set(keys), now))
         self.engine.start()
         self.recorder.warm_up(self.state.snapshot())
-        rcfg = ReceiverConfig(rcvbuf=cfg.udp_rcvbuf)
+        rcfg = ReceiverConfig(
+            rcvbuf=cfg.udp_rcvbuf,
+            max_message=cfg.tcp_max_message,
+            tcp_max_connections=cfg.tcp_max_connections,
+            tcp_idle_timeout_s=cfg.tcp_idle_timeout,
+        )
         if cfg.udp:
             udp = UdpReceiver(parse_address(cfg.udp), sink=self.chunks, config=rcfg)
             self.receivers.append(udp)
@@ -169,7 +200,8 @@ class Analyzer:
                 parse_address(cfg.tcp),
                 sink=self.chunks,
                 keys=keys,
-                require_known=cfg.require_known,
+                require_known=known_only,
+                registered=registered,
                 config=rcfg,
             )
             self.receivers.append(tcp)
@@ -199,6 +231,33 @@ class Analyzer:
     def addresses(self) -> dict[str, tuple[str, int]]:
         """Where the receivers listen (with the ports the kernel chose for port 0)."""
         return {("udp" if isinstance(r, UdpReceiver) else "tcp"): r.address for r in self.receivers}
+
+    def _restore_boots(self, keyed: set[int], now: float) -> None:
+        """Give the accounting each keyed collector's boot of the last counters saved, so
+        that a replay of an older boot is refused from the start (see ``accounting``)."""
+        assert self.engine is not None
+        rows = self.store.query(
+            "SELECT c.collector_id, c.boot_id FROM collector_counters c JOIN ("
+            "SELECT collector_id, max(time) AS t FROM collector_counters GROUP BY collector_id"
+            ") m ON c.collector_id = m.collector_id AND c.time = m.t"
+        )
+        newest: dict[int, int] = {}
+        for cid, boot in zip(rows["collector_id"].tolist(), rows["boot_id"].tolist(), strict=True):
+            if cid in keyed:  # the newest of the boots of that sample, in serial order
+                old = newest.get(cid)
+                if old is None or 0 < (boot - old) % (1 << 32) < 1 << 31:
+                    newest[cid] = boot
+        self.engine.accounting.restore_boots(newest, now)
+
+    def registered_collectors(self) -> npt.NDArray[np.int64]:
+        """collector_ids of the inventory's hosts (file or control plane): what
+        ``require_known`` accepts besides the collectors with a key (any thread)."""
+        snapshot = self.state.snapshot()
+        cached, ids = self._registered_ids
+        if cached is not snapshot:
+            ids = np.array([h.collector_id for h in snapshot.hosts], np.int64)
+            self._registered_ids = (snapshot, ids)
+        return ids
 
     def stored_flows(self) -> int:
         """Flow records the store writer has written so far (what the store holds from this

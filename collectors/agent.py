@@ -103,7 +103,8 @@ class Collector:
         """Sessions on the analyzer, for any host (the control plane's last answer)."""
         self.control = control
         self.wall = wall
-        """The wall clock, only for the heartbeat's timestamp (``step`` takes ``now``)."""
+        """The wall clock, only for the heartbeat's timestamp and the ``boot_id`` of a start
+        (quarter seconds: boots increase, see ``forward.boot_id_at``); ``step`` takes ``now``."""
         self.mirror = Mirror()
         self.routes = Routes(
             ForwarderConfig(
@@ -113,6 +114,7 @@ class Collector:
             ),
             sender,
             senders=senders,
+            wall=wall,
         )
         self._refresh = refresh  # a Discovery's refresh(), when the directory is one
         self._session_doc: tuple[list[Any], object] | None = None

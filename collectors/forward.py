@@ -1,7 +1,7 @@
 """Forwarding: tagged frames → tunnel messages → the analyzer, over UDP or TCP.
 
-``Forwarder`` holds the tunnel identity (``collector_id``, a random ``boot_id`` drawn at
-``start``, ``seq``) and the frames waiting for a message: whole messages leave as soon as
+``Forwarder`` holds the tunnel identity (``collector_id``, the ``boot_id`` of this start,
+``seq``) and the frames waiting for a message: whole messages leave as soon as
 they are full, the rest when ``flush_due(now)`` says the oldest waited ``flush_interval_s``
 (20 ms). ``now`` is always an argument: the outer loop passes ``time.monotonic()``.
 
@@ -15,6 +15,14 @@ Senders never block the capture loop:
   sent whole on the next connection (the receiver discards the partial copy it may have
   seen), so errors alone lose nothing. Messages still queued at ``stop`` after the drain
   timeout are counted as ``stopped``.
+
+``boot_id``: a collector takes the time of its start in quarter seconds since the Unix epoch
+(``boot_id_at``), so that its boots increase (modulo 2^32 in serial-number order, like seqs:
+any two starts less than 17 years apart compare right): the analyzer refuses, from a
+collector with a key, a boot older than its current one as a replay of captured traffic
+(``docs/tunnel.md``). Starting a collector process takes longer than a quarter second, so two
+starts do not share a value; a clock set back by more than the time between two starts makes
+the analyzer refuse the new boot until the clock has caught up (counted as ``stale_boot``).
 
 Memory is bounded when the analyzer is down: the forwarder keeps less than one message of
 frames, the TCP queue ``max_queue_bytes``, UDP nothing.
@@ -37,6 +45,7 @@ from vspan.tunnel import HEADER_LEN, MAX_UDP_MESSAGE, RECORD_LEN
 from vspan.tunnel_batch import concat_batches, encode_batch, plan_messages, slice_batch
 
 __all__ = [
+    "BOOT_TICKS_PER_S",
     "DROP_REASONS",
     "Forwarder",
     "ForwarderConfig",
@@ -44,6 +53,7 @@ __all__ = [
     "Sender",
     "TcpSender",
     "UdpSender",
+    "boot_id_at",
 ]
 
 DROP_REASONS: Final = ("queue_full", "send_error", "stopped", "truncated")
@@ -292,6 +302,19 @@ class TcpSender:
 # --- the forwarder --------------------------------------------------------------------
 
 
+BOOT_TICKS_PER_S: Final = 4
+"""``boot_id`` counts quarter seconds since the Unix epoch (modulo 2^32)."""
+
+
+def boot_id_at(wall_s: float, *, after: int | None = None) -> int:
+    """The ``boot_id`` of a start at Unix time ``wall_s``: its quarter seconds modulo 2^32 —
+    or, when ``after`` (this process's previous boot) is not older, the one after ``after``."""
+    boot = int(wall_s * BOOT_TICKS_PER_S) % (1 << 32)
+    if after is not None and not 0 < (boot - after) % (1 << 32) < 1 << 31:
+        boot = (after + 1) % (1 << 32)
+    return boot
+
+
 @dataclass(frozen=True, slots=True)
 class ForwarderConfig:
     """Settings of a ``Forwarder``."""
@@ -317,7 +340,7 @@ class Forwarder:
         self.sender = sender
         self._rng = rng
         self.boot_id = 0
-        """Drawn at ``start``; a new value tells the analyzer the sequence restarted."""
+        """Set at ``start``; a new value tells the analyzer the sequence restarted."""
         self.next_seq = 0
         """``seq`` of the next message."""
         self.max_message = config.max_message or sender.max_message
@@ -337,10 +360,15 @@ class Forwarder:
             return 0
         return int(self._pending.caplen.sum(dtype=np.int64)) + RECORD_LEN * len(self._pending)
 
-    def start(self) -> None:
-        """Draw a ``boot_id``, restart ``seq`` at 0, start the sender."""
-        rng = self._rng if self._rng is not None else random.Random()
-        self.boot_id, self.next_seq = rng.getrandbits(32), 0
+    def start(self, *, boot_id: int | None = None) -> None:
+        """Take ``boot_id`` (a collector passes ``boot_id_at`` of the wall clock; None draws
+        a random one from ``rng``), restart ``seq`` at 0, start the sender."""
+        if boot_id is None:
+            rng = self._rng if self._rng is not None else random.Random()
+            boot_id = rng.getrandbits(32)
+        if not 0 <= boot_id < 1 << 32:
+            raise ValueError(f"boot_id {boot_id} out of range 0..{(1 << 32) - 1}")
+        self.boot_id, self.next_seq = boot_id, 0
         self.sender.start()
 
     def stop(self) -> None:

@@ -4,8 +4,9 @@
 (its sender given, started with the collector, never removed); every distinct session
 ``destination`` gets a forwarder of its own when a session names it and loses it when none
 does any more. Each forwarder is a tunnel stream of its own (``spec/tunnel.md``): the
-collector's ``collector_id`` and AUTH key, its own random ``boot_id`` and ``seq`` from 0,
-so an analyzer sees only its own messages, without gaps; and its own sender and counters.
+collector's ``collector_id`` and AUTH key, its own ``boot_id`` (``boot_id_at`` its start)
+and ``seq`` from 0, so an analyzer sees only its own messages, without gaps; and its own
+sender and counters.
 
 A destination whose sender cannot start (a name that does not resolve) is retried at every
 ``retry``; the frames meant for it meanwhile are counted as ``unsent``, by destination.
@@ -16,6 +17,7 @@ what is reported per destination never goes backwards.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +31,7 @@ from vspan.collectors.forward import (
     Sender,
     TcpSender,
     UdpSender,
+    boot_id_at,
 )
 from vspan.collectors.sessions import Destination
 
@@ -79,9 +82,12 @@ class Routes:
         default: Sender,
         *,
         senders: SenderFactory = make_sender,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.senders = senders
+        self.wall = wall
+        """The wall clock, for the ``boot_id`` of each stream's start (``boot_id_at``)."""
         self.default = Forwarder(config, default)
         """Route None: the collector's own analyzer."""
         self.forwarders: dict[Destination, Forwarder] = {}
@@ -94,8 +100,9 @@ class Routes:
         """Destination senders that failed to start."""
 
     def start(self) -> None:
-        """Start the default forwarder."""
-        self.default.start()
+        """Start the default forwarder (a ``boot_id`` after the one it had, if any)."""
+        previous = self.default.boot_id or None
+        self.default.start(boot_id=boot_id_at(self.wall(), after=previous))
 
     def stop(self) -> None:
         """Flush and stop every forwarder."""
@@ -178,7 +185,7 @@ class Routes:
     def _open(self, destination: Destination) -> None:
         forwarder = Forwarder(self.config, self.senders(destination, self.config.max_message))
         try:
-            forwarder.start()
+            forwarder.start(boot_id=boot_id_at(self.wall()))
         except OSError as exc:
             self.start_errors += 1
             if self.start_errors in (1, 10) or self.start_errors % 100 == 0:

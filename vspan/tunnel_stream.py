@@ -2,22 +2,28 @@
 
 Both are sans-I/O, like ``vspan.tunnel``. ``StreamDecoder`` is feed-and-pull (h11 style):
 the receiver feeds whatever bytes the socket gave and pulls messages until ``NEED_DATA``,
-then calls ``end_of_stream()`` at EOF. ``MessageBuilder`` packs frames into messages no
+then calls ``end_of_stream()`` at EOF. What a decoder holds is bounded before any tag is
+checked: a header announcing more than ``max_message`` bytes (by default 65,535, what a
+UDP datagram can carry) is rejected as soon as its 24 bytes are in, so a receiver that feeds
+at most N bytes at a time and pulls every message holds less than ``max_message + N``.
+``MessageBuilder`` packs frames into messages no
 larger than ``max_message`` and hands each one back when it is full.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from typing import Final
 
 from vspan.errors import TunnelError
 from vspan.tunnel import (
     AUTH_LEN,
     HEADER_LEN,
+    MAGIC,
     MIN_FRAME,
     RECORD_LEN,
+    VERSION,
     VNTAG_ETHERTYPE,
     Message,
     decode_message,
@@ -25,8 +31,10 @@ from vspan.tunnel import (
     parse_header,
 )
 
-__all__ = ["NEED_DATA", "MessageBuilder", "NeedData", "StreamDecoder"]
+__all__ = ["MAX_STREAM_MESSAGE", "NEED_DATA", "MessageBuilder", "NeedData", "StreamDecoder"]
 
+MAX_STREAM_MESSAGE: Final = 65535
+"""The default largest message a stream may carry: what a UDP datagram can."""
 _SEQ_MOD: Final = 1 << 32
 _VNTAG_BYTES: Final = VNTAG_ETHERTYPE.to_bytes(2, "big")
 _MAX_KEY: Final = 64  # hashlib.blake2b accepts keys of at most 64 bytes
@@ -50,9 +58,12 @@ class StreamDecoder:
     """Split a TCP byte stream into validated messages.
 
     ``feed(data)`` appends bytes; ``next_message()`` returns the next ``Message`` or
-    ``NEED_DATA``. The header checks of ``parse_header`` (and ``length > max_message``,
-    a ``bad_length``) run as soon as 24 bytes of a message are buffered, so garbage is
-    rejected without waiting for ``length`` bytes; the rest of ``decode_message``'s checks
+    ``NEED_DATA`` (``next_raw()`` the same message's bytes instead). ``registered`` names
+    collectors that ``require_known`` accepts without a key (registered through the control
+    plane; any container, so it may change while the stream lasts). The header checks of
+    ``parse_header`` (and ``length > max_message``, a ``bad_length``) run as soon as 24
+    bytes of a message are buffered, so garbage is rejected without waiting for
+    ``length`` bytes; the rest of ``decode_message``'s checks
     run once the whole message is there. After a ``TunnelError`` the decoder is broken:
     every later call raises that same error, and the receiver closes the stream.
     """
@@ -62,7 +73,8 @@ class StreamDecoder:
         *,
         keys: Mapping[int, bytes] | None = None,
         require_known: bool = False,
-        max_message: int = 16 << 20,
+        registered: Container[int] = (),
+        max_message: int = MAX_STREAM_MESSAGE,
     ) -> None:
         if max_message < HEADER_LEN:
             raise ValueError(f"max_message {max_message} is below the {HEADER_LEN}-byte header")
@@ -70,10 +82,12 @@ class StreamDecoder:
             _check_key(key, f"collector_id {collector}")
         self._keys = keys
         self._require_known = require_known
+        self._registered = registered
         self._max_message = max_message
         self._buf = bytearray()
         self._pos = 0
         self._length: int | None = None  # the current message's length, once its header passed
+        self._known_here = require_known  # whether require_known applied to its collector
         self._error: TunnelError | None = None
         self._ended = False
 
@@ -81,6 +95,15 @@ class StreamDecoder:
     def buffered(self) -> int:
         """Bytes fed but not yet returned as a message."""
         return len(self._buf) - self._pos
+
+    @property
+    def current_collector(self) -> int:
+        """``collector_id`` in the header of the message being decoded (the one a
+        ``TunnelError`` was about) when its magic and version are right, else 0."""
+        head = bytes(self._buf[self._pos : self._pos + 12])
+        if len(head) < 12 or head[0:3] != MAGIC.to_bytes(2, "big") + bytes([VERSION]):
+            return 0
+        return int.from_bytes(head[8:12], "big")
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append bytes received from the stream (raises the error once broken)."""
@@ -92,6 +115,16 @@ class StreamDecoder:
 
     def next_message(self) -> Message | NeedData:
         """The next whole, valid message, or ``NEED_DATA``; raises ``TunnelError``."""
+        got = self._pull()
+        return got if isinstance(got, NeedData) else got[1]
+
+    def next_raw(self) -> bytes | NeedData:
+        """The bytes of the next whole, valid message (validated exactly as by
+        ``next_message``), or ``NEED_DATA``; raises ``TunnelError``."""
+        got = self._pull()
+        return got if isinstance(got, NeedData) else got[0]
+
+    def _pull(self) -> tuple[bytes, Message] | NeedData:
         if self._error is not None:
             raise self._error
         try:
@@ -114,14 +147,19 @@ class StreamDecoder:
             )
             raise self._error
 
-    def _next(self) -> Message | NeedData:
+    def _known_only(self, head: bytes) -> bool:
+        """Whether ``require_known`` applies to this header's collector (not registered)."""
+        return self._require_known and int.from_bytes(head[8:12], "big") not in self._registered
+
+    def _next(self) -> tuple[bytes, Message] | NeedData:
         available = self.buffered
         if self._length is None:
             if available < HEADER_LEN:
                 return NEED_DATA
             with memoryview(self._buf) as view:
                 head = bytes(view[self._pos : self._pos + HEADER_LEN])
-            header = parse_header(head, keys=self._keys, require_known=self._require_known)
+            self._known_here = self._known_only(head)
+            header = parse_header(head, keys=self._keys, require_known=self._known_here)
             if header.length > self._max_message:
                 raise TunnelError(
                     "bad_length",
@@ -134,12 +172,14 @@ class StreamDecoder:
             return NEED_DATA
         with memoryview(self._buf) as view:
             data = bytes(view[self._pos : self._pos + length])
+        # Raises with the message still at _pos (current_collector names its sender).
+        message = decode_message(data, keys=self._keys, require_known=self._known_here, stream=True)
         self._pos += length
         self._length = None
         if self._pos * 2 >= len(self._buf):  # compact: amortized linear copying
             del self._buf[: self._pos]
             self._pos = 0
-        return decode_message(data, keys=self._keys, require_known=self._require_known, stream=True)
+        return data, message
 
 
 class MessageBuilder:

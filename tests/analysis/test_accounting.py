@@ -6,8 +6,10 @@ Expectations are derived here from the seqs each test sends, by a plain referenc
 
 from __future__ import annotations
 
+import gc
 import itertools
 import random
+import tracemalloc
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vspan.analysis.accounting import WINDOW, Accounting, StreamStats
+from vspan.analysis.accounting import WINDOW, Accounting, AccountingConfig, StreamStats
 from vspan.analysis.ingest import Ingested, ingest
 from vspan.tunnel import encode_message
 
@@ -84,7 +86,7 @@ def check(acc: Accounting, cid: int, boot: int, seqs: list[int]) -> None:
     assert got == want
     assert stream.highest == max(seqs) % MOD
     assert stream.stale == 0
-    assert stream.frames == len(seqs)
+    assert stream.frames == want.received - want.duplicates  # duplicates are not ingested
 
 
 @pytest.mark.parametrize("cuts", [1, 3, 10])
@@ -237,3 +239,178 @@ def test_property_matches_the_reference_model(base: int, offsets: list[int], cut
     acc = Accounting()
     feed(acc, 4, 2, seqs, cuts=min(cuts, len(seqs)))
     check(acc, 4, 2, seqs)
+
+
+# --- what is ingested: duplicates, stale messages and replayed boots are dropped ---------
+
+KEY = bytes(range(16))
+
+
+def keyed(cid: int, boot: int, seq: int, frames: int = 1) -> bytes:
+    return encode_message(
+        collector_id=cid, boot_id=boot, seq=seq, frames=[FRAME] * frames, ts_ns=[0] * frames,
+        key=KEY,
+    )  # fmt: skip
+
+
+def ingested_with(datagrams: list[bytes], **kw: object) -> Ingested:
+    buf = np.frombuffer(b"".join(datagrams), np.uint8).copy()
+    sizes = np.array([len(d) for d in datagrams], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    return ingest(buf, offsets, sizes, **kw)  # type: ignore[arg-type]
+
+
+def test_update_accepts_each_seq_once_and_drops_duplicates_and_stale_ones() -> None:
+    acc = Accounting()
+    seqs = [0, 1, 1, 2, WINDOW + 5, 3, 2, WINDOW + 5, WINDOW + 6]
+    got = acc.update(ingested([message(7, 1, s) for s in seqs]), now=0.0)
+    # 1 and WINDOW+5 come twice (duplicates); 3 and 2, after WINDOW+5, are WINDOW or more
+    # behind it (stale).
+    assert got.tolist() == [True, True, False, True, True, False, False, False, True]
+    stream = stream_of(acc, 7, 1)
+    assert (stream.duplicates, stream.stale, stream.frames) == (2, 2, 5)
+
+
+def test_update_never_accepts_an_invalid_message() -> None:
+    good = message(9, 1, 0)
+    got = Accounting().update(ingested([b"garbage", good, good[:-1]]), now=0.0)
+    assert got.tolist() == [False, True, False]
+
+
+def test_a_replay_of_an_authenticated_old_boot_is_dropped_once_the_new_boot_runs() -> None:
+    acc = Accounting(AccountingConfig(boot_grace_s=10.0))
+    keys = {5: KEY}
+    old = [keyed(5, 1000, s) for s in range(5)]
+    new = [keyed(5, 2000, s) for s in range(3)]
+    assert acc.update(ingested_with(old, keys=keys), now=0.0).all()
+    assert acc.update(ingested_with(new, keys=keys), now=1.0).all()
+    # Within the grace period the old boot is still tracked: a replay is a duplicate.
+    assert not acc.update(ingested_with(old[:2], keys=keys), now=2.0).any()
+    assert stream_of(acc, 5, 1000).duplicates == 2
+    # After it, the old boot is forgotten; a replay of it is refused as an old boot.
+    assert not acc.update(ingested_with(old, keys=keys), now=20.0).any()
+    assert acc.stream(5, 1000) is None
+    col = acc.collector(5)
+    assert col is not None
+    assert (col.stale_boot, col.restarts, col.boot_id) == (5, 1, 2000)
+    # A boot older still, never seen, is refused too; a newer one is a restart.
+    assert not acc.update(ingested_with([keyed(5, 999, 0)], keys=keys), now=21.0).any()
+    assert acc.update(ingested_with([keyed(5, 2001, 0)], keys=keys), now=22.0).all()
+    assert (col.stale_boot, col.restarts) == (6, 2)
+    totals = acc.totals()
+    assert (totals["stale_boot"], totals["duplicates"], totals["received"]) == (6, 2, 11)
+    assert acc.counters()["streams_evicted"] == 1
+
+
+def test_boots_of_a_collector_without_key_are_taken_as_they_come() -> None:
+    acc = Accounting(AccountingConfig(boot_grace_s=0.0))
+    assert acc.update(ingested([message(6, 2000, 0)]), now=0.0).all()
+    assert acc.update(ingested([message(6, 1000, 0)]), now=1.0).all()  # no key: no order
+    col = acc.collector(6)
+    assert col is not None
+    assert (col.restarts, col.stale_boot, col.boot_id) == (1, 0, 1000)
+
+
+def test_boot_order_wraps_like_seqs() -> None:
+    acc = Accounting(AccountingConfig(boot_grace_s=0.0))
+    keys = {5: KEY}
+    assert acc.update(ingested_with([keyed(5, MOD - 2, 0)], keys=keys), now=0.0).all()
+    assert acc.update(ingested_with([keyed(5, 3, 0)], keys=keys), now=1.0).all()  # after wrap
+    assert not acc.update(ingested_with([keyed(5, MOD - 1, 0)], keys=keys), now=2.0).any()
+
+
+# --- bounded state -------------------------------------------------------------------------
+
+
+def test_invalid_messages_of_collectors_never_accepted_count_under_collector_0() -> None:
+    acc = Accounting()
+    keys = {5: KEY}
+    good6 = message(6, 1, 0)
+    bad = [
+        message(77, 1, 0)[:-3],  # an unknown collector's cut message
+        message(5, 1, 0),  # the keyed collector without AUTH (bad_auth): its own entry
+        good6[:-1],  # collector 6 sent a valid message in this batch: its own entry
+        good6,
+    ]
+    acc.update(ingested_with(bad, keys=keys), now=0.0)
+    acc.add_rejected(88, "bad_record", known=False)  # a TCP stream's, unknown collector
+    acc.add_rejected(6, "bad_record", known=False)  # not known, but tracked
+    table = acc.invalid().set_index(["collector_id", "reason"])["messages"].to_dict()
+    assert table == {
+        (0, "bad_length"): 1,
+        (0, "bad_record"): 1,
+        (5, "bad_auth"): 1,
+        (6, "bad_length"): 1,
+        (6, "bad_record"): 1,
+    }
+    assert acc.collector(77) is None
+    assert acc.collector(88) is None
+
+
+def test_collectors_without_key_beyond_the_bound_are_forgotten_and_their_counts_kept() -> None:
+    acc = Accounting(AccountingConfig(max_collectors=10))
+    keys = {5: KEY}
+    acc.update(ingested_with([keyed(5, 1, 0)], keys=keys), now=0.0)  # keyed: never forgotten
+    for cid in range(100, 150):
+        acc.update(ingested([message(cid, 1, 0, frames=2)]), now=float(cid))
+    tracked = sorted(acc.collectors()["collector_id"].tolist())
+    assert tracked == [5, *range(140, 150)]  # the 10 most recently seen, and the keyed one
+    assert acc.counters()["collectors_evicted"] == 40
+    totals = acc.totals()
+    assert (totals["received"], totals["frames"]) == (51, 101)  # counters never go back
+
+
+def test_sequences_beyond_the_bound_are_forgotten_but_not_a_keyed_current_one() -> None:
+    acc = Accounting(AccountingConfig(max_streams=8, boot_grace_s=1e9))
+    keys = {5: KEY}
+    acc.update(ingested_with([keyed(5, 1, 0)], keys=keys), now=0.0)
+    for boot in range(1, 31):
+        acc.update(ingested([message(6, boot, 0)]), now=float(boot))
+    streams = acc.streams()
+    assert len(streams) == 8
+    assert acc.stream(5, 1) is not None  # the keyed collector's current boot stays
+    assert sorted(streams.loc[streams["collector_id"] == 6, "boot_id"]) == list(range(24, 31))
+    assert acc.counters()["streams_evicted"] == 23
+    col = acc.collector(6)
+    assert col is not None
+    assert col.boots == set(range(24, 31))
+    row = acc.collectors().set_index("collector_id").loc[6]
+    assert (row["received"], row["restarts"]) == (30, 29)
+
+
+def stamped(template: bytes, field_at: int, values: range) -> Ingested:
+    """Copies of ``template`` with the 4-byte header field at ``field_at`` set to each of
+    ``values`` (collector_id at 8, boot_id at 12), ingested as one batch."""
+    n, size = len(values), len(template)
+    data = np.tile(np.frombuffer(template, np.uint8), n)
+    data.reshape(n, size)[:, field_at : field_at + 4] = (
+        np.array(values, dtype=">u4").view(np.uint8).reshape(n, 4)
+    )
+    return ingest(data, np.arange(n, dtype=np.int64) * size, np.full(n, size, np.int64))
+
+
+def test_flood_of_hostile_collector_ids_and_boots_keeps_the_accounting_small() -> None:
+    """200,000 invalid datagrams with distinct collector ids, then 5,000 valid messages from
+    distinct collectors and 5,000 boots of one collector: the accounting stays under 2 MB
+    (before the bounds it kept one entry per id and per boot: some 100 MB)."""
+    acc = Accounting(AccountingConfig(max_collectors=100, max_streams=200, boot_grace_s=1e9))
+    good = message(1, 1, 0)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for part in range(0, 200_000, 20_000):  # cut messages of collectors 1000...
+            acc.update(stamped(good[:-1], 8, range(1000 + part, 21_000 + part)), now=1.0)
+        for part in range(0, 5000, 1000):
+            acc.update(stamped(good, 8, range(300_000 + part, 301_000 + part)), now=2.0)
+        for part in range(0, 5000, 1000):
+            acc.update(stamped(message(2, 1, 0), 12, range(1 + part, 1001 + part)), now=3.0)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert acc.invalid()["messages"].sum() == 200_000
+    assert acc.invalid()["collector_id"].tolist() == [0]  # one series, not 200,000
+    assert acc.counters()["collectors_tracked"] <= 102  # 100, collector 0, and a new one
+    assert acc.counters()["streams"] <= 200
+    assert acc.totals()["received"] == 10_000
+    assert grown < 2 << 20, f"the accounting grew by {grown / 1e6:.1f} MB"

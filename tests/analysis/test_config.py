@@ -42,6 +42,13 @@ def test_file_then_flags(tmp_path: Path) -> None:
         ("idle_timeout: soon\n", r"analyzer\.yaml:1: idle_timeout: expected a number, got 'soon'"),
         ("require_known: yes please\n", r"analyzer\.yaml:1: require_known: expected true or false"),
         ("udpp: 127.0.0.1:1\n", r"analyzer\.yaml:1: udpp: unknown field"),
+        ("max_streams: 0\n", r"analyzer\.yaml:1: max_streams: 0 out of range"),
+        ("tcp_idle_timeout: 0\n", r"analyzer\.yaml:1: tcp_idle_timeout: must be positive"),
+        ("boot_grace: -1\n", r"analyzer\.yaml:1: boot_grace: must not be negative, got -1"),
+        (
+            "http: 127.0.0.1:1\ntcp_max_message: 40\n",
+            r"analyzer\.yaml:2: tcp_max_message: expected 70\.\.16777216 bytes, got 40",
+        ),
         (
             "retention_days: 7\nretention_basis: arrival\n",
             r"analyzer\.yaml:2: retention_basis: expected ingest or capture, got 'arrival'",
@@ -81,3 +88,16 @@ def test_keys_file(tmp_path: Path) -> None:
         ConfigError, match=r"keys\.yaml:1: seven: collector_id 'seven' is not a number"
     ):
         load_keys(str(path))
+
+
+def test_bounds_on_hostile_input_are_settings(tmp_path: Path) -> None:
+    path = tmp_path / "analyzer.yaml"
+    path.write_text(
+        "max_collectors: 10\nmax_streams: 20\nboot_grace: 0\nmax_macs_per_vif: 3\n"
+        "max_learned_macs: 100\ntcp_max_connections: 5\ntcp_idle_timeout: 2.5\n"
+        "tcp_max_message: 100000\n"
+    )
+    cfg = AnalyzerConfig.load(str(path))
+    assert (cfg.max_collectors, cfg.max_streams, cfg.boot_grace) == (10, 20, 0.0)
+    assert (cfg.max_macs_per_vif, cfg.max_learned_macs) == (3, 100)
+    assert (cfg.tcp_max_connections, cfg.tcp_idle_timeout, cfg.tcp_max_message) == (5, 2.5, 100_000)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -16,16 +17,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from vspan.analysis.accounting import AccountingConfig
 from vspan.analysis.endpoints import EndpointResolver
 from vspan.analysis.engine import Engine, EngineConfig, warm_batch
 from vspan.analysis.flows import FlowTable
-from vspan.analysis.receivers import Chunk, ReceiverConfig, UdpReceiver
+from vspan.analysis.receivers import Chunk, ReceiverConfig, TcpReceiver, UdpReceiver
 from vspan.analysis.records import HostNames, flow_records
 from vspan.analysis.report import analyze_captures
 from vspan.batch import FrameBatch
 from vspan.synth import SynthCapture, generate_small, write_capture
 from vspan.tunnel import encode_message
 from vspan.tunnel_stream import MessageBuilder
+from vspan.vntag import VnTag, encode_vntag
 from vspan_testing.decoded import decoded
 
 KEY_COLUMNS = ["src_ip", "dst_ip", "src_port", "dst_port", "proto", "icmp_id", "first_ns"]
@@ -230,3 +233,117 @@ def test_the_warm_up_frame_decodes_into_a_flow_and_leaves_the_engine_untouched()
     fresh.start()
     fresh.stop()
     assert (fresh.frames, fresh.flows_finished) == (0, 0)
+
+
+# --- replays: an authenticated message is ingested once -----------------------------------
+
+KEY = bytes(range(16))
+
+
+def tagged_udp(sport: int, n: int, *, svif: int = 3) -> list[bytes]:
+    """``n`` VN-tagged IPv4/UDP frames of one flow 10.0.0.1:sport -> 10.0.0.2:53."""
+    out = []
+    for i in range(n):
+        payload = bytes([i]) * 20
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + len(payload), i, 0, 64, 17, 0,
+                         bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]))  # fmt: skip
+        udp = struct.pack("!HHHH", sport, 53, 8 + len(payload), 0)
+        tag = encode_vntag(VnTag(d=0, svif=svif, dvif=4, ethertype=0x0800))
+        out.append(b"\x02" + bytes(4) + b"\x02" + b"\x02" + bytes(4) + b"\x01" + b"\x89\x26"
+                   + tag + ip + udp + payload)  # fmt: skip
+    return out
+
+
+def keyed_message(boot: int, seq: int, frames: list[bytes]) -> bytes:
+    return encode_message(collector_id=7, boot_id=boot, seq=seq, frames=frames,
+                          ts_ns=[1_700_000_000_000_000_000 + i for i in range(len(frames))],
+                          key=KEY)  # fmt: skip
+
+
+class Live:
+    """A real receiver (UDP or TCP) feeding a started ``Engine``."""
+
+    def __init__(self, transport: str, config: EngineConfig) -> None:
+        self.sink: queue.Queue[Chunk] = queue.Queue()
+        self.engine = Engine(config, source=self.sink)
+        rcfg = ReceiverConfig(poll_s=0.05)
+        self.transport = transport
+        self.receiver: UdpReceiver | TcpReceiver = (
+            UdpReceiver(("127.0.0.1", 0), sink=self.sink, config=rcfg)
+            if transport == "udp"
+            else TcpReceiver(("127.0.0.1", 0), sink=self.sink, keys=config.keys, config=rcfg)
+        )
+
+    def __enter__(self) -> Live:
+        self.engine.start()
+        self.receiver.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.receiver.stop()
+        self.engine.stop()
+
+    def seen(self) -> int:
+        """Valid messages accounted for (those of refused old boots included)."""
+        totals = self.engine.accounting.totals()
+        return totals["received"] + totals.get("stale_boot", 0)
+
+    def send(self, messages: list[bytes], connections: int = 1) -> None:
+        """Send ``messages`` (over TCP split across ``connections``), then wait until the
+        accounting has seen them all."""
+        before = self.seen()
+        if self.transport == "udp":
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                for m in messages:
+                    sock.sendto(m, self.receiver.address)
+        else:
+            socks = [socket.create_connection(self.receiver.address) for _ in range(connections)]
+            for i, m in enumerate(messages):
+                socks[i % connections].sendall(m)
+            for s in socks:
+                s.close()
+        deadline = time.monotonic() + 10
+        while self.seen() < before + len(messages):
+            assert time.monotonic() < deadline, self.engine.counters()
+            time.sleep(0.01)
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_an_authenticated_message_sent_51_times_is_counted_once_in_the_flows(
+    transport: str,
+) -> None:
+    message = keyed_message(1000, 0, tagged_udp(40000, 3))
+    with Live(transport, EngineConfig(keys={7: KEY})) as live:
+        live.send([message] * 51, connections=3)
+    engine = live.engine
+    flows = engine.drain()
+    assert len(flows) == 1
+    assert int((flows["packets"] + flows["packets_rev"]).sum()) == 3  # not 153
+    stream = engine.accounting.stream(7, 1000)
+    assert stream is not None
+    assert (stream.received, stream.duplicates, stream.frames) == (51, 50, 3)
+    assert (engine.messages, engine.frames) == (1, 3)
+    assert engine.counters()["dropped_duplicate"] == 50
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_a_replayed_old_boot_of_an_authenticated_collector_is_dropped(transport: str) -> None:
+    old = keyed_message(1000, 0, tagged_udp(40000, 2))
+    new = keyed_message(2000, 0, tagged_udp(40001, 1))
+    config = EngineConfig(keys={7: KEY}, accounting=AccountingConfig(boot_grace_s=0.0))
+    with Live(transport, config) as live:
+        live.send([old])
+        live.send([new])  # the collector restarted
+        live.send([old] * 5)  # a capture of its previous boot, replayed
+    engine = live.engine
+    flows = engine.drain()
+    total = flows["packets"] + flows["packets_rev"]
+    assert dict(zip(flows["port_a"].tolist(), total.tolist(), strict=True)) == {
+        40000: 2,  # the old boot's message once
+        40001: 1,
+    }
+    assert (engine.messages, engine.frames) == (2, 3)
+    assert engine.counters()["dropped_stale_boot"] == 5
+    col = engine.accounting.collector(7)
+    assert col is not None
+    assert (col.boot_id, col.restarts, col.stale_boot) == (2000, 1, 5)

@@ -67,10 +67,11 @@ class Consumer:
                 keys=self.keys,
                 require_known=self.require_known,
             )
-            self.acc.update(got, now=chunk.received_at, kernel_drops=chunk.kernel_drops)
+            accepted = self.acc.update(got, now=chunk.received_at, kernel_drops=chunk.kernel_drops)
             for cid, reason in chunk.rejected:
-                self.acc.add_rejected(cid, reason)
-            self.frames += [got.frames.frame(i) for i in range(len(got.frames))]
+                self.acc.add_rejected(cid, reason, known=cid in (self.keys or {}))
+            ingested = got.frames_of(accepted)
+            self.frames += [ingested.frame(i) for i in range(len(ingested))]
             self.chunks.append(chunk)
             if release:
                 chunk.release()
@@ -190,8 +191,10 @@ def test_udp_flood_from_an_unknown_collector_with_require_known() -> None:
             send_paced(sender, flood + good)
             consumer.pump(lambda: consumer.acc.totals()["invalid"] == len(flood))
             consumer.pump(lambda: consumer.received() == len(good))
-        assert consumer.invalid() == {(99, "unknown_collector"): len(flood)}
+        # An unknown collector gets no counters of its own: its drops count under 0.
+        assert consumer.invalid() == {(0, "unknown_collector"): len(flood)}
         assert consumer.acc.stream(99, 1) is None
+        assert consumer.acc.collector(99) is None
     finally:
         receiver.stop()
 

@@ -503,3 +503,37 @@ def test_a_vm_migrating_onto_the_host_is_selected_at_the_next_refresh(
     source.send((OUT, WEB, 1, 3), (OUT, DB, 1, 4), (WEB, DB, 1, 5))
     run(c, 3.0)
     assert a.read().marks() == [3, 5]
+
+
+def test_boot_ids_are_the_start_second_and_increase_across_restarts(
+    tmp_path: Path, receiver: socket.socket
+) -> None:
+    """The analyzer refuses a keyed collector's boot older than its current one (a replay):
+    so a collector's boot_id is the time of its start in quarter seconds, and a restart
+    within the same quarter second still takes a larger one."""
+    cap = generate_small(seed=5)
+    inventory = cap.inventory()
+    host = inventory.hosts[0]
+    host_capture(cap, host.collector_id, tmp_path / "hv.pcap")
+    source = ReplaySource(tmp_path / "hv.pcap", inventory, speed=None, host=host.name)
+    collector = Collector(
+        CollectorSettings(collector_id=host.collector_id, host=host.name),
+        source=source, directory=source, sender=UdpSender(receiver.getsockname()),
+        wall=lambda: 1_700_000_123.9,
+    )  # fmt: skip
+    boots = []
+    for _ in range(2):
+        collector.start(now=0.0)
+        collector.step(0.001, poll_s=0.0)
+        collector.stop()
+        boots.append(collector.forwarder.boot_id)
+    seen = set()
+    while True:
+        try:
+            seen.add(decode_message(receiver.recv(65535)).boot_id)
+        except TimeoutError:
+            break
+    quarters = 6_800_000_495 % 2**32  # 1,700,000,123.9 s
+    assert boots == [quarters, quarters + 1]
+    assert seen <= set(boots)
+    assert quarters in seen

@@ -23,6 +23,7 @@ from vspan.collectors.forward import (
     SendCounters,
     TcpSender,
     UdpSender,
+    boot_id_at,
 )
 from vspan.errors import TunnelError
 from vspan.tunnel import HEADER_LEN, RECORD_LEN, Message, decode_message, encode_message
@@ -276,3 +277,14 @@ def test_udp_sender_checks_its_size() -> None:
         UdpSender((LOOPBACK, 1), max_message=70000)
     with pytest.raises(RuntimeError, match="before start"):
         UdpSender((LOOPBACK, 1)).send(b"x")
+
+
+def test_boot_id_at_counts_quarter_seconds_modulo_2_32_after_the_previous_boot() -> None:
+    now = 1_700_000_123.9  # 6,800,000,495 quarter seconds: 2,505,033,199 modulo 2^32
+    assert boot_id_at(now) == 6_800_000_495 - 2**32
+    assert boot_id_at(now + 0.25) == boot_id_at(now) + 1
+    assert boot_id_at(now, after=boot_id_at(now) - 1000) == boot_id_at(now)
+    assert boot_id_at(now, after=boot_id_at(now)) == boot_id_at(now) + 1  # same quarter
+    assert boot_id_at(now - 60, after=boot_id_at(now)) == boot_id_at(now) + 1  # clock back
+    assert boot_id_at(0.75, after=2**32 - 1) == 3  # after the wrap, 3 is newer
+    assert boot_id_at(float(2**30), after=2**32 - 1) == 0  # 2^32 quarters wrap to 0

@@ -578,6 +578,15 @@ def test_stream_validates_whole_messages() -> None:
     _broken(decoder, "bad_auth: tag at offset 122 does not verify with the key of collector_id 7")
 
 
+def test_current_collector_names_the_sender_of_a_whole_message_that_failed() -> None:
+    decoder = StreamDecoder(keys={7: KEY})
+    decoder.feed(VECTOR_SEQ6 + _flipped(VECTOR_SEQ6, 8 * 130))
+    assert isinstance(decoder.next_message(), Message)
+    with pytest.raises(TunnelError, match="bad_auth"):
+        decoder.next_message()
+    assert decoder.current_collector == 7
+
+
 @pytest.mark.parametrize(
     ("partial", "message"),
     [
@@ -611,6 +620,57 @@ def test_stream_buffer_does_not_grow_with_the_stream() -> None:
         assert len(drain(decoder)) == len(STREAM_MESSAGES)
         assert decoder.buffered == 0
     assert len(decoder._buf) <= len(STREAM)
+
+
+def test_stream_holds_at_most_a_datagram_by_default() -> None:
+    # What a UDP datagram can carry is the default bound: a header announcing more is
+    # rejected at its 24th byte, before anything is buffered or any tag checked.
+    at_bound = StreamDecoder()
+    at_bound.feed(HEADER.pack(MAGIC, VERSION, 0, 65535, 7, 0, 0, 0, 0))
+    assert at_bound.next_message() is NEED_DATA
+    beyond = StreamDecoder()
+    beyond.feed(HEADER.pack(MAGIC, VERSION, 0, 65536, 7, 0, 0, 0, 0))
+    _broken(
+        beyond, "bad_length: header says 65536 bytes, more than the stream's max_message of 65535"
+    )
+    assert beyond.current_collector == 7
+
+
+def test_next_raw_gives_the_bytes_of_each_validated_message() -> None:
+    decoder = StreamDecoder(keys=STREAM_KEYS)
+    decoder.feed(STREAM[:100])
+    got = []
+    while (raw := decoder.next_raw()) is not NEED_DATA:
+        got.append(raw)
+    decoder.feed(STREAM[100:])
+    while (raw := decoder.next_raw()) is not NEED_DATA:
+        got.append(raw)
+    assert got == STREAM_MESSAGES
+    bad = StreamDecoder(keys={7: KEY})
+    bad.feed(_flipped(VECTOR_SEQ6, 8 * 130))
+    with pytest.raises(TunnelError, match="bad_auth"):
+        bad.next_raw()
+
+
+def test_registered_collectors_pass_require_known_without_a_key() -> None:
+    registered: set[int] = set()
+    decoder = StreamDecoder(require_known=True, registered=registered)
+    registered.add(7)  # registered while the stream lasts
+    decoder.feed(VECTOR_SEQ5)
+    assert isinstance(decoder.next_message(), Message)
+    other = StreamDecoder(require_known=True, registered={8})
+    other.feed(VECTOR_SEQ5)
+    _broken(other, "unknown_collector: collector_id 7 has no configured key and only known "
+            "collectors are accepted")  # fmt: skip
+    assert other.current_collector == 7
+
+
+def test_current_collector_is_0_without_a_readable_header() -> None:
+    decoder = StreamDecoder()
+    decoder.feed(b"GET / HTTP/1.1\r\nHost: example\r\n\r\n")
+    with pytest.raises(TunnelError):
+        decoder.next_message()
+    assert decoder.current_collector == 0
 
 
 # --- message builder --------------------------------------------------------------------

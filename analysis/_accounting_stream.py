@@ -1,0 +1,123 @@
+"""One (``collector_id``, ``boot_id``) sequence of the accounting: ``StreamStats``.
+
+Part of ``analysis.accounting`` (import from there; its docstring describes the rules). The
+state is the highest ``seq`` seen and a ring of the last ``WINDOW`` seqs received, indexed
+by ``seq % WINDOW`` (``WINDOW`` divides 2^32, so wrap-around needs no care). ``observe``
+applies the seqs of one batch and says, per message, whether it is accepted (new) or
+dropped (a duplicate, or ``stale``: too far behind to tell).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["COUNTS", "HALF", "MOD", "WINDOW", "StreamStats"]
+
+WINDOW: Final = 1024
+"""Seqs behind the highest that are still told apart as duplicate or reordered."""
+MOD: Final = 1 << 32
+HALF: Final = 1 << 31
+I64 = npt.NDArray[np.int64]
+Mask = npt.NDArray[np.bool_]
+
+
+@dataclass(slots=True, eq=False)
+class StreamStats:
+    """Counters of one (``collector_id``, ``boot_id``) sequence."""
+
+    collector_id: int
+    boot_id: int
+    highest: int
+    """Highest seq seen (modulo 2^32)."""
+    first_seen: float
+    last_seen: float
+    received: int = 0
+    """Valid messages, dropped ones included: expected = received - duplicates - stale +
+    lost + kernel."""
+    lost: int = 0
+    """Seqs skipped over and not (yet) received, less those charged to ``kernel``: what
+    the network lost."""
+    kernel: int = 0
+    """Seqs skipped over because the analyzer's socket dropped them (its buffer was full)."""
+    duplicates: int = 0
+    """Messages whose seq was already received (dropped, not ingested)."""
+    reordered: int = 0
+    """Messages that arrived after a higher seq (each one taken back from ``lost``)."""
+    stale: int = 0
+    """Messages ``WINDOW`` or more behind the highest seq (dropped, not ingested)."""
+    frames: int = 0
+    """Frames of the accepted messages."""
+    bytes: int = 0
+    """Bytes of the accepted messages (whole datagrams)."""
+    span: int = 0
+    """Seqs from the stream's first message to ``highest``, capped at ``WINDOW``."""
+    seen: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(WINDOW, np.bool_))
+
+    def observe(self, seqs: I64) -> Mask:
+        """Apply the seqs of one batch, in arrival order; which messages are accepted."""
+        k = seqs.size
+        prev = np.empty(k, np.int64)
+        prev[0] = self.highest
+        prev[1:] = seqs[:-1]
+        step = (seqs - prev) % MOD
+        if (step > 0).all() and (step < HALF).all():  # only forward: one vectorized step
+            advance = int(step.sum())
+            self.lost += advance - k
+            self._clear(advance)
+            self.highest = int(seqs[-1])
+            recent = seqs[(self.highest - seqs) % MOD < WINDOW]
+            self.seen[recent % WINDOW] = True
+            self.span = min(WINDOW, self.span + advance)
+            self.received += k
+            return np.ones(k, np.bool_)
+        return np.fromiter((self.observe_one(s) for s in seqs.tolist()), np.bool_, count=k)
+
+    def _clear(self, advance: int) -> None:
+        """Forget the ring slots of the ``advance`` seqs after ``highest`` (they are new)."""
+        if advance >= WINDOW:
+            self.seen[:] = False
+            return
+        start = (self.highest + 1) % WINDOW
+        end = start + advance
+        self.seen[start : min(end, WINDOW)] = False
+        if end > WINDOW:
+            self.seen[: end - WINDOW] = False
+
+    def observe_one(self, s: int) -> bool:
+        """Apply one seq; whether its message is accepted (``observe`` of one, cheaper)."""
+        self.received += 1
+        ahead = (s - self.highest) % MOD
+        if 0 < ahead < HALF:
+            self.lost += ahead - 1
+            self._clear(ahead)
+            self.seen[s % WINDOW] = True
+            self.highest = s
+            self.span = min(WINDOW, self.span + ahead)
+            return True
+        back = (self.highest - s) % MOD
+        if back >= WINDOW:
+            self.stale += 1
+            return False
+        if self.seen[s % WINDOW]:
+            self.duplicates += 1
+            return False
+        self.seen[s % WINDOW] = True
+        self.reordered += 1
+        if back < self.span:  # after the stream's first message: it was counted missing
+            if self.lost > 0:
+                self.lost -= 1
+            else:  # it was charged to the kernel, wrongly: it was only late
+                self.kernel -= 1
+        return True
+
+
+COUNTS: Final = (
+    "received", "lost", "kernel", "duplicates", "reordered", "stale", "frames", "bytes",
+)  # fmt: skip
+"""The summable counters of a stream (kept per collector when the stream is forgotten)."""
+if not set(COUNTS) <= {f.name for f in fields(StreamStats)}:  # pragma: no cover - a typo
+    raise AssertionError("COUNTS names a field StreamStats does not have")
