@@ -88,6 +88,9 @@ class Routes:
         self.senders = senders
         self.wall = wall
         """The wall clock, for the ``boot_id`` of each stream's start (``boot_id_at``)."""
+        self._last_boot: int | None = None
+        """The newest ``boot_id`` a stream of this collector took: every start takes a later
+        one, so no two streams (and no restart of one) share a boot."""
         self.default = Forwarder(config, default)
         """Route None: the collector's own analyzer."""
         self.forwarders: dict[Destination, Forwarder] = {}
@@ -100,9 +103,8 @@ class Routes:
         """Destination senders that failed to start."""
 
     def start(self) -> None:
-        """Start the default forwarder (a ``boot_id`` after the one it had, if any)."""
-        previous = self.default.boot_id or None
-        self.default.start(boot_id=boot_id_at(self.wall(), after=previous))
+        """Start the default forwarder."""
+        self.default.start(boot_id=self._next_boot())
 
     def stop(self) -> None:
         """Flush and stop every forwarder."""
@@ -182,10 +184,14 @@ class Routes:
             }
         return out
 
+    def _next_boot(self) -> int:
+        self._last_boot = boot_id_at(self.wall(), after=self._last_boot)
+        return self._last_boot
+
     def _open(self, destination: Destination) -> None:
         forwarder = Forwarder(self.config, self.senders(destination, self.config.max_message))
         try:
-            forwarder.start(boot_id=boot_id_at(self.wall()))
+            forwarder.start(boot_id=self._next_boot())
         except OSError as exc:
             self.start_errors += 1
             if self.start_errors in (1, 10) or self.start_errors % 100 == 0:
