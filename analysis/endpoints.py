@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vspan.analysis._factorize import factorize
-from vspan.analysis.columns import Decoded, TagKind
+from vspan.analysis.columns import NO_MAC, Decoded, TagKind
 
 __all__ = [
     "KIND_MAC",
@@ -162,7 +162,7 @@ class EndpointResolver:
         self._learn(mac[pick], KIND_VIF | (uniq[codes[pick]] & ~_LOCAL_KEY))
 
     def _learn(self, macs: U64, eps: U64) -> None:
-        unicast = (macs & _BROADCAST_BIT) == 0
+        unicast = ((macs & _BROADCAST_BIT) == 0) & (macs != NO_MAC)  # a frame with no MAC
         macs, eps = macs[unicast], eps[unicast]
         if macs.size == 0:
             return
