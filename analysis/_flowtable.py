@@ -240,86 +240,23 @@ def _start(state: I64, row: int, h: np.int64, frame: tuple[np.int64, int, np.int
 
 
 @kernel
-def _add(state: I64, row: int, frame: tuple[np.int64, int, int, int, int, int, bool]) -> None:
-    """Count ``frame`` (time, rev, host, role, wire length, TCP flags, tagged) in ``row``.
-
-    A frame older than the flow's start becomes its first packet: the flow's direction and
-    observing host are then the frame's (the host that saw the first packet, whichever
-    collector's message came first).
-    """
-    ts, rev, host, role, wirelen, flags, tagged = frame
+def _first(state: I64, row: int, frame: tuple[np.int64, int, np.int64]) -> None:
+    """Make ``frame`` (time, rev, host), older than the flow's start, its first packet: the
+    flow's direction and observing host are then the frame's (the host that saw the first
+    packet, whichever collector's message came first)."""
+    ts, rev, host = frame
+    state[row, _START] = ts
+    first_rev = np.int64(1) << FIRST_REV_BIT
+    state[row, _BITS] = (state[row, _BITS] & ~first_rev) | (np.int64(rev) << FIRST_REV_BIT)
     observer, other = state[row, _OBSERVER], state[row, _OTHER]
-    if ts < state[row, _START]:
-        state[row, _START] = ts
-        first_rev = np.int64(1) << FIRST_REV_BIT
-        state[row, _BITS] = (state[row, _BITS] & ~first_rev) | (np.int64(rev) << FIRST_REV_BIT)
-        if host != observer:  # the other hosts: exact for two, the largest others beyond
-            state[row, _OTHER] = observer if other == host else max(other, observer)
-            state[row, _OBSERVER] = host
-    elif host != observer:
-        state[row, _OTHER] = max(other, np.int64(host))
-    state[row, _LAST] = max(state[row, _LAST], ts)
-    c = _COUNTERS + role * 4 + rev * 2
-    state[row, c] += 1
-    state[row, c + 1] += wirelen
-    state[row, _COPIES] += 1
-    state[row, _BITS] |= np.int64(flags) << (16 * rev)
-    if tagged:
-        state[row, _BITS] |= 1 << TAGGED_BIT
-
-
-@kernel
-def _key(
-    keycols: tuple[U64, U64, U64, U64, U64, U64, U64, U64], misc: U64, i: int, k: U64
-) -> tuple[np.int64, int]:
-    """Fill ``k`` with the canonical key of frame ``i``; return its hash and ``rev``."""
-    s_ep, d_ep, s_hi, s_lo, d_hi, d_lo, sport, dport = keycols
-    gt = s_hi[i] > d_hi[i] or (
-        s_hi[i] == d_hi[i]
-        and (
-            s_lo[i] > d_lo[i]
-            or (
-                s_lo[i] == d_lo[i]
-                and (sport[i] > dport[i] or (sport[i] == dport[i] and s_ep[i] > d_ep[i]))
-            )
-        )
-    )
-    if gt:
-        k[0], k[1], k[2], k[3], k[4], k[5] = d_ep[i], s_ep[i], d_hi[i], d_lo[i], s_hi[i], s_lo[i]
-        pa, pb = dport[i], sport[i]
-    else:
-        k[0], k[1], k[2], k[3], k[4], k[5] = s_ep[i], d_ep[i], s_hi[i], s_lo[i], d_hi[i], d_lo[i]
-        pa, pb = sport[i], dport[i]
-    k[6] = (pa << _U32) | pb
-    k[7] = m = misc[i]
-    hu = np.uint64(0)
-    for w in range(6):
-        hu = mix(hu, k[w])
-    for v in (pa, pb, m >> _U32, (m >> _U16) & _LOW16, m & _LOW16):
-        hu = mix(hu, v)
-    return np.int64(hu), 1 if gt else 0
+    if host != observer:  # the other hosts: exact for two, the largest others beyond
+        state[row, _OTHER] = observer if other == host else max(other, observer)
+        state[row, _OBSERVER] = host
 
 
 _JOIN, _LATE, _RESTART, _NEW = 0, 1, 2, 3
 """What a frame does (``run_frames``): join its key's open flow, be a late flow of its own,
 finish the open flow and start a new one in its row, start a flow in a new row."""
-
-
-@kernel
-def _decide(state: I64, row: int, ts: np.int64, clock: tuple[np.int64, int, int]) -> int:
-    """The rule of ``flows`` for a frame at ``ts`` whose key has open flow ``row`` (-1:
-    none); ``clock``: the table's clock before the frame, the idle and active timeouts."""
-    now, idle, active = clock
-    if row < 0:
-        return _NEW
-    start, last = state[row, _START], state[row, _LAST]
-    alive = now - last <= idle
-    fits = max(last, ts) - min(start, ts) < active and ts - last <= idle and start - ts <= idle
-    if alive and fits:
-        return _JOIN
-    if alive and ts < start:
-        return _LATE
-    return _RESTART
 
 
 @kernel
@@ -341,7 +278,14 @@ def run_frames(
     table's clock (the newest capture time seen); ``pending``: the pending map, its entries,
     how many it may hold, whether to stop (``Need.PENDING``) rather than refuse a copy when
     it is full, the pairing window in ns, and the counters (``_copypairs.COUNTERS``).
+
+    The rule (``flows``), with ``now`` the clock before the frame: the key's open flow is
+    *open* while ``now - last <= idle``; the frame joins it when, with the frame, the flow
+    spans less than ``active`` and has no gap over ``idle``; an open flow it cannot join
+    and is older than makes it a late flow of its own (finished at once); else the flow,
+    if any, is finished and the frame starts a new one.
     """
+    s_ep, d_ep, s_hi, s_lo, d_hi, d_lo, sport, dport = keycols
     misc, ts_ns, wirelen, flags, host, role, tagged, fingerprint = facts
     rows, index, n, fin_rows, nfin = table
     keys, state = rows
@@ -349,51 +293,102 @@ def run_frames(
     j0, idle, active, now = walk
     pend, npend, limit, stop_when_full, window, stats = pending
     k = np.empty(len(KEY_WORDS), np.uint64)
-    for j in range(j0, ts_ns.size):
-        h, rev = _key(keycols, misc, j, k)
-        ts = ts_ns[j]
+    for i in range(j0, ts_ns.size):
+        gt = s_hi[i] > d_hi[i] or (
+            s_hi[i] == d_hi[i]
+            and (
+                s_lo[i] > d_lo[i]
+                or (
+                    s_lo[i] == d_lo[i]
+                    and (sport[i] > dport[i] or (sport[i] == dport[i] and s_ep[i] > d_ep[i]))
+                )
+            )
+        )
+        if gt:
+            k[0], k[1], k[2], k[3], k[4], k[5] = (
+                d_ep[i], s_ep[i], d_hi[i], d_lo[i], s_hi[i], s_lo[i],
+            )  # fmt: skip
+            pa, pb = dport[i], sport[i]
+        else:
+            k[0], k[1], k[2], k[3], k[4], k[5] = (
+                s_ep[i], d_ep[i], s_hi[i], s_lo[i], d_hi[i], d_lo[i],
+            )  # fmt: skip
+            pa, pb = sport[i], dport[i]
+        k[6] = (pa << _U32) | pb
+        k[7] = m = misc[i]
+        hu = np.uint64(0)
+        for w in range(6):
+            hu = mix(hu, k[w])
+        for v in (pa, pb, m >> _U32, (m >> _U16) & _LOW16, m & _LOW16):
+            hu = mix(hu, v)
+        h = np.int64(hu)
+        ts = ts_ns[i]
+        rev = 1 if gt else 0
         row = find_row(index, keys, state, h, k)
-        what = _decide(state, row, ts, (now, idle, active))
-        fp = fingerprint[j]
+        what = _NEW
+        if row >= 0:
+            start, last = state[row, _START], state[row, _LAST]
+            what = _RESTART
+            if now - last <= idle:  # the flow is open
+                span = max(last, ts) - min(start, ts)
+                if span < active and ts - last <= idle and start - ts <= idle:
+                    what = _JOIN
+                elif ts < start:
+                    what = _LATE
+        fp = fingerprint[i]
+        r = role[i] & 3
+        pairs = role[i] >= 4 and fp != 0
         slot, ident = -1, np.int64(0)
-        pairs = role[j] >= 4 and fp != 0
         if pairs:
             ident = identity(h, fp, rev)
             slot = find(pend, ident, h, np.int64(fp))
             if slot < 0 and npend >= limit and stop_when_full:
-                return j, n, nfin, Need.PENDING, now, npend
+                return i, n, nfin, Need.PENDING, now, npend
         if what in (_LATE, _RESTART) and nfin == fin_keys.shape[0]:
-            return j, n, nfin, Need.FINISHED, now, npend
+            return i, n, nfin, Need.FINISHED, now, npend
         if what == _NEW and n == keys.shape[0]:
-            return j, n, nfin, Need.ROWS, now, npend
-        frame = (ts, rev, np.int64(host[j]))
-        st, at = state, row
-        if what == _LATE:  # a flow of its own, finished at once
-            st, at = fin_state, nfin
+            return i, n, nfin, Need.ROWS, now, npend
+        # From here on the frame is taken: nothing returns before the next one.
+        frame = (ts, rev, np.int64(host[i]))
+        if what == _LATE or (what != _JOIN and now - ts > idle):
+            stats[LATE] += 1  # a flow of its own, ended already
+        if what == _LATE:  # a flow of its own, finished at once: a row of the finished
+            at, counted = nfin, fin_state
             fin_keys[at, :] = k
             _start(fin_state, at, h, frame)
             nfin += 1
-        elif what == _RESTART:
-            _copy_out(row, rows, fin_rows, nfin)
-            nfin += 1
-            _start(state, row, h, frame)
-        elif what == _NEW:
-            at = n
-            n += 1
-            keys[at, :] = k
-            _start(state, at, h, frame)
-            _insert(index, h, at)
-        if what == _LATE or (what != _JOIN and now - ts > idle):
-            stats[LATE] += 1  # a flow of its own, ended already
-        r = role[j] & 3
-        _add(st, at, (ts, rev, host[j], r, wirelen[j], flags[j], tagged[j]))
+        else:
+            at, counted = row, state
+            if what == _RESTART:
+                _copy_out(row, rows, fin_rows, nfin)
+                nfin += 1
+                _start(state, row, h, frame)
+            elif what == _NEW:
+                at = n
+                n += 1
+                keys[at, :] = k
+                _start(state, at, h, frame)
+                _insert(index, h, at)
+            elif ts < state[row, _START]:
+                _first(state, row, frame)
+        # Count the frame in its flow (``counted[at]``).
+        if host[i] != counted[at, _OBSERVER]:
+            counted[at, _OTHER] = max(counted[at, _OTHER], np.int64(host[i]))
+        counted[at, _LAST] = max(counted[at, _LAST], ts)
+        c = _COUNTERS + r * 4 + rev * 2
+        counted[at, c] += 1
+        counted[at, c + 1] += wirelen[i]
+        counted[at, _COPIES] += 1
+        counted[at, _BITS] |= np.int64(flags[i]) << (16 * rev)
+        if tagged[i]:
+            counted[at, _BITS] |= 1 << TAGGED_BIT
         now = max(now, ts)
         if pairs:
-            copy = (ident, h, np.int64(fp), ts, (np.int64(host[j]) << HOST_SHIFT) | r)
+            copy = (ident, h, np.int64(fp), ts, (np.int64(host[i]) << HOST_SHIFT) | r)
             added, paired, delay = settle(pend, slot, copy, (now, window, npend < limit), stats)
             npend += added
-            st[at, _DELAY] += delay
-            st[at, _PAIRS] += paired
+            counted[at, _DELAY] += delay
+            counted[at, _PAIRS] += paired
     return ts_ns.size, n, nfin, Need.DONE, now, npend
 
 
