@@ -82,7 +82,6 @@ _NEVER = -(1 << 62)
 _FIRST_SLOTS = 1024
 """Slots of the pending map at first (it doubles as needed, up to ``max_pending_copies``)."""
 _U32, _U16 = np.uint64(32), np.uint64(16)
-
 _LOW16, _LOW32 = np.uint64(0xFFFF), np.uint64(0xFFFFFFFF)
 
 
@@ -315,7 +314,7 @@ class FlowTable:
         self._now = int(now)
         self._oldest = min(self._oldest, int(dec.ts_ns.min()))
         if self._npend and self._now - self._purged > 2 * self._window:
-            self._repend(self._pend.shape[0])
+            self._repend(self._pend.shape[0], self._now)
         finished = fin.finished(nfin)
         idled = self._expire()
         return Finished.concat([finished, idled]) if len(idled) else finished
@@ -368,22 +367,21 @@ class FlowTable:
         )
         return fin.finished(nfin)
 
-    def _repend(self, slots: int) -> None:
-        """Rebuild the pending map with ``slots`` slots, without the stale copies."""
+    def _repend(self, slots: int, now: int) -> None:
+        """Rebuild the pending map with ``slots`` slots, without the copies stale at ``now``."""
         new = np.zeros((slots, len(cp.PENDING)), np.int64)
-        now = np.int64(self._now)
-        self._npend = cp.rebuild(self._pend, new, now, np.int64(self._window), self._stats)
-        self._pend = new
-        self._purged = self._now
+        window = np.int64(self._window)
+        self._npend = cp.rebuild(self._pend, new, np.int64(now), window, self._stats)
+        self._pend, self._purged = new, now
 
     def _make_room(self, now: int) -> bool:
-        """Purge the full pending map, growing it while it stays over half full; whether a
-        copy may wait now (else copies are refused until the batch ends)."""
-        self._now = max(self._now, now)
+        """Purge the full pending map at ``now``, and double it if it is still over a quarter
+        full (up to ``max_pending_copies``); whether a copy may wait now (else copies are
+        refused, and counted, until the batch ends)."""
         slots = self._pend.shape[0]
-        self._repend(slots)
+        self._repend(slots, now)
         if self._npend >= slots // 4 and slots < self._max_slots:
-            self._repend(2 * slots)
+            self._repend(2 * slots, now)
         return self._npend < self._pend.shape[0] // 2
 
     def _expire(self) -> Finished:
