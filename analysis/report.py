@@ -287,7 +287,8 @@ def analyze_captures(
     total = sum(os.path.getsize(p) for p in paths)
     frames = 0
 
-    def usable_frames(reader: CaptureReader, batches: Iterable[FrameBatch]) -> Iterator[Decoded]:
+    def usable_frames(batches: Iterable[FrameBatch]) -> Iterator[Decoded]:
+        """The usable frames of each batch, decoded and counted by outcome."""
         nonlocal frames
         for batch in batches:
             dec = _with_host(decode_batch(batch), _assign_hosts(batch, hosts, default_host))
@@ -309,7 +310,7 @@ def analyze_captures(
         sources = []
         for i in rank:
             batches = stack.enter_context(contextlib.closing(prefetch(iter(readers[i]), depth)))
-            sources.append(usable_frames(readers[i], batches))
+            sources.append(usable_frames(batches))
         for good in time_merge(sources):
             finished.append(table.update_rows(good, resolver.resolve(good)))
     files = [
