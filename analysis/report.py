@@ -80,6 +80,8 @@ class CaptureReport:
     outcomes: list[tuple[str, str, int]]
     """Frames by outcome: (category — flow / not decodable —, reason, frames), sorted."""
     files: list[FileStatus] = field(default_factory=list)
+    flow_counters: dict[str, int] = field(default_factory=dict)
+    """The flow table's counters (``FlowTable.counters``): late frames, paired copies."""
 
     @property
     def partial(self) -> bool:
@@ -328,7 +330,13 @@ def analyze_captures(
     cols = flows.columns()
     order = np.lexsort((cols["hash"], cols["start_ns"]))  # by first packet, then hash
     records = flow_table({c: v[order] for c, v in cols.items()}, inventory=inventory, hosts=hosts)
-    return CaptureReport(records=records, frames=frames, outcomes=_outcomes(outcomes), files=files)
+    return CaptureReport(
+        records=records,
+        frames=frames,
+        outcomes=_outcomes(outcomes),
+        files=files,
+        flow_counters=table.counters(),
+    )
 
 
 def _outcomes(counts: dict[int, int]) -> list[tuple[str, str, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import struct
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dpkt
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vspan.analysis.report import analyze_captures, time_merge
+from vspan.cli_report import _summary
 from vspan.inventory import Inventory
 from vspan.pcapwrite import PcapngWriter
 from vspan.synth import SynthCapture, generate_small, write_inventory_yaml
@@ -116,6 +119,32 @@ def test_one_capture_per_host_gives_the_ground_truth_whatever_the_order(tmp_path
         results.append(flows)
     for other in results[1:]:
         pd.testing.assert_frame_equal(results[0], other)
+
+
+def test_a_record_far_out_of_order_in_a_file_is_a_late_flow_counted_and_said(
+    tmp_path: Path,
+) -> None:
+    # Ten datagrams of one flow, then one two minutes older than the first (more than the
+    # idle timeout): read a record a chunk, it comes when the flow is open; it must not
+    # stretch it back two minutes, nor be lost, and is said to be late.
+    path = tmp_path / "late.pcap"
+    with open(path, "wb") as fh:
+        writer = dpkt.pcap.Writer(fh)
+        for t in [*range(1000, 1010), 880]:
+            udp = dpkt.udp.UDP(sport=5000, dport=53, data=b"x")
+            ip = dpkt.ip.IP(src=bytes([10, 0, 0, 1]), dst=bytes([10, 0, 0, 2]), p=17, data=udp)
+            writer.writepkt(bytes(dpkt.ethernet.Ethernet(data=ip)), ts=1_700_000_000 + t)
+    report = analyze_captures([path], chunk_bytes=100)
+    assert sorted(report.flows["packets"].tolist()) == [1, 10]
+    assert report.flow_counters["late_frames"] == 1
+    err = io.StringIO()
+    _summary(report, err)
+    assert "1 frames too far out of time order to join their flow" in err.getvalue()
+    # Read whole, the file is put in time order first: the same two flows (two minutes
+    # apart), and no frame late.
+    whole = analyze_captures([path])
+    assert sorted(whole.flows["packets"].tolist()) == [1, 10]
+    assert whole.flow_counters["late_frames"] == 0
 
 
 @settings(max_examples=100, deadline=None)
