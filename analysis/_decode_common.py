@@ -66,6 +66,8 @@ __all__ = [
     "be48",
     "be64",
     "byte",
+    "finish",
+    "fold",
     "wrap32",
 ]
 
@@ -111,6 +113,29 @@ L_VLAN: Final = int(Layer.VLAN)
 L_IP: Final = int(Layer.IP)
 L_IP_EXT: Final = int(Layer.IP_EXT)
 L_L4: Final = int(Layer.L4)
+
+
+_FOLD: Final = np.uint64(0x9E3779B97F4A7C15)
+_FINAL1: Final = np.uint64(0xBF58476D1CE4E5B9)
+_FINAL2: Final = np.uint64(0x94D049BB133111EB)
+_R29, _R31 = np.uint64(29), np.uint64(31)
+
+
+@kernel
+def fold(h: np.uint64, value: int) -> np.uint64:
+    """One step of the packet fingerprint's hash: ``value`` (a header word, >= 0) mixed in."""
+    h = (h ^ np.uint64(value)) * _FOLD
+    return h ^ (h >> _R29)
+
+
+@kernel
+def finish(h: np.uint64) -> np.uint64:
+    """The fingerprint of an accumulated hash (splitmix64's finalizer); never 0."""
+    h ^= h >> _R31
+    h *= _FINAL1
+    h ^= h >> _R29
+    h *= _FINAL2
+    return h | np.uint64(1)
 
 
 @kernel

@@ -44,6 +44,7 @@ from ._decode_common import (
     be32,
     be64,
     byte,
+    fold,
     wrap32,
 )
 from .columns import IPV4_MAPPED_PREFIX, Decoded
@@ -57,6 +58,9 @@ _V4_PREFIX: Final = int(IPV4_MAPPED_PREFIX)
 # IPv4 header (RFC 791): version/IHL, total length, identification, flags/fragment offset,
 # TTL, protocol, source, destination; the smallest header.
 _V4_TLEN, _V4_ID, _V4_FRAG, _V4_TTL, _V4_PROTO, _V4_SRC, _V4_DST = 2, 4, 6, 8, 9, 12, 16
+_V4_SEED, _V6_SEED = np.uint64(4), np.uint64(6)
+"""Where a fingerprint's hash starts: the two IP versions never share one."""
+_FLOW_LABEL = 0xFFFFF
 _V4_MIN: Final = 20
 # IPv6 fixed header (RFC 8200): payload length, next header, hop limit, source, destination.
 _V6_PLEN, _V6_NEXT, _V6_HLIM, _V6_SRC, _V6_DST, _V6_LEN = 4, 6, 7, 8, 24, 40
@@ -90,6 +94,7 @@ def ipv4_headers(lo: int, hi: int, fr: Frames, out: Decoded, st: State) -> None:
     ip_ttl, ip_proto, payload_len = out.ip_ttl, out.ip_proto, out.payload_len
     frag_offset, frag_mf, frag_id = out.frag_offset, out.frag_mf, out.frag_id
     is_fragment, src_ip_lo, dst_ip_lo = out.is_fragment, out.src_ip_lo, out.dst_ip_lo
+    fingerprint = out.fingerprint
     first = np.uint64(lo)  # unsigned indices: numba adds no negative-index wraparound
     for j in range(np.uint64(hi - lo)):
         if st[STEP, j] != IPV4:
@@ -138,7 +143,12 @@ def ipv4_headers(lo: int, hi: int, fr: Frames, out: Decoded, st: State) -> None:
         if avail < hlen:
             status[i] = TRUNCATED
             layer[i] = L_IP
-        elif offset == 0:
+            continue
+        # identification, total length, flags and offset, protocol (TTL, TOS and checksum
+        # change on the way)
+        ident = (be32(data, s + _V4_ID) << 24) | (be16(data, s + _V4_TLEN) << 8)
+        fingerprint[i] = fold(_V4_SEED, ident | ip_proto[i])
+        if offset == 0:
             st[STEP, j] = L4
             st[POS, j] = pos + hlen
             st[KIND, j] = ip_proto[i]  # read above: the whole header is there
@@ -155,6 +165,7 @@ def ipv6_headers(lo: int, hi: int, fr: Frames, out: Decoded, st: State) -> None:
     src_ip_hi, src_ip_lo, dst_ip_hi, dst_ip_lo = (
         out.src_ip_hi, out.src_ip_lo, out.dst_ip_hi, out.dst_ip_lo,
     )  # fmt: skip
+    fingerprint = out.fingerprint
     first = np.uint64(lo)  # unsigned indices: numba adds no negative-index wraparound
     for j in range(np.uint64(hi - lo)):
         if st[STEP, j] != IPV6:
@@ -189,6 +200,10 @@ def ipv6_headers(lo: int, hi: int, fr: Frames, out: Decoded, st: State) -> None:
             status[i] = TRUNCATED
             layer[i] = L_IP
         else:
+            # flow label, payload length, next header (traffic class and hop limit change)
+            label = be32(data, s) & _FLOW_LABEL
+            ident = (label << 24) | (be16(data, s + _V6_PLEN) << 8) | byte(data, s + _V6_NEXT)
+            fingerprint[i] = fold(_V6_SEED, ident)
             st[STEP, j] = IPV6_EXT
             st[POS, j] = pos + _V6_LEN
             st[KIND, j] = byte(data, s + _V6_NEXT)
@@ -202,7 +217,7 @@ def ipv6_extensions(lo: int, hi: int, fr: Frames, out: Decoded, st: State) -> No
     data, status, layer = fr.data, out.status, out.layer
     ip_proto, payload_len = out.ip_proto, out.payload_len
     frag_offset, frag_mf, is_fragment = out.frag_offset, out.frag_mf, out.is_fragment
-    frag_id = out.frag_id
+    frag_id, fingerprint = out.frag_id, out.fingerprint
     first = np.uint64(lo)  # unsigned indices: numba adds no negative-index wraparound
     for j in range(np.uint64(hi - lo)):
         if st[STEP, j] != IPV6_EXT:
@@ -244,6 +259,7 @@ def ipv6_extensions(lo: int, hi: int, fr: Frames, out: Decoded, st: State) -> No
                 frag_mf[i] = word & 1
                 is_fragment[i] = 1 if offset > 0 or word & 1 else 0
                 frag_id[i] = be32(data, s + pos + _FRAG_ID)
+                fingerprint[i] = fold(fingerprint[i], (word << 32) | frag_id[i])
                 later = offset > 0  # a non-first fragment: the rest is not a header
             nh, pos, used = byte(data, s + pos + _EXT_NEXT), pos + size, used + size
             if later:

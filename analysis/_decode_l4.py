@@ -33,7 +33,9 @@ from ._decode_common import (
     Frames,
     State,
     be16,
+    be32,
     byte,
+    fold,
 )
 from .columns import ICMP_ECHO_TYPES, Decoded
 
@@ -56,6 +58,11 @@ for _kind, (_reply, _request) in _ECHO.items():
 # ICMP's type, code and echo identifier.
 _SPORT, _DPORT, _TCP_OFFSET, _TCP_FLAGS, _UDP_LENGTH = 0, 2, 12, 13, 4
 _ICMP_TYPE, _ICMP_CODE, _ICMP_ID = 0, 1, 4
+# The header words in a packet's fingerprint (``Decoded.fingerprint``), and where they end.
+_TCP_SEQ, _TCP_CSUM, _SCTP_TAG = 4, 16, 4
+_IDENT_END = np.array([0, _TCP_CSUM + 2, 8, 12, 8, 8], np.int64)
+"""Bytes of each kind of header that hold its fingerprint words (by ``_KIND`` code)."""
+_NO_IDENTITY = np.uint64(0)
 
 
 @kernel
@@ -66,6 +73,7 @@ def l4_headers(lo: int, hi: int, fr: Frames, out: Decoded, st: State) -> None:
     l4_offset, payload_len = out.l4_offset, out.payload_len
     src_port, dst_port, tcp_flags = out.src_port, out.dst_port, out.tcp_flags
     icmp_type, icmp_code, icmp_id = out.icmp_type, out.icmp_code, out.icmp_id
+    fingerprint = out.fingerprint
     first = np.uint64(lo)  # unsigned indices: numba adds no negative-index wraparound
     for j in range(np.uint64(hi - lo)):
         if st[STEP, j] != L4:
@@ -114,6 +122,19 @@ def l4_headers(lo: int, hi: int, fr: Frames, out: Decoded, st: State) -> None:
                 if t == _ECHO_REPLY[kind] or t == _ECHO_REQUEST[kind]:
                     icmp_id[i] = be16(data, s + _ICMP_ID)
         payload_len[i] = max(payload - header, 0)
+        h = fingerprint[i]  # the IP fields' hash
+        if seen < _IDENT_END[kind]:
+            h = _NO_IDENTITY  # a word of the fingerprint was not captured
+        elif kind == _TCP:  # sequence, acknowledgement; offset, flags, window, checksum
+            h = fold(fold(h, be32(data, s + _TCP_SEQ)), be32(data, s + _TCP_SEQ + 4))
+            h = fold(h, (be32(data, s + _TCP_OFFSET) << 16) | be16(data, s + _TCP_CSUM))
+        elif kind == _UDP:  # length, checksum
+            h = fold(h, be32(data, s + _UDP_LENGTH))
+        elif kind == _SCTP:  # verification tag, checksum
+            h = fold(fold(h, be32(data, s + _SCTP_TAG)), be32(data, s + _SCTP_TAG + 4))
+        else:  # the whole ICMP/ICMPv6 header
+            h = fold(fold(h, be32(data, s)), be32(data, s + 4))
+        fingerprint[i] = h
         if bad:
             status[i] = MALFORMED
             layer[i] = L_L4

@@ -1,18 +1,17 @@
 """The flow table's compiled kernels and its memory layout (private to ``flows``).
 
-An open flow is one row of three arrays: ``keys`` (``KEY_WORDS`` uint64 words: the key
-columns of ``flowkeys.KEY_COLUMNS`` packed), ``state`` (``STATE`` int64 columns) and
-``times`` (``TIME_SUMS`` float64 columns). Rows are dense (0 .. n-1): a finished row is
-replaced by the last one. ``index`` is an open-addressing hash table (linear probing, a
-power-of-two size at least twice the rows) holding ``row + 1`` (0 = empty); deletion
-shifts the probe chain back, so the table never needs tombstones or a rebuild.
+An open flow is one row of two arrays: ``keys`` (``KEY_WORDS`` uint64 words: the key
+columns of ``flowkeys.KEY_COLUMNS`` packed) and ``state`` (``STATE`` int64 columns). Rows
+are dense (0 .. n-1): a finished row is replaced by the last one. ``index`` is an
+open-addressing hash table (linear probing, a power-of-two size at least twice the rows)
+holding ``row + 1`` (0 = empty); deletion shifts the probe chain back, so the table never
+needs tombstones or a rebuild.
 
-``run_frames`` walks a batch in time order and applies the per-packet rule to each frame:
-a frame continues its key's open flow unless the gap since the flow's last frame exceeds
-the idle timeout or the flow has lasted the active timeout, in which case the open flow is
-finished (copied to the finished rows) and the frame starts a new one in the same row.
-``run_frames`` stops early and says why when an output is full (``Need``); the caller grows
-it and calls again from where it stopped.
+``run_frames`` walks a batch in arrival order and applies the per-packet rule of ``flows``
+to each frame (join its key's open flow, or be a late flow of its own, or finish that flow
+and start a new one), then pairs the frame with its other copy (``_copypairs``). It stops
+early and says why when an output is full (``Need``); the caller makes room and calls again
+from where it stopped: a frame is looked at before anything is changed for it.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vspan._capture import kernel
+from vspan.analysis._copypairs import HOST_SHIFT, LATE, find, identity, settle
 from vspan.analysis.columns import ICMP_ECHO_TYPES
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "ROLES",
     "STATE",
     "TAGGED_BIT",
-    "TIME_SUMS",
     "Need",
     "find_row",
     "flow_ports",
@@ -49,9 +48,8 @@ U16 = npt.NDArray[np.uint16]
 I32 = npt.NDArray[np.int32]
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
-F64 = npt.NDArray[np.float64]
-Rows = tuple[U64, I64, F64]
-"""``keys``, ``state`` and ``times`` of a set of flows."""
+Rows = tuple[U64, I64]
+"""``keys`` and ``state`` of a set of flows."""
 Index = npt.NDArray[np.int32]
 _H = TypeVar("_H", np.uint64, U64)
 
@@ -69,19 +67,18 @@ ROLE_COUNTERS: Final = tuple(
     f"{what}{d}_{role}" for role in ROLES for d in DIRECTIONS for what in ("packets", "bytes")
 )
 """Packets and bytes per copy role (sender, receiver, other) and direction."""
-STATE: Final = ("hash", "start_ns", "last_ns", "anchor_ns", *ROLE_COUNTERS, "copies", "bits",
-                "observer", "observer_other")  # fmt: skip
+STATE: Final = ("hash", "start_ns", "last_ns", *ROLE_COUNTERS, "copies", "bits", "observer",
+                "observer_other", "delay_sum_ns", "pairs")  # fmt: skip
 """int64 columns of an open flow; ``bits`` packs ``tcp_flags`` (bits 0-15),
-``tcp_flags_rev`` (16-31), ``first_rev`` (32) and ``tagged`` (33)."""
-TIME_SUMS: Final = ("tsum_s", "tsum_rev_s", "tsum_r", "tsum_rev_r")
-"""float64 columns: capture-time offsets from ``anchor_ns`` summed per direction over the
-sender copies and the receiver copies."""
+``tcp_flags_rev`` (16-31), ``first_rev`` (32) and ``tagged`` (33); ``observer`` is the host
+of the first packet (by capture time), ``observer_other`` the largest other host that saw
+the flow (-1: none); ``delay_sum_ns`` and ``pairs`` sum the delays of the paired copies."""
 
-_HASH, _START, _LAST, _ANCHOR = 0, 1, 2, 3
-_COUNTERS = 4
+_HASH, _START, _LAST = 0, 1, 2
+_COUNTERS = 3
 """First role counter: ``_COUNTERS + role * 4 + rev * 2`` packets, ``+ 1`` bytes."""
-_COPIES, _BITS, _OBSERVER, _OTHER = 16, 17, 18, 19
-if STATE[_OTHER] != "observer_other" or len(ROLE_COUNTERS) != _COPIES - _COUNTERS:
+_COPIES, _BITS, _OBSERVER, _OTHER, _DELAY, _PAIRS = 15, 16, 17, 18, 19, 20
+if STATE[_PAIRS] != "pairs" or len(ROLE_COUNTERS) != _COPIES - _COUNTERS:
     raise AssertionError("the state offsets do not match STATE")  # pragma: no cover
 FIRST_REV_BIT, TAGGED_BIT = 32, 33
 
@@ -107,6 +104,8 @@ class Need(IntEnum):
     """The state arrays are full."""
     FINISHED = 2
     """The finished-flow arrays are full."""
+    PENDING = 3
+    """The pending map of unpaired copies is full (``_copypairs``)."""
 
 
 @kernel
@@ -225,49 +224,76 @@ def _copy_out(row: int, rows: Rows, fin: Rows, nfin: int) -> None:
     """Copy ``row`` of the open flows to row ``nfin`` of the finished ones."""
     fin[0][nfin, :] = rows[0][row, :]
     fin[1][nfin, :] = rows[1][row, :]
-    fin[2][nfin, :] = rows[2][row, :]
 
 
 @kernel
-def _start(state: I64, times: F64, row: int, h: np.int64, frame: tuple[np.int64, int, int]) -> None:
+def _start(state: I64, row: int, h: np.int64, frame: tuple[np.int64, int, np.int64]) -> None:
     """Make ``row`` a new flow with hash ``h`` at ``frame`` (time, rev, host)."""
     ts, rev, host = frame
     state[row, :] = 0
-    times[row, :] = 0.0
     state[row, _HASH] = h
     state[row, _START] = ts
     state[row, _LAST] = ts
-    state[row, _ANCHOR] = ts
     state[row, _BITS] = rev << FIRST_REV_BIT
     state[row, _OBSERVER] = host
     state[row, _OTHER] = -1
 
 
 @kernel
+def _first(state: I64, row: int, frame: tuple[np.int64, int, np.int64]) -> None:
+    """Make ``frame`` (time, rev, host), older than the flow's start, its first packet: the
+    flow's direction and observing host are then the frame's (the host that saw the first
+    packet, whichever collector's message came first)."""
+    ts, rev, host = frame
+    state[row, _START] = ts
+    first_rev = np.int64(1) << FIRST_REV_BIT
+    state[row, _BITS] = (state[row, _BITS] & ~first_rev) | (np.int64(rev) << FIRST_REV_BIT)
+    observer, other = state[row, _OBSERVER], state[row, _OTHER]
+    if host != observer:  # the other hosts: exact for two, the largest others beyond
+        state[row, _OTHER] = observer if other == host else max(other, observer)
+        state[row, _OBSERVER] = host
+
+
+_JOIN, _LATE, _RESTART, _NEW = 0, 1, 2, 3
+"""What a frame does (``run_frames``): join its key's open flow, be a late flow of its own,
+finish the open flow and start a new one in its row, start a flow in a new row."""
+
+
+@kernel
 def run_frames(
     keycols: tuple[U64, U64, U64, U64, U64, U64, U64, U64],
-    facts: tuple[U64, I64, I32, U16, npt.NDArray[np.uint32], U8, npt.NDArray[np.bool_]],
-    table: tuple[Rows, Index, int],
-    fin: tuple[Rows, int],
-    walk: tuple[I64, int, int, int],
-) -> tuple[int, int, int, int]:
-    """Add frames to the table; return (next frame, open rows, finished rows, ``Need``).
+    facts: tuple[U64, I64, I32, U16, npt.NDArray[np.uint32], U8, npt.NDArray[np.bool_], U64],
+    table: tuple[Rows, Index, int, Rows, int],
+    walk: tuple[int, int, int, np.int64],
+    pending: tuple[I64, int, int, bool, int, I64],
+) -> tuple[int, int, int, int, np.int64, int]:
+    """Add frames to the table, in arrival order; return (next frame, open rows, finished
+    rows, ``Need``, the clock, pending copies).
 
     ``keycols``: source and destination endpoint, address (hi, lo) and "port" per frame;
     ``facts``: packed proto/vlan/ethertype (``misc``), time, wire length, TCP flags, host,
-    copy role (0 sender, 1 receiver, 2 other) and tagged; ``table``: the open rows, their
-    index and count; ``fin``: the finished rows and their count; ``walk``: the frames in
-    time order, where to start in it, and the idle and active timeouts in ns.
+    copy role (0 sender, 1 receiver, 2 other; | 4 when the copy may pair), tagged and
+    fingerprint; ``table``: the open rows, their index and count, the finished rows and
+    their count; ``walk``: where to start, the idle and active timeouts in ns, and the
+    table's clock (the newest capture time seen); ``pending``: the pending map, its entries,
+    how many it may hold, whether to stop (``Need.PENDING``) rather than refuse a copy when
+    it is full, the pairing window in ns, and the counters (``_copypairs.COUNTERS``).
+
+    The rule (``flows``), with ``now`` the clock before the frame: the key's open flow is
+    *open* while ``now - last <= idle``; the frame joins it when, with the frame, the flow
+    spans less than ``active`` and has no gap over ``idle``; an open flow it cannot join
+    and is older than makes it a late flow of its own (finished at once); else the flow,
+    if any, is finished and the frame starts a new one.
     """
     s_ep, d_ep, s_hi, s_lo, d_hi, d_lo, sport, dport = keycols
-    misc, ts_ns, wirelen, flags, host, role, tagged = facts
-    rows, index, n = table
-    keys, state, times = rows
-    fin_rows, nfin = fin
-    order, j0, idle, active = walk
+    misc, ts_ns, wirelen, flags, host, role, tagged, fingerprint = facts
+    rows, index, n, fin_rows, nfin = table
+    keys, state = rows
+    fin_keys, fin_state = fin_rows
+    j0, idle, active, now = walk
+    pend, npend, limit, stop_when_full, window, stats = pending
     k = np.empty(len(KEY_WORDS), np.uint64)
-    for j in range(j0, order.size):
-        i = order[j]
+    for i in range(j0, ts_ns.size):
         gt = s_hi[i] > d_hi[i] or (
             s_hi[i] == d_hi[i]
             and (
@@ -280,23 +306,13 @@ def run_frames(
         )
         if gt:
             k[0], k[1], k[2], k[3], k[4], k[5] = (
-                d_ep[i],
-                s_ep[i],
-                d_hi[i],
-                d_lo[i],
-                s_hi[i],
-                s_lo[i],
-            )
+                d_ep[i], s_ep[i], d_hi[i], d_lo[i], s_hi[i], s_lo[i],
+            )  # fmt: skip
             pa, pb = dport[i], sport[i]
         else:
             k[0], k[1], k[2], k[3], k[4], k[5] = (
-                s_ep[i],
-                d_ep[i],
-                s_hi[i],
-                s_lo[i],
-                d_hi[i],
-                d_lo[i],
-            )
+                s_ep[i], d_ep[i], s_hi[i], s_lo[i], d_hi[i], d_lo[i],
+            )  # fmt: skip
             pa, pb = sport[i], dport[i]
         k[6] = (pa << _U32) | pb
         k[7] = m = misc[i]
@@ -309,36 +325,71 @@ def run_frames(
         ts = ts_ns[i]
         rev = 1 if gt else 0
         row = find_row(index, keys, state, h, k)
+        what = _NEW
         if row >= 0:
-            if ts - state[row, _LAST] > idle or ts - state[row, _START] >= active:
-                if nfin == fin_rows[0].shape[0]:
-                    return j, n, nfin, Need.FINISHED
+            start, last = state[row, _START], state[row, _LAST]
+            what = _RESTART
+            if now - last <= idle:  # the flow is open
+                span = max(last, ts) - min(start, ts)
+                if span < active and ts - last <= idle and start - ts <= idle:
+                    what = _JOIN
+                elif ts < start:
+                    what = _LATE
+        fp = fingerprint[i]
+        r = role[i] & 3
+        pairs = role[i] >= 4 and fp != 0
+        slot, ident = -1, np.int64(0)
+        if pairs:
+            ident = identity(h, fp, rev)
+            slot = find(pend, ident, h, np.int64(fp))
+            if slot < 0 and npend >= limit and stop_when_full:
+                return i, n, nfin, Need.PENDING, now, npend
+        if what in (_LATE, _RESTART) and nfin == fin_keys.shape[0]:
+            return i, n, nfin, Need.FINISHED, now, npend
+        if what == _NEW and n == keys.shape[0]:
+            return i, n, nfin, Need.ROWS, now, npend
+        # From here on the frame is taken: nothing returns before the next one.
+        frame = (ts, rev, np.int64(host[i]))
+        if what == _LATE or (what != _JOIN and now - ts > idle):
+            stats[LATE] += 1  # a flow of its own, ended already
+        if what == _LATE:  # a flow of its own, finished at once: a row of the finished
+            at, counted = nfin, fin_state
+            fin_keys[at, :] = k
+            _start(fin_state, at, h, frame)
+            nfin += 1
+        else:
+            at, counted = row, state
+            if what == _RESTART:
                 _copy_out(row, rows, fin_rows, nfin)
                 nfin += 1
-                _start(state, times, row, h, (ts, rev, host[i]))
-        else:
-            if n == keys.shape[0]:
-                return j, n, nfin, Need.ROWS
-            row = n
-            n += 1
-            keys[row, :] = k
-            _start(state, times, row, h, (ts, rev, host[i]))
-            _insert(index, h, row)
-        state[row, _START] = min(state[row, _START], ts)
-        state[row, _LAST] = max(state[row, _LAST], ts)
-        r = role[i]
+                _start(state, row, h, frame)
+            elif what == _NEW:
+                at = n
+                n += 1
+                keys[at, :] = k
+                _start(state, at, h, frame)
+                _insert(index, h, at)
+            elif ts < state[row, _START]:
+                _first(state, row, frame)
+        # Count the frame in its flow (``counted[at]``).
+        if host[i] != counted[at, _OBSERVER]:
+            counted[at, _OTHER] = max(counted[at, _OTHER], np.int64(host[i]))
+        counted[at, _LAST] = max(counted[at, _LAST], ts)
         c = _COUNTERS + r * 4 + rev * 2
-        state[row, c] += 1
-        state[row, c + 1] += wirelen[i]
-        if r < 2:
-            times[row, r * 2 + rev] += float(ts - state[row, _ANCHOR])
-        state[row, _COPIES] += 1
-        state[row, _BITS] |= np.int64(flags[i]) << (16 * rev)
+        counted[at, c] += 1
+        counted[at, c + 1] += wirelen[i]
+        counted[at, _COPIES] += 1
+        counted[at, _BITS] |= np.int64(flags[i]) << (16 * rev)
         if tagged[i]:
-            state[row, _BITS] |= 1 << TAGGED_BIT
-        if host[i] != state[row, _OBSERVER]:
-            state[row, _OTHER] = max(state[row, _OTHER], np.int64(host[i]))
-    return order.size, n, nfin, Need.DONE
+            counted[at, _BITS] |= 1 << TAGGED_BIT
+        now = max(now, ts)
+        if pairs:
+            copy = (ident, h, np.int64(fp), ts, (np.int64(host[i]) << HOST_SHIFT) | r)
+            added, paired, delay = settle(pend, slot, copy, (now, window, npend < limit), stats)
+            npend += added
+            counted[at, _DELAY] += delay
+            counted[at, _PAIRS] += paired
+    return ts_ns.size, n, nfin, Need.DONE, now, npend
 
 
 @kernel

@@ -18,7 +18,15 @@ import numpy.typing as npt
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["ICMP_ECHO_TYPES", "IPV4_MAPPED_PREFIX", "Decoded", "Layer", "Status", "TagKind"]
+__all__ = [
+    "ICMP_ECHO_TYPES",
+    "IPV4_MAPPED_PREFIX",
+    "NO_MAC",
+    "Decoded",
+    "Layer",
+    "Status",
+    "TagKind",
+]
 
 IPV4_MAPPED_PREFIX = np.uint64(0x0000_FFFF_0000_0000)
 """IPv4 addresses are stored as IPv4-mapped IPv6 (``::ffff:a.b.c.d``): hi = 0,
@@ -26,6 +34,10 @@ lo = this prefix | the 32-bit address."""
 ICMP_ECHO_TYPES = {1: (0, 8), 58: (128, 129)}
 """IP protocol (ICMP, ICMPv6) → its echo reply and request types, the messages whose header
 carries an identifier (``icmp_id``): a request and its replies form one flow."""
+NO_MAC = np.uint64(1 << 48)
+"""``src_mac``/``dst_mac`` of a frame without that address: link types without MACs (NULL,
+RAW; Linux cooked captures carry only the sender's, so vspan takes neither), or an Ethernet
+header cut before it. Outside the 48-bit range, so never a real MAC (all zeros is one)."""
 
 
 class Status(IntEnum):
@@ -95,9 +107,9 @@ class Decoded:
     layer: U8
     """``Layer`` where decoding stopped (``NONE`` when ``status`` is OK)."""
     dst_mac: U64
-    """Destination MAC as a 48-bit integer."""
+    """Destination MAC as a 48-bit integer; ``NO_MAC`` when the frame has none."""
     src_mac: U64
-    """Source MAC as a 48-bit integer."""
+    """Source MAC as a 48-bit integer; ``NO_MAC`` when the frame has none."""
     tag_kind: U8
     """``TagKind``."""
     tag_d: U8
@@ -172,6 +184,19 @@ class Decoded:
     payload_len: I32
     """L4 payload bytes as the IP/L4 length fields state (not limited by the capture);
     the IP payload for non-first fragments and other protocols; 0 without IP."""
+    fingerprint: U64
+    """The packet's identity, the same in every copy of it (the sender's and the receiver's
+    host): a hash of the header fields that change from packet to packet and not on the way
+    — IPv4 identification, total length, flags and fragment offset; IPv6 flow label and
+    payload length (and a fragment header's identification and offset); the protocol; then
+    TCP sequence, acknowledgement, data offset and flags, window and checksum, UDP length
+    and checksum, the whole 8-byte ICMP/ICMPv6 header, SCTP verification tag and checksum.
+    MACs, tags, VLANs, TTL/hop limit, TOS/traffic class and the IPv4 header checksum are
+    left out (they change when a packet is routed or re-marked). Never 0 for a frame whose
+    IP header, and for those protocols the L4 header fields above, were captured; 0 for
+    others (non-IP, cut headers): no identity. Two different packets share one only when
+    all those fields are equal (a duplicate, or a hash collision); flows pair copies with
+    that in mind (``flows``)."""
 
     def __len__(self) -> int:
         return int(self.ts_ns.shape[0])

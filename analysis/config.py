@@ -22,6 +22,8 @@ analyzer listens on loopback only. File format (all keys optional)::
     ring_segment_bytes: 67108864
     ring_max_bytes: 2147483648
     ring_max_age: 86400         # seconds
+    pair_window: 1.0            # seconds: the two copies of a packet pair within this
+    max_pending_copies: 262144  # copies waiting for their partner at most
     udp_rcvbuf: 67108864        # bytes of socket buffer: datagrams wait there while behind
     store_queue_rows: 1000000   # rows queued for the store writer at most (then counted drops)
     ring_queue_bytes: 268435456 # frame bytes queued for the ring's disk at most
@@ -118,6 +120,12 @@ class AnalyzerConfig:
     """Total size of the packet ring."""
     ring_max_age: float = 86_400.0
     """Seconds a packet stays in the ring."""
+    pair_window: float = 1.0
+    """Seconds (capture time) within which the two copies of a cross-host packet (one per
+    host) are paired; ``delay_us`` is measured on paired copies only."""
+    max_pending_copies: int = 1 << 18
+    """Copies waiting for their partner at most; beyond, a copy is not paired (counted as
+    ``pending_overflow``)."""
     udp_rcvbuf: int = 64 << 20
     """Bytes of kernel socket buffer the UDP receiver asks for: where datagrams wait while
     the analyzer is behind (forced beyond net.core.rmem_max when the process may)."""
@@ -183,6 +191,8 @@ class AnalyzerConfig:
             "ring_segment_bytes",
             "ring_max_bytes",
             "ring_max_age",
+            "pair_window",
+            "max_pending_copies",
             "udp_rcvbuf",
             "store_queue_rows",
             "ring_queue_bytes",

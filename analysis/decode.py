@@ -19,7 +19,11 @@ test_decode_tshark.py`` checks it); where they differ on purpose it is said here
 * More than ``MAX_STACK`` stacked tags, or a second VN-Tag/E-TAG, is MALFORMED (tshark
   decodes on); an inconsistent UDP length is not (tshark says it is): the IP payload stands
   in for it. Only the 8-byte ICMP header and the 12-byte SCTP common header are decoded.
-* Link types NULL and RAW have no MACs; their ``ethertype`` is that of the IP version found.
+* Link types NULL and RAW have no MACs (``NO_MAC``); their ``ethertype`` is that of the IP
+  version found. Linux cooked captures (SLL, SLL2) carry the sender's address only; vspan
+  reads neither MAC from them (``NO_MAC``), so that both directions of a conversation keep
+  one flow key.
+* ``fingerprint`` is vspan's own (``columns.Decoded.fingerprint``): tshark has no such field.
 """
 
 from __future__ import annotations
@@ -36,11 +40,11 @@ from vspan._capture import kernel
 from vspan._kernels import literal_unroll
 from vspan.batch import FrameBatch
 
-from ._decode_common import CHUNK, STATE_ROWS, U8, Frames
+from ._decode_common import CHUNK, STATE_ROWS, U8, Frames, finish
 from ._decode_ip import ipv4_headers, ipv6_extensions, ipv6_headers
 from ._decode_l4 import l4_headers
 from ._decode_link import MAX_STACK, link_layers, tag_stacks
-from .columns import Decoded
+from .columns import NO_MAC, Decoded
 
 __all__ = ["MAX_STACK", "decode_batch"]
 
@@ -97,6 +101,8 @@ def _decode(fr: Frames, out: Any) -> None:
             column[lo:hi] = 0
         for absent in (out.vlan_outer, out.vlan_inner, out.l3_offset, out.l4_offset):
             absent[lo:hi] = -1
+        out.dst_mac[lo:hi] = NO_MAC
+        out.src_mac[lo:hi] = NO_MAC
         st[0, 0] = _touch(lo, hi, fr.data, fr.offset)  # overwritten by link_layers
         link_layers(lo, hi, fr, out, st)
         tag_stacks(lo, hi, fr, out, st)
@@ -104,6 +110,15 @@ def _decode(fr: Frames, out: Any) -> None:
         ipv6_headers(lo, hi, fr, out, st)
         ipv6_extensions(lo, hi, fr, out, st)
         l4_headers(lo, hi, fr, out, st)
+        _finish_fingerprints(lo, hi, out.fingerprint)
+
+
+@kernel
+def _finish_fingerprints(lo: int, hi: int, fingerprint: npt.NDArray[np.uint64]) -> None:
+    """Finalize the hashes the stages accumulated (0 stays 0: no identity)."""
+    for i in range(lo, hi):
+        if fingerprint[i] != 0:
+            fingerprint[i] = finish(fingerprint[i])
 
 
 @kernel

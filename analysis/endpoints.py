@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vspan.analysis._factorize import factorize
-from vspan.analysis.columns import Decoded, TagKind
+from vspan.analysis.columns import NO_MAC, Decoded, TagKind
 
 __all__ = [
     "KIND_MAC",
@@ -193,7 +193,7 @@ class EndpointResolver:
 
     def _learn(self, macs: U64, eps: U64) -> None:
         """Learn distinct MACs (newest pair each); refresh what is known, bound the table."""
-        unicast = (macs & _BROADCAST_BIT) == 0
+        unicast = ((macs & _BROADCAST_BIT) == 0) & (macs != NO_MAC)  # a frame with no MAC
         macs, eps = macs[unicast], eps[unicast]
         if macs.size == 0:
             return

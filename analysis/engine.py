@@ -223,6 +223,7 @@ class Engine:
             )
         }
         out.update({f"undecodable_{k}": v for k, v in self.undecodable.items()})
+        out.update(self._table.counters())
         totals = self.accounting.totals()
         for name, total in (("duplicate", "duplicates"), ("stale", "stale"),
                             ("stale_boot", "stale_boot")):  # fmt: skip

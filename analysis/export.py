@@ -1,18 +1,28 @@
 """Export frames of the packet ring to a pcapng (or classic pcap) file for Wireshark.
 
 ``export`` asks the ring's index (``ring_index``) which segments can hold what is wanted,
-reads only those, a chunk at a time (``CaptureReader``: memory stays bounded by a chunk),
-decodes each chunk with ``decode_batch`` and selects frames with numpy masks:
+reads only those, a chunk at a time (``CaptureReader``), decodes each chunk with
+``decode_batch`` and selects frames with numpy masks:
 
 * ``vm``: a frame whose tag names one of the VM's (host, vif) ports, or whose source or
-  destination MAC is one of the VM's MACs (so both copies of a cross-host packet match).
-  Ports come from the inventory and from the segments' interface tables, which remember
-  where a VM was before it migrated.
+  destination MAC is one of the VM's MACs (so both copies of a cross-host packet match:
+  the peer host's copies name the VM by MAC only). Ports come from the inventory and from
+  the segments' interface tables, which remember where a VM was before it migrated; MACs
+  from the inventory and from the frames at the VM's ports (the MAC a sender copy comes
+  from, the MAC a receiver copy goes to), learned in a first pass over the segments that
+  hold those ports: without an inventory, the peer's copies are found all the same.
 * ``host``: captured by that host's collector (name or collector_id).
 * ``ip``, ``port``: either side. ``flow``: its addresses, protocol and ports either way,
   within its first/last time (looked up in the store's ``flows`` by ``flow_uid`` or
   ``flow_id``; pass ``store`` when the analyzer holds the store open).
 * ``since``/``until``: capture time in ``[since, until)``.
+
+Frames are written in capture-time order (ties in ring order). The ring keeps frames in the
+order they arrived — each collector's a little behind or ahead of the others — so each
+segment's selected frames are sorted, and segments are merged: taken in order of their
+first frame (from the index), a segment is opened only when the frames still to write could
+come after its first one; what lies before it is final. Memory: the selected frames of the
+segments that overlap in time.
 
 pcapng output has one interface per (host, vif) named ``host/vm`` and a comment per frame
 naming the VMs at both ends and, when the ring recorded one, the policy verdict.
@@ -24,6 +34,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -36,6 +47,7 @@ from vspan.errors import CaptureFileError
 from vspan.inventory import InventoryView
 from vspan.pcapfile import CaptureReader
 from vspan.pcapwrite import PcapngWriter, PcapWriter
+from vspan.tunnel_batch import concat_batches
 
 from .columns import Decoded, TagKind
 from .decode import decode_batch
@@ -48,9 +60,10 @@ from .export_select import (
     fallback_interface,
     resolve,
     select,
+    vm_macs,
 )
 from .ring_comments import epb_comments
-from .ring_index import Interface, load_index
+from .ring_index import Interface, SegmentInfo, load_index
 from .store import Store
 from .store_sql import StoreError
 
@@ -71,6 +84,8 @@ class ExportResult:
     segments_scanned: int = 0
     segments_skipped: int = 0
     """Segments the index ruled out without opening them."""
+    segments_learned: int = 0
+    """Segments read first to learn a VM's MACs at its ports (``vm`` without inventory)."""
     errors: list[str] = field(default_factory=list)
     """Segments read only in part (a torn last frame, a read error)."""
 
@@ -128,31 +143,28 @@ def export(
     )
     if flow is not None:
         add_flow(want, _flow_record(data_dir, flow, store))
+    reader = _Reader(ring, inventory, chunk_bytes)
+    if want.vm_keys is not None:
+        at_ports = want.ports_query()
+        learned = [info for info in segments if info.matches(at_ports)]
+        for info in learned:
+            for chunk, ifaces, iface in reader.chunks(info):
+                want.vm_macs |= vm_macs(want, decode_batch(chunk), ifaces, iface)
     query = want.query()
     chosen = [s for s in segments if s.matches(query)]
     result = ExportResult(Path(out), segments_skipped=len(segments) - len(chosen))
+    if want.vm_keys is not None:
+        result.segments_learned = len(learned)
     names = VmNames(segments, inventory)
     with open(out, "wb") as fh:
         writer: PcapngWriter | PcapWriter = (
             PcapngWriter(fh, application="vspan export") if fmt == "pcapng" else PcapWriter(fh)
         )
         outputs: dict[Interface, int] = {}
-        for info in chosen:
-            reader = CaptureReader(ring / info.name, chunk_bytes=chunk_bytes)
-            result.segments_scanned += 1
-            try:
-                for batch in reader:
-                    result.frames_read += len(batch)
-                    ifaces = info.interfaces + [
-                        fallback_interface(n, inventory)
-                        for n in reader.iface_names[len(info.interfaces) :]
-                    ]
-                    part = _Chunk(batch, ifaces or [Interface(0, "unknown", 0)], want, strip_tag)
-                    result.frames_written += part.write(writer, outputs, names)
-            except CaptureFileError as exc:
-                result.errors.append(str(exc))
-            if reader.error is not None:
-                result.errors.append(str(reader.error))
+        for part in _in_time_order(chosen, lambda info: reader.selected(info, want, result)):
+            interfaces = list(reader.interfaces)
+            result.frames_written += part.write(writer, outputs, interfaces, names, strip_tag)
+    result.errors = reader.errors
     return result
 
 
@@ -169,36 +181,160 @@ def _flow_record(
         raise ExportError(f"cannot export flow {flow!r}: {exc}") from exc
 
 
-class _Chunk:
-    """One chunk of a segment: decoded, filtered, and written."""
+class _Reader:
+    """Reads ring segments a chunk at a time, with each frame's ring interface."""
 
-    def __init__(self, batch: FrameBatch, ifaces: list[Interface], want: Want, strip: bool):
-        self.batch, self.ifaces, self.strip = batch, ifaces, strip
-        self.iface = np.clip(batch.iface_column(), 0, len(ifaces) - 1)
-        self.dec = decode_batch(batch)
-        self.rows = np.flatnonzero(select(want, self.dec, ifaces, self.iface))
+    def __init__(self, ring: Path, inventory: InventoryView | None, chunk_bytes: int) -> None:
+        self.ring, self.inventory, self.chunk_bytes = ring, inventory, chunk_bytes
+        self.errors: list[str] = []
+        """Segments read only in part (a torn last frame, a read error)."""
+        self.interfaces: dict[Interface, int] = {}
+        """Every interface met, numbered (``_Frames.iface``)."""
+
+    def chunks(
+        self, info: SegmentInfo
+    ) -> Iterator[tuple[FrameBatch, list[Interface], npt.NDArray[np.intp]]]:
+        """Each chunk of the segment, its interfaces, and each frame's interface among them."""
+        reader = CaptureReader(self.ring / info.name, chunk_bytes=self.chunk_bytes)
+        try:
+            for batch in reader:
+                ifaces = info.interfaces + [
+                    fallback_interface(n, self.inventory)
+                    for n in reader.iface_names[len(info.interfaces) :]
+                ]
+                ifaces = ifaces or [Interface(0, "unknown", 0)]
+                yield batch, ifaces, np.clip(batch.iface_column(), 0, len(ifaces) - 1)
+        except CaptureFileError as exc:
+            self.errors.append(str(exc))
+        if reader.error is not None:
+            self.errors.append(str(reader.error))
+
+    def selected(self, info: SegmentInfo, want: Want, result: ExportResult) -> _Frames:
+        """The segment's frames that ``want`` selects, in capture-time order."""
+        result.segments_scanned += 1
+        parts = []
+        for batch, ifaces, iface in self.chunks(info):
+            result.frames_read += len(batch)
+            dec = decode_batch(batch)
+            rows = np.flatnonzero(select(want, dec, ifaces, iface))
+            if rows.size:
+                codes = np.array([self.interfaces.setdefault(i, len(self.interfaces))
+                                  for i in ifaces], np.int32)  # fmt: skip
+                verdicts = np.array(epb_comments(batch), dtype=object)[rows]
+                compact = concat_batches(_take(batch, rows))  # out of the segment's pages
+                parts.append(_Frames(compact, dec.take(rows), codes[iface[rows]], verdicts))
+        return _Frames.concat(parts).sorted()
+
+
+@dataclass
+class _Frames:
+    """Selected frames in a buffer of their own, with what writing them needs."""
+
+    batch: FrameBatch
+    dec: Decoded
+    iface: npt.NDArray[np.int32]
+    """The ring interface of each frame (``_Reader.interfaces``)."""
+    verdicts: npt.NDArray[Any]
+    """The comment the ring wrote for each frame (a policy verdict; None for none)."""
+
+    @classmethod
+    def concat(cls, parts: list[_Frames]) -> _Frames:
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            empty = FrameBatch.from_frames([])
+            return cls(empty, decode_batch(empty), np.zeros(0, np.int32), np.zeros(0, object))
+        return cls(
+            concat_batches(*(p.batch for p in parts)),
+            Decoded.concat([p.dec for p in parts]),
+            np.concatenate([p.iface for p in parts]),
+            np.concatenate([p.verdicts for p in parts]),
+        )
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    def take(self, rows: npt.NDArray[np.intp]) -> _Frames:
+        return _Frames(
+            _take(self.batch, rows), self.dec.take(rows), self.iface[rows], self.verdicts[rows]
+        )
+
+    def sorted(self) -> _Frames:
+        """The frames in capture-time order (stable)."""
+        ts = self.batch.ts_ns
+        if len(self) < 2 or bool(np.all(ts[1:] >= ts[:-1])):
+            return self
+        return self.take(np.argsort(ts, kind="stable"))
 
     def write(
-        self, writer: PcapngWriter | PcapWriter, outputs: dict[Interface, int], names: VmNames
+        self,
+        writer: PcapngWriter | PcapWriter,
+        outputs: dict[Interface, int],
+        interfaces: list[Interface],
+        names: VmNames,
+        strip: bool,
     ) -> int:
-        rows, dec = self.rows, self.dec
-        if not rows.size:
-            return 0
-        verdicts = epb_comments(self.batch) if isinstance(writer, PcapngWriter) else []
-        batch = strip_tags(self.batch, dec, rows) if self.strip else self.batch
+        """Write the frames (in their order); return how many. ``interfaces``: the ring
+        interfaces by number; ``outputs``: the file's interface of each, added when first
+        used."""
+        every = np.arange(len(self), dtype=np.int64)
+        batch = strip_tags(self.batch, self.dec, every) if strip else self.batch
         if isinstance(writer, PcapWriter):
-            writer.write_batch(batch, rows)
-            return int(rows.size)
-        target = np.zeros(len(self.ifaces), np.int32)
-        for k in np.unique(self.iface[rows]).tolist():  # only interfaces with frames
-            i = self.ifaces[k]
+            writer.write_batch(batch)
+            return len(self)
+        used, inverse = np.unique(self.iface, return_inverse=True)
+        target = np.empty(used.size, np.int32)
+        for k, code in enumerate(used.tolist()):
+            i = interfaces[code]
             if i not in outputs:
                 outputs[i] = writer.add_interface(name=i.name, description=i.description)
             target[k] = outputs[i]
-        target = target[self.iface]
-        host = np.array([i.host for i in self.ifaces], np.uint64)[self.iface[rows]]
-        src = names.of(host, dec.svif[rows], dec.src_mac[rows])
-        dst = names.of(host, dec.dvif[rows], dec.dst_mac[rows])
-        notes = comments(names, src, dst, [verdicts[i] for i in rows.tolist()])
-        writer.write_batch(batch, iface=target, index=rows, comments=notes)
-        return int(rows.size)
+        host = np.array([i.host for i in interfaces], np.uint64)[self.iface]
+        dec = self.dec
+        src = names.of(host, dec.svif, dec.src_mac)
+        dst = names.of(host, dec.dvif, dec.dst_mac)
+        notes = comments(names, src, dst, self.verdicts.tolist())
+        writer.write_batch(batch, iface=target[inverse.ravel()], comments=notes)
+        return len(self)
+
+
+def _take(batch: FrameBatch, rows: npt.NDArray[np.intp]) -> FrameBatch:
+    """``rows`` of ``batch`` (bytes shared)."""
+    return FrameBatch(
+        data=batch.data, offset=batch.offset[rows], caplen=batch.caplen[rows],
+        origlen=batch.origlen[rows], ts_ns=batch.ts_ns[rows], linktype=batch.linktype[rows],
+    )  # fmt: skip
+
+
+def _in_time_order(
+    segments: list[SegmentInfo], read: Callable[[SegmentInfo], _Frames]
+) -> Iterator[_Frames]:
+    """The frames ``read`` selects in every segment, as parts in capture-time order (ties:
+    segments in ring order); see the module docstring."""
+
+    def first(info: SegmentInfo) -> int:  # no frame of the segment is older
+        return info.first_ns if info.frames else _UNKNOWN_FIRST
+
+    todo = sorted(segments, key=lambda info: (first(info), info.name))
+    open_: list[_Frames] = []
+    while todo or open_:
+        bound = first(todo[0]) if todo else None
+        heads = [int(p.batch.ts_ns[0]) for p in open_]
+        if bound is not None and (not heads or min(heads) >= bound):
+            part = read(todo.pop(0))
+            if len(part):
+                open_.append(part)
+            continue
+        cuts = [
+            len(p) if bound is None else int(np.searchsorted(p.batch.ts_ns, bound, "left"))
+            for p in open_
+        ]
+        out = _Frames.concat([p.take(np.arange(c)) for p, c in zip(open_, cuts, strict=True) if c])
+        open_ = [
+            p.take(np.arange(c, len(p))) for p, c in zip(open_, cuts, strict=True) if c < len(p)
+        ]
+        yield out.sorted()
+
+
+_UNKNOWN_FIRST: Final = -(1 << 63)
+"""The first frame of a segment the index knows nothing of: it is opened first."""

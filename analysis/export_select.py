@@ -9,7 +9,7 @@ segments written before the move).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, TypeGuard
 
 import numpy as np
@@ -19,7 +19,7 @@ import pandas as pd
 from vspan.errors import VspanError
 from vspan.inventory import InventoryView
 
-from .columns import Decoded
+from .columns import NO_MAC, Decoded, TagKind
 from .ring_index import Interface, SegmentInfo, SegmentQuery, ip_key
 from .store_sql import time_param
 
@@ -32,9 +32,12 @@ __all__ = [
     "fallback_interface",
     "resolve",
     "select",
+    "vm_macs",
 ]
 
 _PORT_PROTOS: Final = (6, 17, 132)
+_GROUP_BIT: Final = np.uint64(1 << 40)
+"""The I/G bit of a MAC as a 48-bit integer: a group (multicast, broadcast) address."""
 U64 = npt.NDArray[np.uint64]
 
 
@@ -72,6 +75,11 @@ class Want:
             vm_macs=frozenset(self.vm_macs) if vm else None,
             ips=None if self.ips is None else frozenset((h << 64) | lo for h, lo in self.ips),
         )
+
+    def ports_query(self) -> SegmentQuery:
+        """The segments that may hold frames at the VM's own ports, in the time range (any
+        host and address: the VM's MACs are learned there for all its frames)."""
+        return replace(self.query(), hosts=None, ips=None, vm_macs=None)
 
     def is_vm(self, iface: Interface) -> bool:
         return self.vm_keys is not None and not self.vm_keys.isdisjoint(
@@ -169,7 +177,7 @@ def add_flow(want: Want, record: dict[str, Any]) -> None:
 
 
 def select(
-    want: Want, dec: Decoded, ifaces: list[Interface], iface: npt.NDArray[np.int32]
+    want: Want, dec: Decoded, ifaces: list[Interface], iface: npt.NDArray[np.intp]
 ) -> npt.NDArray[np.bool_]:
     """The frames of a chunk that ``want`` selects."""
     ok = np.ones(len(dec), np.bool_)
@@ -210,6 +218,28 @@ def select(
         else:
             ok &= l4 & (np.isin(dec.src_port, want.ports) | np.isin(dec.dst_port, want.ports))
     return ok
+
+
+def vm_macs(
+    want: Want, dec: Decoded, ifaces: list[Interface], iface: npt.NDArray[np.intp]
+) -> set[int]:
+    """The VM's MACs as the frames of a chunk show them at its ports: the source of a frame
+    it sent (its port in the tag's svif, or a sender copy captured at its port) and the
+    destination of one it received (dvif, or a receiver copy there); unicast only."""
+    host = np.array([i.host for i in ifaces], np.uint64)[iface] << np.uint64(32)
+    at_port = np.array([want.is_vm(i) for i in ifaces], np.bool_)[iface]
+    ports = want.ports_in(ifaces)
+    tagged = dec.tag_kind != TagKind.NONE
+    sent = tagged & (
+        ((dec.svif > 0) & np.isin(host | dec.svif, ports)) | (at_port & (dec.tag_d == 0))
+    )
+    single = dec.tag_p == 0  # a dvif with the pointer bit names a list of vifs
+    got = tagged & (
+        ((dec.dvif > 0) & single & np.isin(host | dec.dvif, ports)) | (at_port & (dec.tag_d == 1))
+    )
+    macs = np.unique(np.concatenate([dec.src_mac[sent], dec.dst_mac[got]]))
+    macs = macs[((macs & _GROUP_BIT) == 0) & (macs != NO_MAC)]
+    return set(macs.tolist())
 
 
 class VmNames:

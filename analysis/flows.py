@@ -1,15 +1,32 @@
 """Bidirectional flows, built batch by batch in one compiled pass per batch.
 
 A flow is a run of frames with one key (``flowkeys``) in which no gap exceeds the idle
-timeout (default 60 s) and which lasts less than the active timeout (default 300 s); both
-are measured in capture time, so a replay gives the same flows as the live traffic did.
+timeout (default 60 s) and whose first and last frame are less than the active timeout
+(default 300 s) apart; both are measured in capture time, so a replay gives the same flows
+as the live traffic did.
 
-Each ``update`` takes a decoded batch; frames go through the table in capture-time order
-(a batch out of order is sorted first), each by the per-packet rule, in a compiled kernel
-(``_flowtable``) over a hash table of open flows: no Python work per frame, and no work
-for open flows that the batch does not touch. So any cut of a capture into batches gives
-the same flows. A frame older than its open flow's start joins it (the start moves back):
-the two collectors of a cross-host flow send independently, so copies arrive late.
+Frames go through the table in the order they arrive (``update`` after ``update``, each
+batch in its own order: collectors' messages interleave, so a live batch is not in time
+order, and ``vspan report`` merges its files in time order before). The table's **clock**
+is the newest capture time it has seen. A flow is *open* while the clock is at most the idle
+timeout past its last frame; once past, it has ended, whether or not it has been handed out
+yet, and nothing joins it any more. Each frame, by the compiled kernel (``_flowtable``):
+
+1. joins its key's open flow if that flow is still open and the frame fits it: with the
+   frame, the flow still spans less than the active timeout and has no gap over the idle
+   timeout. A frame older than the flow's first one becomes its first: the flow's direction
+   and observing host (``observer``) are then the frame's;
+2. else, if that flow is still open and the frame is older than its first frame, the frame
+   is a **late** flow of its own, finished at once (the open flow goes on);
+3. else that flow (if any) is finished and the frame starts a new one.
+
+A frame that arrives more than the idle timeout behind the clock can therefore only join a
+flow that is still open; otherwise it is a flow of its own that has already ended. Such
+frames, and those of rule 2, are counted as ``late_frames`` (``counters``): a collector whose
+messages (or clock) lag that far shows there. No frame is dropped and none stretches a flow
+past its timeouts. Flows the clock has passed are handed out at the end of each ``update``
+(or by ``advance``); since the rules never let a frame into such a flow, the flows do not
+depend on how the frames are cut into batches — only on their order.
 
 Copies: a packet between VMs on two hosts is observed twice (sender copy d=0 at its host,
 receiver copy d=1 at the other). The table counts each direction's copies per role —
@@ -18,7 +35,11 @@ sender (``_s``), receiver (``_r``) and other (``_o``: untagged, E-tagged) — an
 order their copies arrive in (collectors send independently), and the better count when
 one collector lost some. The per-role counts stay in the record: the two observation
 points of cross-host traffic. ``copies`` counts every frame, ``observer``/``observer_other``
-the hosts that saw the flow.
+the hosts that saw the flow. The two copies of one packet are paired by the packet's
+identity (``_copypairs``: flow, direction and ``Decoded.fingerprint``) across batches, in
+either order, within ``pair_window_s``; ``delay_ns`` is the mean of the paired copies'
+delays — never an estimate from unpaired ones — and NaN when no copy paired (single
+observer, intra-host, copies lost, identities ambiguous).
 """
 
 from __future__ import annotations
@@ -30,9 +51,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from vspan.analysis import _copypairs as cp
 from vspan.analysis import _flowtable as kt
 from vspan.analysis.columns import Decoded, TagKind
-from vspan.analysis.endpoints import Endpoints
+from vspan.analysis.endpoints import KIND_VIF, Endpoints
 from vspan.analysis.flowkeys import KEY_COLUMNS, FragmentPorts, frame_ports
 
 if TYPE_CHECKING:
@@ -43,24 +65,22 @@ __all__ = ["FLOW_COLUMNS", "Finished", "FlowConfig", "FlowTable"]
 NS = 1_000_000_000
 
 _UNPACKED = ("tcp_flags", "tcp_flags_rev", "first_rev", "tagged")
-_STATE = (
-    *KEY_COLUMNS,
-    *(c for c in kt.STATE if c != "bits"),
-    *kt.TIME_SUMS,
-    *_UNPACKED,
-)
+_STATE = (*KEY_COLUMNS, *(c for c in kt.STATE if c != "bits"), *_UNPACKED)
 _TOTALS = ("packets", "bytes", "packets_rev", "bytes_rev", "delay_ns")
 FLOW_COLUMNS = (*_STATE, *_TOTALS)
 """Columns of the finished-flow frames the table returns (A/B oriented: ``_rev`` counters
 are B → A; ``first_rev`` says the first packet went B → A). ``packets``/``bytes`` are
-``max(sender copies, receiver copies) + other copies`` per direction; ``delay_ns`` the mean
-time from a packet's sender copy to its receiver copy (NaN without both), the two
-observation points of cross-host traffic. ``tsum*`` are per direction the sums of the
-sender and receiver copies' capture-time offsets from ``anchor_ns``."""
+``max(sender copies, receiver copies) + other copies`` per direction; ``pairs`` the packets
+whose two copies were paired, ``delay_sum_ns`` their delays added up, and ``delay_ns`` their
+mean (NaN without a pair): the time from a packet's sender copy to its receiver copy, the
+two observation points of cross-host traffic."""
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
-F64 = npt.NDArray[np.float64]
+_NEVER = -(1 << 62)
+"""The clock before any frame: far below any capture time, with no overflow in differences."""
+_FIRST_SLOTS = 1024
+"""Slots of the pending map at first (it doubles as needed, up to ``max_pending_copies``)."""
 _U32, _U16 = np.uint64(32), np.uint64(16)
 _LOW16, _LOW32 = np.uint64(0xFFFF), np.uint64(0xFFFFFFFF)
 
@@ -74,29 +94,19 @@ def _add_totals(cols: Columns) -> None:
         for d in kt.DIRECTIONS:
             s, r, o = (cols[f"{what}{d}_{role}"] for role in kt.ROLES)
             cols[f"{what}{d}"] = np.maximum(s, r) + o
-    # Mean receiver-copy time minus mean sender-copy time, per direction, weighted by the
-    # packets seen at both points (exact when both saw every packet).
-    weight = np.zeros(len(cols["hash"]))
-    total = np.zeros(len(cols["hash"]))
-    for d in kt.DIRECTIONS:
-        ns, nr = cols[f"packets{d}_s"], cols[f"packets{d}_r"]
-        both = np.minimum(ns, nr).astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            delay = cols[f"tsum{d}_r"] / nr - cols[f"tsum{d}_s"] / ns
-        total += np.where(both > 0, delay * both, 0.0)
-        weight += both
+    pairs = cols["pairs"]
     with np.errstate(invalid="ignore", divide="ignore"):
-        cols["delay_ns"] = np.where(weight > 0, total / weight, np.nan)
+        cols["delay_ns"] = np.where(pairs > 0, cols["delay_sum_ns"] / pairs, np.nan)
 
 
-def _frame(keys: U64, state: I64, times: F64) -> pd.DataFrame:
+def _frame(keys: U64, state: I64) -> pd.DataFrame:
     """Rows of the table's arrays as a flow frame (``FLOW_COLUMNS``)."""
     import pandas as pd  # here: ``vspan report`` runs without it
 
-    return pd.DataFrame(_columns(keys, state, times), columns=list(FLOW_COLUMNS), copy=True)
+    return pd.DataFrame(_columns(keys, state), columns=list(FLOW_COLUMNS), copy=True)
 
 
-def _columns(keys: U64, state: I64, times: F64) -> Columns:
+def _columns(keys: U64, state: I64) -> Columns:
     """Rows of the table's arrays as named columns (``FLOW_COLUMNS``)."""
     cols: Columns = {}
     for w, name in enumerate(kt.KEY_WORDS[:6]):
@@ -110,8 +120,6 @@ def _columns(keys: U64, state: I64, times: F64) -> Columns:
     for c, name in enumerate(kt.STATE):
         if name != "bits":
             cols[name] = state[:, c]
-    for c, name in enumerate(kt.TIME_SUMS):
-        cols[name] = times[:, c]
     bits = state[:, kt.STATE.index("bits")]
     cols["tcp_flags"] = bits & 0xFFFF
     cols["tcp_flags_rev"] = (bits >> 16) & 0xFFFF
@@ -127,23 +135,22 @@ class Finished:
 
     keys: U64
     state: I64
-    times: F64
 
     def __len__(self) -> int:
         return int(self.keys.shape[0])
 
     def frame(self) -> pd.DataFrame:
         """The flows as a frame with ``FLOW_COLUMNS``."""
-        return _frame(self.keys, self.state, self.times) if len(self) else _none()
+        return _frame(self.keys, self.state) if len(self) else _none()
 
     def columns(self) -> Columns:
         """The flows as ``FLOW_COLUMNS`` arrays."""
-        cols = _columns(self.keys, self.state, self.times)
+        cols = _columns(self.keys, self.state)
         return {name: cols[name] for name in FLOW_COLUMNS}
 
     def rows(self, index: npt.NDArray[np.integer[Any]]) -> Finished:
         """The rows ``index``, in that order."""
-        return Finished(self.keys[index], self.state[index], self.times[index])
+        return Finished(self.keys[index], self.state[index])
 
     @staticmethod
     def concat(parts: list[Finished]) -> Finished:
@@ -151,9 +158,7 @@ class Finished:
         if len(parts) <= 1:
             return parts[0] if parts else _Rows(0).finished(0)
         return Finished(
-            np.concatenate([p.keys for p in parts]),
-            np.concatenate([p.state for p in parts]),
-            np.concatenate([p.times for p in parts]),
+            np.concatenate([p.keys for p in parts]), np.concatenate([p.state for p in parts])
         )
 
 
@@ -175,39 +180,49 @@ class FlowConfig:
     """A flow ends after this much capture time without a packet."""
     active_timeout_s: float = 300.0
     """A flow is cut after lasting this long; the next packet starts a new one."""
+    pair_window_s: float = 1.0
+    """The two copies of a packet pair only within this much capture time of each other; a
+    copy waits this long (by the table's clock) for its partner."""
+    max_pending_copies: int = 1 << 18
+    """Copies kept waiting for their partner at most; beyond, a copy is not paired and is
+    counted (``pending_overflow``)."""
+
+    def __post_init__(self) -> None:
+        if self.max_pending_copies < 1 or min(self.idle_timeout_s, self.pair_window_s) < 0:
+            raise ValueError(
+                f"need max_pending_copies >= 1 (got {self.max_pending_copies}) and "
+                f"timeouts >= 0 (idle {self.idle_timeout_s}, pair window {self.pair_window_s})"
+            )
 
 
 class _Rows:
-    """Growable rows of ``KEY_WORDS`` uint64, ``STATE`` int64 and ``TIME_SUMS`` float64."""
+    """Growable rows of ``KEY_WORDS`` uint64 and ``STATE`` int64."""
 
     def __init__(self, capacity: int) -> None:
         self.keys = np.zeros((capacity, len(kt.KEY_WORDS)), np.uint64)
         self.state = np.zeros((capacity, len(kt.STATE)), np.int64)
-        self.times = np.zeros((capacity, len(kt.TIME_SUMS)), np.float64)
 
     @property
     def capacity(self) -> int:
         return self.keys.shape[0]
 
     @property
-    def arrays(
-        self,
-    ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-        return self.keys, self.state, self.times
+    def arrays(self) -> tuple[U64, I64]:
+        return self.keys, self.state
 
     def grown(self, n: int, capacity: int) -> _Rows:
         """A copy of the first ``n`` rows with room for ``capacity``."""
         out = _Rows(capacity)
-        out.keys[:n], out.state[:n], out.times[:n] = self.keys[:n], self.state[:n], self.times[:n]
+        out.keys[:n], out.state[:n] = self.keys[:n], self.state[:n]
         return out
 
     def finished(self, n: int) -> Finished:
         """A copy of the first ``n`` rows, as finished flows."""
-        return Finished(self.keys[:n].copy(), self.state[:n].copy(), self.times[:n].copy())
+        return Finished(self.keys[:n].copy(), self.state[:n].copy())
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.state.nbytes + self.times.nbytes
+        return self.keys.nbytes + self.state.nbytes
 
 
 class FlowTable:
@@ -217,14 +232,22 @@ class FlowTable:
         self.config = config or FlowConfig()
         self._idle = int(self.config.idle_timeout_s * NS)
         self._active = int(self.config.active_timeout_s * NS)
+        self._window = int(self.config.pair_window_s * NS)
         rows = 1 << max(1, initial_rows - 1).bit_length()  # a power of two
         self._rows = _Rows(rows)
         self._index = np.zeros(2 * rows, np.int32)
         self._n = 0
-        self._now = np.iinfo(np.int64).min
+        self._now = _NEVER
+        """The clock: the newest capture time seen."""
         self._oldest = np.iinfo(np.int64).max
         """No open flow was last seen before this (a bound: exact after a sweep)."""
         self._fragments = FragmentPorts()
+        self._max_slots = 2 << max(0, self.config.max_pending_copies - 1).bit_length()
+        self._pend = np.zeros((min(_FIRST_SLOTS, self._max_slots), len(cp.PENDING)), np.int64)
+        self._npend = 0
+        self._purged = _NEVER
+        """The clock at the last purge of stale pending copies."""
+        self._stats = np.zeros(len(cp.COUNTERS), np.int64)
 
     @property
     def open_flows(self) -> int:
@@ -234,7 +257,15 @@ class FlowTable:
     @property
     def memory_bytes(self) -> int:
         """Bytes the table holds (its arrays at their current capacity)."""
-        return self._rows.nbytes + self._index.nbytes
+        return self._rows.nbytes + self._index.nbytes + self._pend.nbytes
+
+    def counters(self) -> dict[str, int]:
+        """``late_frames``, ``copies_paired`` (pairs), ``copies_unpaired``,
+        ``copies_ambiguous``, ``pending_overflow`` (see ``_copypairs``), and the gauge
+        ``pending_copies``: copies waiting for their partner."""
+        out = dict(zip(cp.COUNTERS, self._stats.tolist(), strict=True))
+        out["pending_copies"] = self._npend
+        return out
 
     def update(self, dec: Decoded, eps: Endpoints) -> pd.DataFrame:
         """Add a batch of usable frames; return the flows it finished."""
@@ -246,56 +277,54 @@ class FlowTable:
         if n == 0:
             return self._expire()
         sport, dport = self._fragments.apply(dec, *frame_ports(dec))
-        ts = np.ascontiguousarray(dec.ts_ns, np.int64)
-        order = (
-            np.arange(n, dtype=np.int64)
-            if n < 2 or bool(np.all(ts[1:] >= ts[:-1]))
-            else np.argsort(ts, kind="stable").astype(np.int64)
-        )
         has_ip = dec.ip_version != 0
         proto = np.where(has_ip, dec.ip_proto, 0).astype(np.uint64)
         vlan = (dec.vlan_inner & 0xFFFF).astype(np.uint64)
         misc: U64 = np.bitwise_or(np.left_shift(proto, _U32), np.left_shift(vlan, _U16))
         misc |= dec.ethertype.astype(np.uint64)
-        vntag = dec.tag_kind == TagKind.VNTAG
-        role = np.full(n, 2, np.uint8)
-        role[vntag & (dec.tag_d == 1)] = 1
-        role[vntag & (dec.tag_d == 0) & (dec.svif != 0)] = 0
-        tagged: npt.NDArray[np.bool_] = dec.tag_kind != TagKind.NONE
-        facts = (misc, ts, dec.wirelen, dec.tcp_flags, dec.host, role, tagged)
+        facts = (
+            misc,
+            np.ascontiguousarray(dec.ts_ns, np.int64),
+            dec.wirelen,
+            dec.tcp_flags,
+            dec.host,
+            _roles(dec, eps),
+            dec.tag_kind != TagKind.NONE,
+            dec.fingerprint,
+        )
+        keycols = (eps.src, eps.dst, dec.src_ip_hi, dec.src_ip_lo, dec.dst_ip_hi, dec.dst_ip_lo,
+                   sport, dport)  # fmt: skip
         fin = _Rows(max(64, n // 16))
         nfin = j = 0
+        stop_when_full = True
+        now = np.int64(self._now)
         while True:
-            j, self._n, nfin, need = kt.run_frames(
-                (
-                    eps.src,
-                    eps.dst,
-                    dec.src_ip_hi,
-                    dec.src_ip_lo,
-                    dec.dst_ip_hi,
-                    dec.dst_ip_lo,
-                    sport,
-                    dport,
-                ),
+            j, self._n, nfin, need, now, self._npend = kt.run_frames(
+                keycols,
                 facts,
-                (self._rows.arrays, self._index, self._n),
-                (fin.arrays, nfin),
-                (order, j, self._idle, self._active),
-            )
+                (self._rows.arrays, self._index, self._n, fin.arrays, nfin),
+                (j, self._idle, self._active, now),
+                (self._pend, self._npend, self._pend.shape[0] // 2, stop_when_full,
+                 self._window, self._stats),
+            )  # fmt: skip
             if need == kt.Need.DONE:
                 break
             if need == kt.Need.ROWS:
                 self._grow(2 * self._rows.capacity)
-            else:
+            elif need == kt.Need.FINISHED:
                 fin = fin.grown(nfin, 2 * fin.capacity)
-        self._now = max(self._now, int(ts.max()))
-        self._oldest = min(self._oldest, int(ts.min()))
+            else:
+                stop_when_full = self._make_room(int(now))
+        self._now = int(now)
+        self._oldest = min(self._oldest, int(dec.ts_ns.min()))
+        if self._npend and self._now - self._purged > 2 * self._window:
+            self._repend(self._pend.shape[0], self._now)
         finished = fin.finished(nfin)
         idled = self._expire()
         return Finished.concat([finished, idled]) if len(idled) else finished
 
     def advance(self, now_ns: int) -> pd.DataFrame:
-        """Move capture time to ``now_ns`` without frames; return the flows that idled out.
+        """Move the clock to ``now_ns`` without frames; return the flows that idled out.
 
         A live analyzer calls this when no traffic arrives, mapping its clock to capture
         time, so that idle flows end even on a quiet network.
@@ -316,11 +345,15 @@ class FlowTable:
         return self.flush_rows().frame()
 
     def flush_rows(self) -> Finished:
-        """``flush``, the flows as rows."""
+        """``flush``, the flows as rows. Copies still waiting for their partner will not
+        find it in these flows: they count as unpaired and are forgotten."""
         done = self._rows.finished(self._n)
         self._n = 0
         self._index.fill(0)
         self._oldest = np.iinfo(np.int64).max
+        self._stats[cp.UNPAIRED] += cp.pending_copies(self._pend)
+        self._pend.fill(0)
+        self._npend = 0
         return done
 
     def evict(self, n: int) -> pd.DataFrame:
@@ -350,6 +383,23 @@ class FlowTable:
         )
         return fin.finished(nfin)
 
+    def _repend(self, slots: int, now: int) -> None:
+        """Rebuild the pending map with ``slots`` slots, without the copies stale at ``now``."""
+        new = np.zeros((slots, len(cp.PENDING)), np.int64)
+        window = np.int64(self._window)
+        self._npend = cp.rebuild(self._pend, new, np.int64(now), window, self._stats)
+        self._pend, self._purged = new, now
+
+    def _make_room(self, now: int) -> bool:
+        """Purge the full pending map at ``now``, and double it if it is still over a quarter
+        full (up to ``max_pending_copies``); whether a copy may wait now (else copies are
+        refused, and counted, until the batch ends)."""
+        slots = self._pend.shape[0]
+        self._repend(slots, now)
+        if self._npend >= slots // 4 and slots < self._max_slots:
+            self._repend(2 * slots, now)
+        return self._npend < self._pend.shape[0] // 2
+
     def _expire(self) -> Finished:
         """Finish the open flows idle for longer than the idle timeout at the newest time."""
         if self._n == 0 or self._now - self._oldest <= self._idle:
@@ -358,3 +408,20 @@ class FlowTable:
         done = self._remove(np.flatnonzero(self._now - last > self._idle))
         self._oldest = int(last[: self._n].min()) if self._n else np.iinfo(np.int64).max
         return done
+
+
+def _roles(dec: Decoded, eps: Endpoints) -> npt.NDArray[np.uint8]:
+    """Each frame's copy role for ``_flowtable.run_frames``: 0 sender copy (VN-Tag d=0 with
+    an svif), 1 receiver copy (d=1), 2 other; plus 4 when the copy may pair with another:
+    a sender or receiver copy between two endpoints known by vif or vNIC (only then do both
+    copies get the same key), and not a sender copy to a vif of its own host (intra-host)."""
+    vntag = dec.tag_kind == TagKind.VNTAG
+    role = np.full(len(dec), 2, np.uint8)
+    receiver = vntag & (dec.tag_d == 1)
+    sender = vntag & (dec.tag_d == 0) & (dec.svif != 0)
+    role[receiver] = 1
+    role[sender] = 0
+    local = (eps.src >= KIND_VIF) & (eps.dst >= KIND_VIF)  # by vif or vNIC, not by MAC
+    pairs = local & (receiver | (sender & (dec.dvif == 0)))
+    role[pairs] |= 4
+    return role

@@ -79,6 +79,19 @@ _PARTS: Final[dict[str, tuple[str, dict[str, _Spec]]]] = {
         "chunks": ("engine_chunks", "counter", "Receive chunks processed.", False),
         "decoded": ("frames_decoded", "counter", "Frames decoded.", False),
         "flows_finished": ("flows", "counter", "Flows finished (timeouts, end).", False),
+        "late_frames": ("frames_late", "counter", "Frames older than an open flow of their key "
+                        "that could not join it within the timeouts (a flow of their own).",
+                        False),
+        "copies_paired": ("copies_paired", "counter", "Cross-host packets whose two copies "
+                          "were paired (delay measured).", False),
+        "copies_unpaired": ("copies_unpaired", "counter", "Copies whose partner never came "
+                            "within the pair window.", False),
+        "copies_ambiguous": ("copies_ambiguous", "counter", "Copies not paired because "
+                             "another copy had the same identity.", False),
+        "pending_overflow": ("copies_pending_overflow", "counter", "Copies not paired "
+                             "because the pending map was full.", False),
+        "pending_copies": ("copies_pending", "gauge", "Copies waiting for their partner.",
+                           False),
         "idled": ("flows_idled", "counter", "Flows ended by the idle timeout while no frame "
                   "came (the analyzer's clock moved flow time on).", False),
         "evicted": ("flows_evicted", "counter", "Flows evicted from a full table.", False),

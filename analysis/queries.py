@@ -273,7 +273,12 @@ def migrations(
     names = list(pd.unique(rows["vm_name"].dropna()))
     parts = [store.query_flows(vm=str(n), limit=None) for n in names]
     flows = pd.concat(parts, ignore_index=True) if parts else store.query_flows(limit=0)
-    return policy_followed(rows, flows)[list(MIGRATION_COLUMNS)]
+    vms = list(pd.unique(rows["vm_uuid"].dropna().astype(str)))
+    history = [store.query_inventory_history(vm=v, limit=None) for v in vms]
+    bindings = (
+        pd.concat(history, ignore_index=True) if history else store.query_inventory_history(limit=0)
+    )
+    return policy_followed(rows, flows, bindings)[list(MIGRATION_COLUMNS)]
 
 
 _LAST_TWO: Final = (

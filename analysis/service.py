@@ -160,7 +160,10 @@ class Analyzer:
         self.engine = Engine(
             EngineConfig(
                 flow=FlowConfig(
-                    idle_timeout_s=cfg.idle_timeout, active_timeout_s=cfg.active_timeout
+                    idle_timeout_s=cfg.idle_timeout,
+                    active_timeout_s=cfg.active_timeout,
+                    pair_window_s=cfg.pair_window,
+                    max_pending_copies=cfg.max_pending_copies,
                 ),
                 max_flows=cfg.max_flows,
                 keys=keys,

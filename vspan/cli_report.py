@@ -92,6 +92,13 @@ def _summary(report: Any, err: IO[str]) -> None:
     )
     for reason, n in bad:
         print(f"vspan report: not decodable: {n:,} frames {reason}", file=err)
+    late = report.flow_counters.get("late_frames", 0)
+    if late:
+        print(
+            f"vspan report: {late:,} frames too far out of time order to join their flow "
+            "(a file's records not in time order): each is a flow of its own",
+            file=err,
+        )
 
 
 def run(args: argparse.Namespace) -> int:

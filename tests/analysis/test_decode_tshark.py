@@ -21,7 +21,7 @@ from pathlib import Path
 import dpkt
 import pytest
 
-from vspan.analysis.columns import IPV4_MAPPED_PREFIX, Decoded, Layer, Status, TagKind
+from vspan.analysis.columns import IPV4_MAPPED_PREFIX, NO_MAC, Decoded, Layer, Status, TagKind
 from vspan.analysis.decode import decode_batch
 from vspan.batch import FrameBatch
 from vspan_testing.decode_frames import IP4_TCP, IP6_UDP, Built, catalogue, patched, vlans
@@ -143,7 +143,7 @@ def columns(fr: Frame) -> dict[str, int]:
     tags = [p for p in protocols[:net] if p in TAGS]
     out: dict[str, int] = {}
     for name, key in (("dst_mac", "eth.dst"), ("src_mac", "eth.src")):
-        out[name] = int(fr[key][0].replace(":", ""), 16) if key in fr else 0
+        out[name] = int(fr[key][0].replace(":", ""), 16) if key in fr else int(NO_MAC)
     ids = {"vlan": list(map(num, fr.get("vlan.id", []))),
            "ieee8021ad": list(map(num, fr.get("ieee8021ad.id", [])))}  # fmt: skip
     seen: list[int] = []

@@ -237,14 +237,25 @@ def test_a_reused_vif_belongs_to_the_vm_that_had_it(
     ring: tuple[SynthCapture, Path, pd.DataFrame], tmp_path: Path
 ) -> None:
     """web-01's port is labelled as VM "old" for the first half of the capture and as VM
-    "new" for the second (a migration away, then another VM given the same vif); without
-    an inventory, each export gets the frames of its own half only."""
+    "new" for the second (a migration away, then another VM, with a MAC of its own, given
+    the same vif); without an inventory, each export gets the frames of its own half only —
+    both copies of each packet, the peer host's too (those name the VM by MAC only)."""
     cap = ring[0]
     web = vm(cap, "web-01")
     host = next(h.collector_id for h in cap.hosts if h.name == web.host)
-    frames, dec = cap.frames, decode_batch(cap.frames)
+    half = len(cap.frames) // 2
+    old_mac, new_mac = bytes.fromhex(web.mac.replace(":", "")), bytes.fromhex("02ee00000001")
+    frames = cap.frames
+    data = frames.data.copy()
+    for at in frames.offset[half:].tolist():  # the new VM's frames carry its own MAC
+        for field in (slice(at, at + 6), slice(at + 6, at + 12)):
+            if data[field].tobytes() == old_mac:
+                data[field] = np.frombuffer(new_mac, np.uint8)
+    frames = FrameBatch(data=data, offset=frames.offset, caplen=frames.caplen,
+                        origlen=frames.origlen, ts_ns=frames.ts_ns, linktype=frames.linktype,
+                        host=frames.host)  # fmt: skip
+    dec = decode_batch(frames)
     at_port = (frames.host == host) & (frame_vifs(dec) == web.vif)
-    half = len(frames) // 2
     store = PacketRing(tmp_path / "ring", segment_bytes=256 << 10)
     for label, rows in (("old", np.arange(half)), ("new", np.arange(half, len(frames)))):
         store.start()
@@ -256,9 +267,11 @@ def test_a_reused_vif_belongs_to_the_vm_that_had_it(
     touching = (cap.truth.src_vm == "web-01") | (cap.truth.dst_vm == "web-01")
     mine = np.zeros(len(frames), np.bool_)
     mine[truth_frames(cap, touching)] = True
-    mine &= frames.host == host
-    for label, rows in (("old", mine[:half]), ("new", mine[half:])):
+    for label, rows, mac in (
+        ("old", mine[:half], web.mac),
+        ("new", mine[half:], "02:ee:00:00:00:01"),
+    ):
         result = export(tmp_path, tmp_path / f"{label}.pcapng", vm=f"{label}-vm")
         got = fields(tmp_path / f"{label}.pcapng", ["eth.src", "eth.dst"])
         assert result.frames_written == len(got) == int(rows.sum()) > 0
-        assert all(web.mac in pair for pair in got)
+        assert all(mac in pair for pair in got)

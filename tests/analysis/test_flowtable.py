@@ -15,10 +15,9 @@ def table(hashes: list[int], index_size: int) -> tuple[kt.Rows, kt.Index]:
     keys[:, 0] = np.arange(n, dtype=np.uint64)  # every row its own key
     state = np.zeros((n, len(kt.STATE)), np.int64)
     state[:, kt.STATE.index("hash")] = hashes
-    times = np.zeros((n, len(kt.TIME_SUMS)), np.float64)
     index = np.zeros(index_size, np.int32)
     kt.rebuild_index(index, state, n)
-    return (keys, state, times), index
+    return (keys, state), index
 
 
 @settings(max_examples=200, deadline=None)
@@ -36,18 +35,16 @@ def test_every_row_left_is_found_after_deletes(
     low = [h % spread for h in hashes]
     hashes = [h - h % 128 + (127 - lo if top else lo) for h, lo in zip(hashes, low, strict=True)]
     size = 1 << (2 * len(hashes) - 1).bit_length()
-    (keys, state, times), index = table(hashes, size)
+    (keys, state), index = table(hashes, size)
     ids = set(range(len(hashes)))  # key word 0 of each row
     n = len(hashes)
-    fin = tuple(np.zeros((n, a.shape[1]), a.dtype) for a in (keys, state, times))
+    fin = (np.zeros_like(keys), np.zeros_like(state))
     nfin = 0
     for d in drops:
         if d >= n:
             continue
         gone = int(keys[d, 0])
-        n, nfin = kt.remove_rows(
-            np.array([d], np.int64), ((keys, state, times), index, n), (fin, nfin)
-        )
+        n, nfin = kt.remove_rows(np.array([d], np.int64), ((keys, state), index, n), (fin, nfin))
         assert int(fin[0][nfin - 1, 0]) == gone
         ids.remove(gone)
         assert np.count_nonzero(index) == n

@@ -1,8 +1,10 @@
 """``analyze_captures`` against tshark, run in the test, on real and generated captures.
 
 Per TCP/UDP conversation (address and port pair) and per IP address pair, the packets and
-bytes each way must equal what tshark counts. vspan's flows are finer (VLAN, endpoint,
-timeouts), so they are summed up to tshark's key first.
+bytes each way must equal what tshark counts; so must, per MAC address pair, those of the
+flows without IP (ARP, 802.3/LLC, ...), against tshark's Ethernet conversations of the
+frames without IP. vspan's flows are finer (VLAN, EtherType, endpoint, timeouts), so they
+are summed up to tshark's key first.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def _ours(flows: pd.DataFrame, proto: int | None, frag: set[frozenset[str]]) -> 
     out: Sides = {}
     sel = flows if proto is None else flows[flows["proto"] == proto]
     for row in sel.itertuples(index=False):
-        if row.src_ip is None:
+        if pd.isna(row.src_ip):  # a flow without IP: compared by _ours_without_ip
             continue
         a, b = _addr(row.src_ip), _addr(row.dst_ip)
         if proto is not None:
@@ -57,6 +59,40 @@ def _ours(flows: pd.DataFrame, proto: int | None, frag: set[frozenset[str]]) -> 
             a, b = f"{a}:{row.src_port}", f"{b}:{row.dst_port}"
         _add(out, a, b, (row.packets, row.bytes), (row.packets_rev, row.bytes_rev))
     return out
+
+
+NO_IP = "!ip && !ipv6"
+"""The frames of the flows without IP, as a tshark display filter."""
+
+
+def _ours_without_ip(flows: pd.DataFrame) -> Sides:
+    """Our flows without IP (keyed by MACs and EtherType) summed per unordered MAC pair."""
+    out: Sides = {}
+    for row in flows.itertuples(index=False):
+        if not pd.isna(row.src_ip):
+            continue
+        assert isinstance(row.src_mac, str), row  # plain Ethernet: every end by its MAC
+        assert isinstance(row.dst_mac, str), row
+        _add(
+            out,
+            row.src_mac,
+            row.dst_mac,
+            (row.packets, row.bytes),
+            (row.packets_rev, row.bytes_rev),
+        )
+    return out
+
+
+def _theirs_without_ip(path: Path) -> tuple[Sides, Sides]:
+    """tshark's frames without IP summed per MAC pair from its per-frame dissection, and
+    its Ethernet conversation table of the same frames."""
+    dissected: Sides = {}
+    for src, dst, length in fields(path, ["eth.src", "eth.dst", "frame.len"], display_filter=NO_IP):
+        _add(dissected, src, dst, (1, int(length)), (0, 0))
+    table: Sides = {}
+    for (a, b), (fab, bab, fba, bba) in conversations(path, "eth", display_filter=NO_IP).items():
+        _add(table, a, b, (fab, bab), (fba, bba))
+    return dissected, table
 
 
 def _split(endpoint: str, with_port: bool) -> tuple[str, str]:
@@ -145,6 +181,9 @@ def test_real_captures_match_tshark_conversations(path: Path) -> None:
             {k: v for k, v in ours.items() if k not in special},
             {k: v for k, v in table.items() if k not in special},
         )
+    without_ip = _ours_without_ip(report.flows)
+    for theirs in _theirs_without_ip(path):
+        _compare(without_ip, theirs)
 
 
 @pytest.mark.skipif(not shared_pcaps(), reason="../shared/pcaps is not beside the repo")

@@ -54,6 +54,7 @@ _DTYPES = {
     "icmp_id": np.uint16,
     "tcp_flags": np.uint16,
     "payload_len": np.int32,
+    "fingerprint": np.uint64,
 }
 
 

@@ -35,13 +35,18 @@ def host_capture(cap: SynthCapture, host: int, path: Path) -> FrameBatch:
 def replay_hosts(
     cap: SynthCapture, analyzer: tuple[str, int], folder: Path, *, max_message: int = 9000
 ) -> None:
-    """Every host of ``cap`` replayed, as fast as possible, through a real collector sending
-    UDP to ``analyzer``; returns when every collector has sent everything."""
+    """Every host of ``cap`` replayed through a real collector sending UDP to ``analyzer``,
+    all at once as hypervisors run, at ``REPLAY_SPEED`` times capture time on a simulated
+    clock (so the two copies of a cross-host packet reach the analyzer close together, as
+    they do live); returns when every collector has sent everything."""
     inventory = cap.inventory()
+    clock = [0.0]
+    running = []
     for host in inventory.hosts:
         path = folder / f"{host.name}.pcap"
         host_capture(cap, host.collector_id, path)
-        source = ReplaySource(path, inventory, speed=None, host=host.name)
+        source = ReplaySource(path, inventory, speed=REPLAY_SPEED, host=host.name,
+                              now=lambda: clock[0], sleep=lambda _: None)  # fmt: skip
         collector = Collector(
             CollectorSettings(collector_id=host.collector_id, host=host.name,
                               max_message=max_message),
@@ -49,10 +54,16 @@ def replay_hosts(
             sender=UdpSender(analyzer, max_message=max_message),
         )  # fmt: skip
         collector.start(0.0)
-        now = 0.0
-        for _ in range(20_000):
-            now += 0.001
-            collector.step(now, poll_s=0.0)
-            if source.finished and not collector.forwarder.pending_frames:
-                break
+        running.append((source, collector))
+    for _ in range(20_000):
+        clock[0] += 0.001
+        for _, collector in running:
+            collector.step(clock[0], poll_s=0.0)
+        if all(s.finished and not c.forwarder.pending_frames for s, c in running):
+            break
+    for _, collector in running:
         collector.stop()
+
+
+REPLAY_SPEED = 10.0
+"""Capture seconds replayed per second of the simulated clock (1 ms a step)."""

@@ -58,13 +58,15 @@ _CONV = re.compile(
 
 
 def conversations(
-    path: Path, kind: str, *, options: list[str] | None = None
+    path: Path, kind: str, *, options: list[str] | None = None, display_filter: str | None = None
 ) -> dict[tuple[str, str], tuple[int, int | None, int, int | None]]:
-    """``-z conv,KIND``: {(A, B): (frames A→B, bytes A→B, frames B→A, bytes B→A)}.
+    """``-z conv,KIND[,FILTER]``: {(A, B): (frames A→B, bytes A→B, frames B→A, bytes B→A)}
+    over the frames ``display_filter`` selects (all without one).
 
     Bytes are None where tshark printed them in a unit other than bytes (rounded).
     """
-    args = ["tshark", "-n", "-q", "-r", str(path), *(options or []), "-z", f"conv,{kind}"]
+    table = f"conv,{kind}" + (f",{display_filter}" if display_filter else "")
+    args = ["tshark", "-n", "-q", "-r", str(path), *(options or []), "-z", table]
     out = subprocess.run(args, capture_output=True, text=True, check=True, timeout=300).stdout
     convs: dict[tuple[str, str], tuple[int, int | None, int, int | None]] = {}
     for line in out.splitlines():
