@@ -97,6 +97,7 @@ def _workload(tmp: Path) -> None:
     engine.process(capture.frames)
     engine.process(_fragments())
     engine.flush()
+    _live(tmp, capture, inventory)
     frames = capture.frames
     with open(tmp / "comments.pcapng", "wb") as fh:
         writer = PcapngWriter(fh)
@@ -107,6 +108,29 @@ def _workload(tmp: Path) -> None:
         epb_comments(batch)
     _tpacket._compile_kernels()
     bpf.warm_up()
+
+
+def _live(tmp: Path, capture: Any, inventory: Any) -> None:
+    """What the live analyzer runs beyond ``vspan report``: the packet ring (its index), the
+    open flows copied and turned into records with their UUIDs, as the store writer does."""
+    from vspan.analysis.decode import decode_batch
+    from vspan.analysis.endpoints import EndpointResolver
+    from vspan.analysis.engine import warm_batch
+    from vspan.analysis.flows import FlowTable
+    from vspan.analysis.records import HostNames, flow_table
+    from vspan.analysis.ring import PacketRing
+    from vspan.analysis.ring_feeder import compact
+
+    ring = PacketRing(tmp / "ring", inventory=inventory)
+    ring.start()
+    for batch in (capture.frames, warm_batch()):
+        ring.append(compact(batch), decode_batch(batch))
+    ring.stop()
+    table = FlowTable()
+    decoded = decode_batch(capture.frames)
+    table.update_rows(decoded, EndpointResolver(inventory).resolve(decoded))
+    for rows in (table.open_rows(), table.flush_rows()):
+        flow_table(rows.columns(), inventory=inventory, hosts=HostNames.from_inventory(inventory))
 
 
 def _fragments() -> Any:
