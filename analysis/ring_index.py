@@ -186,8 +186,7 @@ class SegmentInfo:
         v6 = hi != 0  # IPv4 (mapped) has hi == 0: one 64-bit key is enough
         found = _distinct(lo[~v6])
         if v6.any():
-            both = np.unique(np.stack([hi[v6], lo[v6]], axis=1), axis=0).tolist()
-            found += [(a << 64) | b for a, b in both]
+            found += [(a << 64) | b for a, b in _distinct_pairs(hi[v6], lo[v6])]
         self.ips = _merge(self.ips, found)
 
     def to_json(self, *, keys: bool = True) -> dict[str, Any]:
@@ -253,6 +252,18 @@ def _distinct(values: npt.NDArray[Any]) -> list[int]:
     """The distinct values (of an unsigned integer column), in one compiled hash pass."""
     keys = np.ascontiguousarray(values, dtype=np.uint64)
     return list(factorize(keys)[1].tolist()) if keys.size else []
+
+
+def _distinct_pairs(
+    hi: npt.NDArray[np.uint64], lo: npt.NDArray[np.uint64]
+) -> list[tuple[int, int]]:
+    """The distinct ``(hi, lo)`` pairs (128-bit addresses), exactly: each half factorized,
+    then the pair of codes (which fits 64 bits) factorized."""
+    hi_codes, _, _ = factorize(np.ascontiguousarray(hi, np.uint64))
+    lo_codes, lo_uniq, _ = factorize(np.ascontiguousarray(lo, np.uint64))
+    pair = hi_codes.astype(np.uint64) * np.uint64(lo_uniq.size) + lo_codes.astype(np.uint64)
+    _, _, first = factorize(pair)
+    return list(zip(hi[first].tolist(), lo[first].tolist(), strict=True))
 
 
 def _merge(known: set[Any] | None, new: Iterable[Any]) -> set[Any] | None:

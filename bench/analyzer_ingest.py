@@ -106,6 +106,9 @@ class SendJob:
     rate: int
     seconds: float
     templates: Templates
+    boot_id: int | None = None
+    """Patched into every message (a new one per run: a collector that starts again takes a
+    new boot, and an analyzer drops seqs it has seen in a boot as duplicates)."""
 
 
 def sender(job: SendJob, ready: Any, done: Any) -> None:
@@ -116,6 +119,9 @@ def sender(job: SendJob, ready: Any, done: Any) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.connect(job.addr)
     view, seq, sent, errors, i = memoryview(raw), dict.fromkeys(cids, 0), 0, 0, 0
+    if job.boot_id is not None:
+        for o in offsets:
+            struct.pack_into("!I", raw, o + 12, job.boot_id)
     ts_index = _ts_index(offsets)
     ready.set()
     start = time.monotonic()
@@ -165,13 +171,13 @@ def receive_path(
         except queue.Empty:
             continue
         got = ingest(chunk.data, chunk.offsets, chunk.sizes)
-        acc.update(got, now=chunk.received_at)
+        acc.update(got, now=chunk.received_at, kernel_drops=chunk.kernel_drops)
         if eng is not None:
             eng.process(got.frames)
         chunk.release()
     drops = receiver.kernel_drops() or 0
     receiver.stop()
-    return {"received": acc.totals()["received"], "backpressure": receiver.dropped_backpressure,
+    return {"received": acc.totals()["received"], "backpressure": receiver.backpressure_waits,
             "kernel_drops": drops, "rcvbuf": receiver.rcvbuf}  # fmt: skip
 
 

@@ -146,10 +146,14 @@ def drained(analyze: Analyze, timeout: float = 30.0) -> dict[str, Any]:
     return analyze.status()
 
 
+_BOOTS = iter(range(100, 1 << 31))
+
+
 def send(addr: tuple[str, int], rate: int, seconds: float, templates: Templates, span: int) -> int:
     ctx = mp.get_context("spawn")
     ready, done = ctx.Event(), ctx.Queue()
-    proc = ctx.Process(target=sender, args=(SendJob(addr, rate, seconds, templates), ready, done))
+    job = SendJob(addr, rate, seconds, templates, boot_id=next(_BOOTS))
+    proc = ctx.Process(target=sender, args=(job, ready, done))
     proc.start()
     if not ready.wait(timeout=60):
         raise RuntimeError("the sender did not start")
@@ -186,6 +190,7 @@ def run_analyze(
         "frames": int(frames),
         "kernel": named(after, "kernel") - named(before, "kernel"),
         "lost": named(after, "lost") - named(before, "lost"),
+        "refused": sum(named(after, k) - named(before, k) for k in ("duplicates", "stale")),
         "status": after,
     }
 
@@ -214,9 +219,9 @@ def main() -> None:
         )
         print(
             "| offered frames/s | bare loop lost msgs | analyze frames/s | analyze lost frames "
-            "| named: kernel msgs | named: network lost msgs |"
+            "| named: kernel msgs | named: network lost msgs | duplicate or stale msgs |"
         )
-        print("|---:|---:|---:|---:|---:|---:|")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
         with Analyze(
             work, inventory=work / "inventory.yaml", profiles=work / "profiles.yaml", idle=idle
         ) as an:
@@ -227,7 +232,7 @@ def main() -> None:
                 lost = r["sent_frames"] - r["frames"]
                 print(
                     f"| {fps:,} | {bare_lost} | {r['frames'] / args.seconds:,.0f} | {lost:,} "
-                    f"| {r['kernel']:,} | {r['lost']:,} |",
+                    f"| {r['kernel']:,} | {r['lost']:,} | {r['refused']:,} |",
                     flush=True,
                 )
             status = an.status()
@@ -235,7 +240,10 @@ def main() -> None:
             print("store writer:", json.dumps(status.get("store_writer")))
             print("engine:", json.dumps(status.get("engine")))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not os.environ.get("VSPAN_BENCH_KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print("kept", work)
 
 
 if __name__ == "__main__":
