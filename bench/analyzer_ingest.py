@@ -109,6 +109,9 @@ class SendJob:
     boot_id: int | None = None
     """Patched into every message (a new one per run: a collector that starts again takes a
     new boot, and an analyzer drops seqs it has seen in a boot as duplicates)."""
+    start_ns: int = 0
+    """Moves every timestamp on before the first send (runs into one analyzer go on in
+    time, as live traffic does)."""
 
 
 def sender(job: SendJob, ready: Any, done: Any) -> None:
@@ -123,6 +126,8 @@ def sender(job: SendJob, ready: Any, done: Any) -> None:
         for o in offsets:
             struct.pack_into("!I", raw, o + 12, job.boot_id)
     ts_index = _ts_index(offsets)
+    if job.start_ns:
+        _shift_timestamps(raw, ts_index, job.start_ns)
     ready.set()
     start = time.monotonic()
     while (now := time.monotonic()) < start + seconds:

@@ -152,7 +152,9 @@ _BOOTS = iter(range(100, 1 << 31))
 def send(addr: tuple[str, int], rate: int, seconds: float, templates: Templates, span: int) -> int:
     ctx = mp.get_context("spawn")
     ready, done = ctx.Event(), ctx.Queue()
-    job = SendJob(addr, rate, seconds, templates, boot_id=next(_BOOTS))
+    boot = next(_BOOTS)
+    # Each run starts a day after the one before: it goes on in time, as live traffic does.
+    job = SendJob(addr, rate, seconds, templates, boot_id=boot, start_ns=boot * 86_400 * 10**9)
     proc = ctx.Process(target=sender, args=(job, ready, done))
     proc.start()
     if not ready.wait(timeout=60):
