@@ -3,7 +3,7 @@
 Every setting can be given in the file and as a flag (flags win). With nothing given the
 analyzer listens on loopback only. File format (all keys optional)::
 
-    udp: 127.0.0.1:47470        # tunnel over UDP ("" or null: off)
+    udp: 127.0.0.1:47470        # tunnel over UDP ("", null or off: off)
     tcp: 127.0.0.1:47470        # tunnel over TCP
     http: 127.0.0.1:8470        # API, dashboard, control plane
     data_dir: /var/lib/vspan
@@ -254,8 +254,8 @@ def _typed(node: Node, annotation: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise node.error(f"expected a number, got {value!r}")
         return float(value)
-    if value == "":
-        return None if "None" in annotation else ""
+    if value == "" or (value is False and "None" in annotation):
+        return None if "None" in annotation else ""  # YAML reads ``off`` as false
     return node.as_str()
 
 

@@ -99,6 +99,24 @@ _PARTS: Final[dict[str, tuple[str, dict[str, _Spec]]]] = {
         "errors": ("engine_errors", "counter", "Chunks the engine failed to process.", False),
         "open_flows": ("open_flows", "gauge", "Flows in the flow table now.", False),
         "undecodable": ("frames_undecodable", "counter", "Frames not decoded, by reason.", True),
+        "dropped_duplicate": ("messages_dropped_duplicate", "counter", "Tunnel messages not "
+                              "ingested: a seq their boot had already sent (replay or "
+                              "duplicate).", False),
+        "dropped_stale": ("messages_dropped_stale", "counter", "Tunnel messages not ingested: "
+                          "too far behind their stream to tell from a replay.", False),
+        "dropped_stale_boot": ("messages_dropped_stale_boot", "counter", "Tunnel messages "
+                               "not ingested: an older boot of a keyed collector.", False),
+        "streams": ("streams", "gauge", "(collector, boot) sequences tracked.", False),
+        "streams_evicted": ("streams_evicted", "counter", "Sequence states forgotten (stale "
+                            "boots, or over max_streams).", False),
+        "collectors_tracked": ("collectors_tracked", "gauge", "Collectors with counters of "
+                               "their own.", False),
+        "collectors_evicted": ("collectors_evicted", "counter", "Collectors forgotten over "
+                               "max_collectors.", False),
+        "learned_macs": ("learned_macs", "gauge", "MACs learned behind vifs from the tags.",
+                         False),
+        "learned_macs_evicted": ("learned_macs_evicted", "counter", "Learned MACs forgotten "
+                                 "over max_macs_per_vif or max_learned_macs.", False),
     }),
     "store_writer": ("vspan_store_", {
         "rows_written": ("rows_written", "counter", "Rows written to the store, by lane "
@@ -137,6 +155,11 @@ _RECEIVER: Final = {  # receiver counter key -> (type, help); other keys are exp
     "closed_invalid": ("counter", "Connections closed on an invalid message."),
     "errors": ("counter", "Receive errors."),
     "rcvbuf": ("gauge", "Kernel receive buffer granted, bytes."),
+    "open_connections": ("gauge", "TCP connections open now."),
+    "max_connections": ("gauge", "TCP connections allowed at once."),
+    "rejected_connections": ("counter", "TCP connections closed at once: over the limit."),
+    "closed_idle": ("counter", "TCP connections closed after the idle timeout."),
+    "accept_errors": ("counter", "TCP accepts that failed (descriptors exhausted: backed off)."),
     "backpressure_waits": (
         "counter",
         "Times the receiver stopped reading because every chunk "

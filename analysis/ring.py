@@ -6,7 +6,8 @@ carries the collector_id, vif and VM UUID. A batch is written with one vectorize
 ``PcapngWriter.write_batch`` per segment it lands in (a per-frame comment only when
 verdicts are given), cut where a segment reaches ``segment_bytes``. Closed segments are
 deleted oldest first while the ring is over ``max_bytes`` or older than ``max_age_s``; age
-is measured against the newest frame seen (capture time, so replays are deterministic).
+is measured against the newest frame seen (capture time, so replays are deterministic), or,
+with ``clock_from_frames=False``, against the time ``trim`` is given.
 Each segment has an index (``ring_index``), mirrored into the store when one is given.
 
 A full or failing disk never escapes ``append``: the ``OSError`` is counted
@@ -110,8 +111,13 @@ class PacketRing:
         store: IndexMirror | None = None,
         inventory: InventoryView | None = None,
         retry_s: float = 10.0,
+        clock_from_frames: bool = True,
     ) -> None:
         self.directory = Path(directory)
+        self.clock_from_frames = clock_from_frames
+        """Whether the newest frame appended moves the ring's clock (age bound, retry pause)
+        on; else only ``trim(now_ns)`` does (the analyzer: one frame stamped in the future
+        must not age out what the ring holds)."""
         self.segment_bytes, self.max_bytes = segment_bytes, max_bytes
         self.max_age_ns, self.retry_ns = int(max_age_s * 1e9), int(retry_s * 1e9)
         self.store, self.inventory = store, inventory
@@ -180,7 +186,8 @@ class PacketRing:
         if n == 0:
             return 0
         with self._lock:
-            self._now = max(self._now, int(batch.ts_ns.max()))
+            if self.clock_from_frames:
+                self._now = max(self._now, int(batch.ts_ns.max()))
             if self._resume_ns is not None and self._now < self._resume_ns:
                 self._count("frames_dropped{ring_paused}", n)
                 return 0

@@ -54,11 +54,15 @@ from vspan.analysis.ring_feeder import RingFeeder
 from vspan.analysis.store import Store
 from vspan.analysis.store_writer import StoreWriter
 from vspan.batch import FrameBatch
+from vspan.errors import ConfigError
 from vspan.inventory import Host, Inventory, Vm
 
 __all__ = ["Analyzer"]
 
 log = logging.getLogger(__name__)
+
+RING_CLOCK_SKEW_S = 60.0
+"""How far ahead of the analyzer's clock capture time may age the packet ring."""
 
 Call = Callable[[], object]
 """A write to run on the store writer's thread."""
@@ -121,6 +125,7 @@ class Analyzer:
             max_bytes=config.ring_max_bytes,
             max_age_s=config.ring_max_age,
             store=_RingIndex(self.store, self.writer),
+            clock_from_frames=False,  # the maintenance thread's trim moves it, bounded
         )
         self.feeder = RingFeeder(self.ring, max_bytes=config.ring_queue_bytes)
         self.engine: Engine | None = None
@@ -140,7 +145,13 @@ class Analyzer:
     def start(self) -> None:
         """Open the store and ring, load inventory and profiles, start receiving and serving."""
         cfg, now = self.config, self.clock()
-        os.makedirs(self.data_dir, exist_ok=True)
+        try:
+            os.makedirs(self.data_dir, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot use {self.data_dir} as the data directory: {exc.strerror or exc}",
+                field="data_dir",
+            ) from exc
         self.store.start()
         self.writer.start()
         self.ring.start()
@@ -332,10 +343,12 @@ class Analyzer:
 
     def _trim_ring(self, now: float) -> None:
         """Delete ring segments past the age bound at the capture clock's time (which goes
-        on while the network is quiet)."""
+        on while the network is quiet), but never past the analyzer's own clock (plus
+        ``RING_CLOCK_SKEW_S``): a frame stamped in the future (a collector's clock far ahead,
+        or a forged message) must not age out what the ring holds."""
         at = None if self.engine is None else self.engine.capture_now(now)
         if at is not None:
-            self.ring.trim(at)
+            self.ring.trim(min(at, int((now + RING_CLOCK_SKEW_S) * 1e9)))
 
     def _observe_dataplane(self, now: float) -> None:
         """Tell the inventory where the tags saw each VM MAC since the last time: a VM behind

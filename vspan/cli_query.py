@@ -89,7 +89,7 @@ _FLAGS: Final[dict[str, dict[str, Any]]] = {
 def add_parsers(sub: Any) -> None:
     """Register the query commands and ``export`` on the top-level subparsers."""
     for name, text in (
-        ("flows", "stored flows, filtered, a page at a time"),
+        ("flows", "flows (open ones too, from a running analyzer), filtered, a page at a time"),
         ("migrations", "VM migrations between hosts"),
         ("collectors", "each collector's counters, rates, loss and drops"),
     ):

@@ -32,6 +32,14 @@ def test_file_then_flags(tmp_path: Path) -> None:
     assert cfg.http == AnalyzerConfig().http
 
 
+@pytest.mark.parametrize("off", ["off", "null", "''", "false"])
+def test_a_receiver_is_turned_off_as_the_flag_does(tmp_path: Path, off: str) -> None:
+    # Regression: ``tcp: off`` (what --tcp off says) failed: YAML reads off as false.
+    path = tmp_path / "analyzer.yaml"
+    path.write_text(f"tcp: {off}\n")
+    assert AnalyzerConfig.load(str(path)).tcp is None
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

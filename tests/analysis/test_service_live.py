@@ -95,3 +95,40 @@ def test_an_open_flow_is_visible_and_ends_after_the_idle_timeout_on_a_quiet_netw
     finally:
         analyzer.stop()
     assert analyzer.stored_flows() == 1
+
+
+def test_a_frame_stamped_in_the_future_does_not_age_out_the_packet_ring(tmp_path: Path) -> None:
+    # Regression: one datagram stamped in 2100 moved the capture clock a century on, and the
+    # next maintenance round deleted every closed ring segment (segments_deleted{age}).
+    config = AnalyzerConfig(
+        udp="127.0.0.1:0", tcp=None, data_dir=str(tmp_path / "data"),
+        ring_segment_bytes=64 << 10,
+    )  # fmt: skip
+    analyzer = Analyzer(config)
+    analyzer.start()
+    try:
+        now_ns = time.time_ns()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for seq in range(40):  # about 160 kB of frames: a few closed segments
+                frames = [udp_frame(b"y" * 1000) for _ in range(4)]
+                ts = [now_ns + (seq * 4 + i) * 1000 for i in range(4)]
+                sock.sendto(
+                    encode_message(collector_id=7, boot_id=1, seq=seq, frames=frames, ts_ns=ts),
+                    analyzer.addresses()["udp"],
+                )
+            wait_for(lambda: analyzer.ring.metrics().get("segments", 0) >= 3)
+            future = [4_102_444_800 * 10**9]  # 2100-01-01
+            sock.sendto(
+                encode_message(
+                    collector_id=8, boot_id=1, seq=0, frames=[udp_frame(b"z")], ts_ns=future
+                ),
+                analyzer.addresses()["udp"],
+            )
+            assert analyzer.engine is not None
+            wait_for(lambda: analyzer.engine is not None and analyzer.engine.frames == 161)
+        time.sleep(2.5)  # two maintenance rounds
+        metrics = analyzer.ring.metrics()
+        assert metrics.get("segments_deleted{age}", 0) == 0
+        assert metrics["segments"] >= 3
+    finally:
+        analyzer.stop()

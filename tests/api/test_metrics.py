@@ -56,7 +56,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     folder = tmp_path_factory.mktemp("metrics")
     cap = generate_small(seed=11)
     write_inventory_yaml(cap, folder / "inventory.yaml")
-    config = AnalyzerConfig(udp="127.0.0.1:0", tcp=None, data_dir=str(folder / "data"),
+    config = AnalyzerConfig(udp="127.0.0.1:0", tcp="127.0.0.1:0", data_dir=str(folder / "data"),
                             inventory=str(folder / "inventory.yaml"))  # fmt: skip
     analyzer = Analyzer(config)
     analyzer.start()
@@ -182,3 +182,20 @@ def test_metrics_need_a_token_and_answer_under_the_api_prefix(live: Live) -> Non
     assert [line for line in prefixed.splitlines() if line.startswith("#")] == [
         line for line in live.text.splitlines() if line.startswith("#")
     ]
+
+
+def test_every_family_has_a_type(live: Live) -> None:
+    # Regression: the tunnel's rejection and bound counters (duplicates and stale messages
+    # dropped, evictions, TCP connections refused) were exposed untyped, without _total.
+    untyped = [
+        line.split()[2]
+        for line in live.text.splitlines()
+        if line.startswith("# TYPE ") and line.endswith(" untyped")
+    ]
+    assert untyped == []
+    got = samples(live.text)
+    for counter in ("vspan_messages_dropped_duplicate_total", "vspan_streams_evicted_total",
+                    "vspan_learned_macs_evicted_total", "vspan_frames_late_total"):  # fmt: skip
+        assert counter in got, counter
+    tcp = {s["receiver"] for s, _ in got["vspan_receiver_rejected_connections_total"]}
+    assert tcp == {"tcp"}

@@ -383,3 +383,21 @@ def test_a_replayed_old_capture_outlives_a_restart_unless_retention_is_by_captur
     assert counted == len(cap.truth)
     with Store(data, read_only=True) as store:
         assert store.count("flows") == 0
+
+
+@pytest.mark.parametrize("kind", ["a file", "under a file"])
+def test_an_unusable_data_dir_is_an_error_naming_it(tmp_path: Path, kind: str) -> None:
+    # Regression: a data dir that cannot be made ended in a traceback (exit status 1).
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    data = afile if kind == "a file" else afile / "data"
+    done = subprocess.run(
+        [*VSPAN, "analyze", "--udp", "127.0.0.1:0", "--tcp", "off", "--http", "127.0.0.1:0",
+         "--data-dir", str(data), "--duration", "1"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.startswith(
+        f"vspan analyze: error: data_dir: cannot use {data} as the data directory:"
+    ), done.stderr
+    assert "Traceback" not in done.stderr
