@@ -144,6 +144,11 @@ _PARTS: Final[dict[str, tuple[str, dict[str, _Spec]]]] = {
         "queue_bytes": ("queue_bytes", "gauge", "Frame bytes waiting for the ring's disk.",
                         False),
     }),
+    "recorder": ("vspan_", {
+        "recovered": ("flows_recovered", "counter", "Flows open when the analyzer stopped "
+                      "without finishing them (killed), stored at the next start with their "
+                      "counters as of the last snapshot of the open flows.", False),
+    }),
     "inventory": ("vspan_inventory_", {}),  # every inventory counter counts events
 }  # fmt: skip
 _RECEIVER: Final = {  # receiver counter key -> (type, help); other keys are exposed untyped

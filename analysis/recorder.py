@@ -19,7 +19,9 @@ hash and its first packet's time.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Final
 
 import numpy as np
@@ -100,8 +102,14 @@ class FlowRecorder:
         policy: PolicyFor,
         counters: PolicyCounters,
         salt: int,
+        snapshot: Path | None = None,
     ) -> None:
         self.store, self._policy, self._counters, self._salt = store, policy, counters, salt
+        self.snapshot = snapshot
+        """Where each copy of the open flows is also kept (Parquet, replaced whole): what
+        ``recover`` stores after the analyzer stopped without finishing them."""
+        self.recovered = 0
+        """Flows recovered from the snapshot at start."""
         self._next_id = 1
         self._open_keys = np.zeros(0, np.int64)
         """``flow_keys`` of the rows of the open-flow view, row for row."""
@@ -189,7 +197,47 @@ class FlowRecorder:
         records, _ = self.records(rows, inventory, numbered=False)
         self.store.set_open_flows(records)
         self._open_keys = flow_keys(rows)
+        if self.snapshot is not None:
+            _write_atomically(records, self.snapshot)
         return len(records)
+
+    # --- what the analyzer did not finish (its start and stop) ------------------------
+
+    def recover(self) -> int:
+        """Store the open flows of the last snapshot, if the analyzer stopped without
+        finishing them (killed, crashed): their counters as of that snapshot (at most a
+        snapshot interval before it stopped), those not stored since. Logged and counted
+        (``recovered``); the snapshot is then removed. Call before the engine starts."""
+        if self.snapshot is None or not self.snapshot.exists():
+            return 0
+        try:
+            records = pd.read_parquet(self.snapshot)
+        except (OSError, ValueError) as exc:
+            log.error("open flows of the last run: cannot read %s (%s); not recovered",
+                      self.snapshot, exc)  # fmt: skip
+            self.snapshot.unlink(missing_ok=True)
+            return 0
+        uids = records["flow_uid"].astype(str)
+        done = self.store.stored_flow_uids(uids.tolist())
+        left = records[~uids.isin(done).to_numpy()].reset_index(drop=True)
+        if len(left):
+            left["flow_id"] = np.arange(self._next_id, self._next_id + len(left), dtype=np.int64)
+            self._next_id += len(left)
+            stored = self.store.append("flows", left).written
+            when = pd.Timestamp(self.snapshot.stat().st_mtime, unit="s", tz="UTC")
+            log.warning(
+                "the analyzer stopped without finishing %d open flows: %d stored with their "
+                "counters as of %s (packets after that were lost)",
+                len(left), stored, when.isoformat(timespec="seconds"),
+            )  # fmt: skip
+            self.recovered += stored
+        self.snapshot.unlink(missing_ok=True)
+        return self.recovered
+
+    def forget_snapshot(self) -> None:
+        """Every open flow was finished and stored (a clean stop): no snapshot to recover."""
+        if self.snapshot is not None:
+            self.snapshot.unlink(missing_ok=True)
 
     def _leave_open(self, ended: npt.NDArray[np.int64]) -> None:
         """Take flows that ended out of the open-flow view (until the next snapshot)."""
@@ -200,6 +248,13 @@ class FlowRecorder:
             keep = ~gone
             self.store.set_open_flows(self.store.open_flows[keep])
             self._open_keys = self._open_keys[keep]
+
+
+def _write_atomically(records: pd.DataFrame, path: Path) -> None:
+    """``records`` as Parquet at ``path``, replacing it whole (a crash leaves the old one)."""
+    part = path.with_name(path.name + ".part")
+    records.to_parquet(part, index=False)
+    os.replace(part, path)
 
 
 def _summed(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:

@@ -113,7 +113,9 @@ class Analyzer:
             policy=self._policy_for,
             counters=self.policy_counters,
             salt=secrets.randbits(64),
+            snapshot=self.data_dir / "open-flows.parquet",
         )
+        self._recovery = self.writer.lane("flows_recovered", _run_calls)
         self._history = self.writer.lane("inventory_history", _run_calls)
         self._migrations = self.writer.lane("migrations", _run_calls)
         self._counters = self.writer.lane("collector_counters", _run_calls)
@@ -154,6 +156,8 @@ class Analyzer:
             ) from exc
         self.store.start()
         self.writer.start()
+        self._recovery.submit(self.recorder.recover)
+        self.writer.flush()
         self.ring.start()
         self.feeder.start()
         if cfg.inventory:
@@ -240,6 +244,7 @@ class Analyzer:
         self.feeder.stop()
         self.ring.stop()
         self.writer.stop()
+        self.recorder.forget_snapshot()  # every open flow was finished and written
         self.store.stop()
 
     def addresses(self) -> dict[str, tuple[str, int]]:
@@ -392,6 +397,7 @@ class Analyzer:
         ]
         out["store_writer"] = writer
         out["store"] = self.store.counters()
+        out["recorder"] = {"recovered": self.recorder.recovered}
         out["ring"] = {**self.ring.metrics(), **feeder}
         out["inventory"] = dict(self.state.counters)
         lost = 0

@@ -348,6 +348,24 @@ class Store:
                 frame[col.name] = pd.to_datetime(frame[col.name], unit="ns", utc=True)
         self._open = frame
 
+    def stored_flow_uids(self, uids: Sequence[str]) -> set[str]:
+        """Those of ``uids`` that a stored flow has."""
+        if not uids:
+            return set()
+        with self._lock:
+            cur = self._connection().cursor()
+        try:
+            cur.register("wanted", pd.DataFrame({"u": list(uids)}))
+            rows = cur.sql(
+                "SELECT CAST(f.flow_uid AS VARCHAR) AS u FROM flows AS f "
+                "JOIN wanted AS w ON f.flow_uid = TRY_CAST(w.u AS UUID)"
+            ).fetchall()
+        except duckdb.Error as exc:
+            raise StoreError(f"{self.path}: query failed: {exc}") from exc
+        finally:
+            cur.close()
+        return {str(r[0]) for r in rows}
+
     @property
     def open_flows(self) -> pd.DataFrame:
         """The open flows as last set (``set_open_flows``)."""

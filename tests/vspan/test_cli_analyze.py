@@ -401,3 +401,53 @@ def test_an_unusable_data_dir_is_an_error_naming_it(tmp_path: Path, kind: str) -
         f"vspan analyze: error: data_dir: cannot use {data} as the data directory:"
     ), done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_flows_open_when_the_analyzer_is_killed_are_stored_at_its_next_start(
+    tmp_path: Path,
+) -> None:
+    # Regression: kill -9 lost every open flow without a word (the ring still held the
+    # packets; no record, no log line, no counter).
+    data = tmp_path / "data"
+    flags = ["--udp", "127.0.0.1:0", "--tcp", "off", "--http", "127.0.0.1:0",
+             "--data-dir", str(data), "--idle-timeout", "300"]  # fmt: skip
+    sent = [("a", "b", 41001, 3), ("b", "a", 41002, 2)]
+    first = AnalyzerProcess(flags, stderr_path=tmp_path / "first.stderr").wait_started()
+    try:
+        ports = [Port(p, 0, vif, mac, name, uuid) for name, (p, vif, mac, _, uuid) in VMS.items()]
+        ControlClient(first.api, CID).register("hv07", ports)
+        frames = [udp_frame(s, d, sport, 10 + i) for s, d, sport, n in sent for i in range(n)]
+        now = time.time_ns()  # flows that stay open: the idle timeout is 300 s
+        message = encode_message(collector_id=CID, boot_id=1, seq=0, frames=frames,
+                                 ts_ns=[now + 1000 * i for i in range(len(frames))])  # fmt: skip
+        assert first.udp is not None
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message, first.udp)
+        deadline = time.monotonic() + 20
+        while (
+            '"state":"open"' not in first.get("/api/v1/flows")
+            or not (data / "open-flows.parquet").exists()
+        ):
+            assert time.monotonic() < deadline, first.stderr()
+            time.sleep(0.1)
+    finally:
+        first.kill()  # nothing is flushed
+    with Store(data, read_only=True) as store:
+        assert store.count("flows") == 0  # they were open
+    second = AnalyzerProcess(flags, stderr_path=tmp_path / "second.stderr").wait_started()
+    try:
+        recovered = _metric(second, "vspan_flows_recovered_total")
+    finally:
+        second.stop()
+    assert recovered == len(sent)
+    assert f"stopped without finishing {len(sent)} open flows" in second.stderr()
+    with Store(data, read_only=True) as store:
+        flows = store.query_flows(limit=None, order="src_port")
+    got = [(f.src_vm, f.dst_vm, f.src_port, f.packets, f.state) for f in flows.itertuples()]
+    assert got == [(s, d, p, n, "closed") for s, d, p, n in sent]
+    # A clean stop left nothing to recover: a third start stores nothing more.
+    third = AnalyzerProcess(flags, stderr_path=tmp_path / "third.stderr").wait_started()
+    third.stop()
+    assert "stopped without finishing" not in third.stderr()
+    with Store(data, read_only=True) as store:
+        assert store.count("flows") == len(sent)
