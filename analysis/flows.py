@@ -53,6 +53,7 @@ import numpy.typing as npt
 
 from vspan.analysis import _copypairs as cp
 from vspan.analysis import _flowtable as kt
+from vspan.analysis import _hostclocks as hc
 from vspan.analysis.columns import Decoded, TagKind
 from vspan.analysis.endpoints import KIND_VIF, Endpoints
 from vspan.analysis.flowkeys import KEY_COLUMNS, FragmentPorts, frame_ports
@@ -77,9 +78,9 @@ two observation points of cross-host traffic."""
 
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
-_NEVER = -(1 << 62)
-"""The clock before any frame: far below any capture time, with no overflow in differences."""
 _FIRST_SLOTS = 1024
+_MAX_CLOCKS = 0xFFFF
+"""Clock slots at most (a flow keeps its clock's slot in 16 bits)."""
 """Slots of the pending map at first (it doubles as needed, up to ``max_pending_copies``)."""
 _U32, _U16 = np.uint64(32), np.uint64(16)
 _LOW16, _LOW32 = np.uint64(0xFFFF), np.uint64(0xFFFFFFFF)
@@ -186,12 +187,20 @@ class FlowConfig:
     max_pending_copies: int = 1 << 18
     """Copies kept waiting for their partner at most; beyond, a copy is not paired and is
     counted (``pending_overflow``)."""
+    max_host_clocks: int = 4096
+    """Clocks kept, one per observing host (and one more each time a host's time goes
+    back, while flows follow its old one); beyond, the frames of hosts without one are
+    judged by one shared clock and counted (``clocks_full_frames``)."""
 
     def __post_init__(self) -> None:
         if self.max_pending_copies < 1 or min(self.idle_timeout_s, self.pair_window_s) < 0:
             raise ValueError(
                 f"need max_pending_copies >= 1 (got {self.max_pending_copies}) and "
                 f"timeouts >= 0 (idle {self.idle_timeout_s}, pair window {self.pair_window_s})"
+            )
+        if not 1 <= self.max_host_clocks <= _MAX_CLOCKS:
+            raise ValueError(
+                f"max_host_clocks must be 1..{_MAX_CLOCKS}, got {self.max_host_clocks}"
             )
 
 
@@ -237,16 +246,18 @@ class FlowTable:
         self._rows = _Rows(rows)
         self._index = np.zeros(2 * rows, np.int32)
         self._n = 0
-        self._now = _NEVER
-        """The clock: the newest capture time seen."""
-        self._oldest = np.iinfo(np.int64).max
-        """No open flow was last seen before this (a bound: exact after a sweep)."""
+        # One clock per observing host, and the shared one (slot 0): ``_hostclocks``.
+        self._clk, self._hidx, self._ctl = hc.new_table(self.config.max_host_clocks + 1)
+        self._freed_at = -1
+        """Flows finished when no clock slot could be freed (-1: none failed): until more
+        have finished, hosts without a clock take the shared one at once."""
+        self._finished = 0
         self._fragments = FragmentPorts()
         self._max_slots = 2 << max(0, self.config.max_pending_copies - 1).bit_length()
         self._pend = np.zeros((min(_FIRST_SLOTS, self._max_slots), len(cp.PENDING)), np.int64)
         self._npend = 0
-        self._purged = _NEVER
-        """The clock at the last purge of stale pending copies."""
+        self._purged = hc.NEVER
+        """The newest clock at the last purge of stale pending copies."""
         self._stats = np.zeros(len(cp.COUNTERS), np.int64)
 
     @property
@@ -257,21 +268,30 @@ class FlowTable:
     @property
     def memory_bytes(self) -> int:
         """Bytes the table holds (its arrays at their current capacity)."""
-        return self._rows.nbytes + self._index.nbytes + self._pend.nbytes
+        clocks = self._clk.nbytes + self._hidx.nbytes
+        return self._rows.nbytes + self._index.nbytes + self._pend.nbytes + clocks
 
     def counters(self) -> dict[str, int]:
         """``late_frames``, ``copies_paired`` (pairs), ``copies_unpaired``,
-        ``copies_ambiguous``, ``pending_overflow`` (see ``_copypairs``), and the gauge
-        ``pending_copies``: copies waiting for their partner."""
+        ``copies_ambiguous``, ``pending_overflow`` (see ``_copypairs``), ``clock_resets``
+        and ``clocks_full_frames`` (see ``_hostclocks``), and the gauges ``pending_copies``,
+        copies waiting for their partner, and ``host_clocks``, clocks in use."""
         out = dict(zip(cp.COUNTERS, self._stats.tolist(), strict=True))
         out["pending_copies"] = self._npend
+        out["host_clocks"] = int(np.count_nonzero(self._clocks()[1:, hc.HOST] != hc.FREE))
         return out
 
-    def update(self, dec: Decoded, eps: Endpoints) -> pd.DataFrame:
-        """Add a batch of usable frames; return the flows it finished."""
-        return self.update_rows(dec, eps).frame()
+    def update(
+        self, dec: Decoded, eps: Endpoints, *, received_ns: int | None = None
+    ) -> pd.DataFrame:
+        """Add a batch of usable frames; return the flows it finished. ``received_ns``:
+        the caller's time (ns) when they arrived — the live analyzer's clock — from which
+        ``advance(received_ns=...)`` moves each host's clock on."""
+        return self.update_rows(dec, eps, received_ns=received_ns).frame()
 
-    def update_rows(self, dec: Decoded, eps: Endpoints) -> Finished:
+    def update_rows(
+        self, dec: Decoded, eps: Endpoints, *, received_ns: int | None = None
+    ) -> Finished:
         """``update``, the finished flows as rows (``Finished.frame`` makes the frame)."""
         n = len(dec)
         if n == 0:
@@ -297,13 +317,15 @@ class FlowTable:
         fin = _Rows(max(64, n // 16))
         nfin = j = 0
         stop_when_full = True
-        now = np.int64(self._now)
+        stop_for_clock = self._freed_at != self._finished
+        arrived = np.int64(hc.NEVER if received_ns is None else received_ns)
         while True:
-            j, self._n, nfin, need, now, self._npend = kt.run_frames(
+            j, self._n, nfin, need, self._npend = kt.run_frames(
                 keycols,
                 facts,
                 (self._rows.arrays, self._index, self._n, fin.arrays, nfin),
-                (j, self._idle, self._active, now),
+                (j, self._idle, self._active,
+                 (self._clk, self._hidx, self._ctl, stop_for_clock, arrived)),
                 (self._pend, self._npend, self._pend.shape[0] // 2, stop_when_full,
                  self._window, self._stats),
             )  # fmt: skip
@@ -313,28 +335,47 @@ class FlowTable:
                 self._grow(2 * self._rows.capacity)
             elif need == kt.Need.FINISHED:
                 fin = fin.grown(nfin, 2 * fin.capacity)
+            elif need == kt.Need.CLOCKS:
+                stop_for_clock = self._free_clocks(nfin)
             else:
-                stop_when_full = self._make_room(int(now))
-        self._now = int(now)
-        self._oldest = min(self._oldest, int(dec.ts_ns.min()))
-        if self._npend and self._now - self._purged > 2 * self._window:
-            self._repend(self._pend.shape[0], self._now)
+                stop_when_full = self._make_room()
+        self._finished += nfin
+        if self._npend and int(self._clocks()[:, hc.NOW].max()) - self._purged > 2 * self._window:
+            self._repend(self._pend.shape[0])
         finished = fin.finished(nfin)
         idled = self._expire()
         return Finished.concat([finished, idled]) if len(idled) else finished
 
-    def advance(self, now_ns: int) -> pd.DataFrame:
-        """Move the clock to ``now_ns`` without frames; return the flows that idled out.
+    def advance(self, now_ns: int | None = None, *, received_ns: int | None = None) -> pd.DataFrame:
+        """Move the clocks on without frames; return the flows that idled out.
 
-        A live analyzer calls this when no traffic arrives, mapping its clock to capture
-        time, so that idle flows end even on a quiet network.
+        ``now_ns`` moves every host's clock to that capture time at least. ``received_ns``
+        (the caller's time, as given to ``update``) moves each host's clock on by the time
+        passed since its newest frame arrived: a live analyzer calls this when no traffic
+        arrives, so that idle flows end even on a quiet network, each by its host's time.
         """
-        return self.advance_rows(now_ns).frame()
+        return self.advance_rows(now_ns, received_ns=received_ns).frame()
 
-    def advance_rows(self, now_ns: int) -> Finished:
+    def advance_rows(
+        self, now_ns: int | None = None, *, received_ns: int | None = None
+    ) -> Finished:
         """``advance``, the flows as rows."""
-        self._now = max(self._now, int(now_ns))
+        clk = self._clocks()
+        if now_ns is not None:
+            clk[:, hc.NOW] = np.maximum(clk[:, hc.NOW], now_ns)
+        if received_ns is not None:
+            on = self._moved_on(clk, received_ns)
+            clk[:, hc.NOW] = np.maximum(clk[:, hc.NOW], on)
         return self._expire()
+
+    def capture_time(self, received_ns: int) -> int | None:
+        """The newest capture time by any host's clock when moved on to the caller's time
+        ``received_ns`` (``advance``); None before any frame came with a ``received_ns``."""
+        clk = self._clocks()
+        known = clk[:, hc.SEEN_AT] != hc.NEVER
+        if not known.any():
+            return None
+        return int(np.maximum(clk[known, hc.NOW], self._moved_on(clk, received_ns)[known]).max())
 
     def open_rows(self) -> Finished:
         """A copy of every open flow, as rows (their counters so far)."""
@@ -348,16 +389,18 @@ class FlowTable:
         """``flush``, the flows as rows. Copies still waiting for their partner will not
         find it in these flows: they count as unpaired and are forgotten."""
         done = self._rows.finished(self._n)
+        self._finished += self._n
         self._n = 0
         self._index.fill(0)
-        self._oldest = np.iinfo(np.int64).max
+        self._clk[:, hc.OLDEST] = hc.NO_ROWS
         self._stats[cp.UNPAIRED] += cp.pending_copies(self._pend)
         self._pend.fill(0)
         self._npend = 0
         return done
 
     def evict(self, n: int) -> pd.DataFrame:
-        """Finish the ``n`` open flows seen longest ago (a bounded table sheds its oldest)."""
+        """Finish the ``n`` open flows seen longest ago, each by its clock (a bounded table
+        sheds its oldest)."""
         return self.evict_rows(n).frame()
 
     def evict_rows(self, n: int) -> Finished:
@@ -365,8 +408,10 @@ class FlowTable:
         n = min(n, self._n)
         if n <= 0:
             return _Rows(0).finished(0)
-        last = self._rows.state[: self._n, kt.STATE.index("last_ns")]
-        return self._remove(np.argpartition(last, n - 1)[:n])
+        state = self._rows.state[: self._n]
+        clocks = hc.effective_all(self._clocks())
+        idle_for = clocks[kt.row_clocks(state)] - state[:, kt.STATE.index("last_ns")]
+        return self._remove(np.argpartition(-idle_for, n - 1)[:n])
 
     # --- internals --------------------------------------------------------------------
 
@@ -375,39 +420,83 @@ class FlowTable:
         self._index = np.zeros(2 * capacity, np.int32)
         kt.rebuild_index(self._index, self._rows.state, self._n)
 
-    def _remove(self, rows: npt.NDArray[np.intp]) -> Finished:
+    def _remove(self, rows: npt.NDArray[np.integer[Any]]) -> Finished:
         fin = _Rows(rows.size)
         desc = np.sort(rows.astype(np.int64))[::-1].copy()
         self._n, nfin = kt.remove_rows(
             desc, (self._rows.arrays, self._index, self._n), (fin.arrays, 0)
         )
+        self._finished += nfin
         return fin.finished(nfin)
 
-    def _repend(self, slots: int, now: int) -> None:
-        """Rebuild the pending map with ``slots`` slots, without the copies stale at ``now``."""
+    def _clocks(self) -> npt.NDArray[np.int64]:
+        """The slots of the clock table in use so far (a view)."""
+        return self._clk[: int(self._ctl[1])]
+
+    @staticmethod
+    def _moved_on(clk: npt.NDArray[np.int64], received_ns: int) -> npt.NDArray[np.int64]:
+        """Each clock's newest frame time moved on by the caller's time passed since that
+        frame arrived (``NEVER`` where it came without one)."""
+        known = clk[:, hc.SEEN_AT] != hc.NEVER
+        since = np.maximum(received_ns - clk[:, hc.SEEN_AT], 0)
+        out: npt.NDArray[np.int64] = np.where(known, clk[:, hc.SEEN] + since, hc.NEVER)
+        return out
+
+    def _free_clocks(self, nfin: int) -> bool:
+        """Free the clock slots that nothing refers to any more — no open flow follows them,
+        no waiting copy, no old clock of the same host — after a host found no free slot;
+        whether one was freed (else, until more flows finish, hosts without a clock take
+        the shared one at once)."""
+        clk = self._clocks()
+        used = np.zeros(clk.shape[0], np.bool_)
+        used[0] = True
+        used[kt.row_clocks(self._rows.state[: self._n])] = True
+        used[cp.entry_clocks(self._pend)] = True
+        old = used & (clk[:, hc.CURRENT] == 0) & (clk[:, hc.HOST] != hc.FREE)
+        used[clk[old, hc.CURRENT_OF]] = True
+        free = ~used & (clk[:, hc.HOST] != hc.FREE)
+        if not free.any():
+            self._freed_at = self._finished + nfin
+            return False
+        hc.release(clk, free)
+        in_use = np.flatnonzero(clk[:, hc.HOST] != hc.FREE)
+        self._ctl[1] = int(in_use.max()) + 1
+        hc.index_hosts(self._clocks(), self._hidx)
+        return True
+
+    def _repend(self, slots: int) -> None:
+        """Rebuild the pending map with ``slots`` slots, without the copies stale by their
+        clocks."""
         new = np.zeros((slots, len(cp.PENDING)), np.int64)
         window = np.int64(self._window)
-        self._npend = cp.rebuild(self._pend, new, np.int64(now), window, self._stats)
-        self._pend, self._purged = new, now
+        clocks = hc.effective_all(self._clocks())
+        self._npend = cp.rebuild(self._pend, new, clocks, window, self._stats)
+        self._pend, self._purged = new, int(clocks.max())
 
-    def _make_room(self, now: int) -> bool:
-        """Purge the full pending map at ``now``, and double it if it is still over a quarter
-        full (up to ``max_pending_copies``); whether a copy may wait now (else copies are
-        refused, and counted, until the batch ends)."""
+    def _make_room(self) -> bool:
+        """Purge the full pending map, and double it if it is still over a quarter full (up
+        to ``max_pending_copies``); whether a copy may wait now (else copies are refused,
+        and counted, until the batch ends)."""
         slots = self._pend.shape[0]
-        self._repend(slots, now)
+        self._repend(slots)
         if self._npend >= slots // 4 and slots < self._max_slots:
-            self._repend(2 * slots, now)
+            self._repend(2 * slots)
         return self._npend < self._pend.shape[0] // 2
 
     def _expire(self) -> Finished:
-        """Finish the open flows idle for longer than the idle timeout at the newest time."""
-        if self._n == 0 or self._now - self._oldest <= self._idle:
+        """Finish the open flows whose clock is past their last frame by more than the idle
+        timeout."""
+        if self._n == 0:
             return _Rows(0).finished(0)
-        last = self._rows.state[: self._n, kt.STATE.index("last_ns")]
-        done = self._remove(np.flatnonzero(self._now - last > self._idle))
-        self._oldest = int(last[: self._n].min()) if self._n else np.iinfo(np.int64).max
-        return done
+        clk = self._clocks()
+        # Old clocks exist only once a host's time went back (``effective`` is ``now`` else).
+        clocks = hc.effective_all(clk) if self._stats[cp.RESETS] else clk[:, hc.NOW]
+        if int((clocks - clk[:, hc.OLDEST]).max()) <= self._idle:  # NO_ROWS: far below
+            return _Rows(0).finished(0)
+        drop = np.empty(self._n, np.int64)
+        clk[:, hc.OLDEST] = hc.NO_ROWS
+        k = kt.sweep((self._rows.state, self._n), (clocks, self._idle), clk, drop)
+        return self._remove(drop[:k])
 
 
 def _roles(dec: Decoded, eps: Endpoints) -> npt.NDArray[np.uint8]:
