@@ -7,26 +7,45 @@ as the live traffic did.
 
 Frames go through the table in the order they arrive (``update`` after ``update``, each
 batch in its own order: collectors' messages interleave, so a live batch is not in time
-order, and ``vspan report`` merges its files in time order before). The table's **clock**
-is the newest capture time it has seen. A flow is *open* while the clock is at most the idle
-timeout past its last frame; once past, it has ended, whether or not it has been handed out
-yet, and nothing joins it any more. Each frame, by the compiled kernel (``_flowtable``):
+order, and ``vspan report`` merges its files in time order before).
 
-1. joins its key's open flow if that flow is still open and the frame fits it: with the
+**Clocks, one per observing host.** Each host (a frame's ``host``: the collector live, the
+capture's host from files, 0 when none) has a clock: the newest capture time seen from it
+(``_hostclocks``). A frame is judged by its host's clock, and a flow follows the clock of
+the host whose frame started it (the first of its frames to reach the table; the two hosts
+of a cross-host flow normally agree to milliseconds). A flow is *open* while its clock is at
+most the idle timeout past its last frame; once past, it has ended, whether or not it has
+been handed out yet, and nothing joins it any more. So a source whose times lag the
+others' — a replay of an old capture beside live traffic, a collector whose clock is behind —
+has flows as whole as it would alone. A key has one flow per clock at most (usually one):
+the same conversation seen on two clocks far apart (a flow replayed while it is live; a
+cross-host flow between hosts whose clocks differ by more than the timeouts) makes a flow
+on each. Each frame, by the compiled kernel (``_flowtable``):
+
+0. if it is more than the idle timeout behind its host's clock, the host's time went back
+   (a replay or sender started again, a clock set back, a record that far out of order):
+   the host gets a new clock from this frame on (``clock_resets``); flows on its old clock
+   keep it, and an old clock never runs behind the host's current one;
+1. it joins its key's flow on its clock if that flow is open and the frame fits it: with the
    frame, the flow still spans less than the active timeout and has no gap over the idle
    timeout. A frame older than the flow's first one becomes its first: the flow's direction
    and observing host (``observer``) are then the frame's;
-2. else, if that flow is still open and the frame is older than its first frame, the frame
-   is a **late** flow of its own, finished at once (the open flow goes on);
-3. else that flow (if any) is finished and the frame starts a new one.
+2. else it joins an open flow of its key on another clock that it fits (the one seen most
+   recently; on a tie, the one on the older clock): the other copy of a cross-host packet;
+3. else, if its key's flow on its clock is open and newer than the frame, the frame is a
+   **late** flow of its own, finished at once (the open flow goes on);
+4. else that flow (if any) is finished and the frame starts a new one, on its clock.
 
-A frame that arrives more than the idle timeout behind the clock can therefore only join a
-flow that is still open; otherwise it is a flow of its own that has already ended. Such
-frames, and those of rule 2, are counted as ``late_frames`` (``counters``): a collector whose
-messages (or clock) lag that far shows there. No frame is dropped and none stretches a flow
-past its timeouts. Flows the clock has passed are handed out at the end of each ``update``
-(or by ``advance``); since the rules never let a frame into such a flow, the flows do not
-depend on how the frames are cut into batches — only on their order.
+No frame is dropped and none stretches a flow past its timeouts. Rule 3 only applies to a
+frame judged by a clock not its own: when the clock table is full (``max_host_clocks``),
+hosts without a clock share one (as all hosts once did) and a host's time going back keeps
+its clock; those frames are counted (``clocks_full_frames``), and the late ones as
+``late_frames``. Flows their clocks have passed are handed out at the end of each
+``update``, or by ``advance``, which moves clocks on without frames — to a capture time, or
+(live) each by the caller's time passed since its host's newest frame arrived, so that
+flows end on a quiet network, each by its own host's time. Since the rules never let a frame
+into a flow that has ended, and clocks only go forward, the flows do not depend on how the
+frames are cut into batches — only on their order.
 
 Copies: a packet between VMs on two hosts is observed twice (sender copy d=0 at its host,
 receiver copy d=1 at the other). The table counts each direction's copies per role —
@@ -44,7 +63,6 @@ observer, intra-host, copies lost, identities ambiguous).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,9 +72,10 @@ import numpy.typing as npt
 from vspan.analysis import _copypairs as cp
 from vspan.analysis import _flowtable as kt
 from vspan.analysis import _hostclocks as hc
+from vspan.analysis._finished import FLOW_COLUMNS, Finished, Rows
 from vspan.analysis.columns import Decoded, TagKind
 from vspan.analysis.endpoints import KIND_VIF, Endpoints
-from vspan.analysis.flowkeys import KEY_COLUMNS, FragmentPorts, frame_ports
+from vspan.analysis.flowkeys import FragmentPorts, frame_ports
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -65,112 +84,13 @@ __all__ = ["FLOW_COLUMNS", "Finished", "FlowConfig", "FlowTable"]
 
 NS = 1_000_000_000
 
-_UNPACKED = ("tcp_flags", "tcp_flags_rev", "first_rev", "tagged")
-_STATE = (*KEY_COLUMNS, *(c for c in kt.STATE if c != "bits"), *_UNPACKED)
-_TOTALS = ("packets", "bytes", "packets_rev", "bytes_rev", "delay_ns")
-FLOW_COLUMNS = (*_STATE, *_TOTALS)
-"""Columns of the finished-flow frames the table returns (A/B oriented: ``_rev`` counters
-are B → A; ``first_rev`` says the first packet went B → A). ``packets``/``bytes`` are
-``max(sender copies, receiver copies) + other copies`` per direction; ``pairs`` the packets
-whose two copies were paired, ``delay_sum_ns`` their delays added up, and ``delay_ns`` their
-mean (NaN without a pair): the time from a packet's sender copy to its receiver copy, the
-two observation points of cross-host traffic."""
-
 U64 = npt.NDArray[np.uint64]
 I64 = npt.NDArray[np.int64]
 _FIRST_SLOTS = 1024
+"""Slots of the pending map at first (it doubles as needed, up to ``max_pending_copies``)."""
 _MAX_CLOCKS = 0xFFFF
 """Clock slots at most (a flow keeps its clock's slot in 16 bits)."""
-"""Slots of the pending map at first (it doubles as needed, up to ``max_pending_copies``)."""
 _U32, _U16 = np.uint64(32), np.uint64(16)
-_LOW16, _LOW32 = np.uint64(0xFFFF), np.uint64(0xFFFFFFFF)
-
-
-Columns = dict[str, npt.NDArray[np.int64] | npt.NDArray[np.float64]]
-
-
-def _add_totals(cols: Columns) -> None:
-    """Add the packet and byte totals and the delay (see ``FLOW_COLUMNS``) to ``cols``."""
-    for what in ("packets", "bytes"):
-        for d in kt.DIRECTIONS:
-            s, r, o = (cols[f"{what}{d}_{role}"] for role in kt.ROLES)
-            cols[f"{what}{d}"] = np.maximum(s, r) + o
-    pairs = cols["pairs"]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cols["delay_ns"] = np.where(pairs > 0, cols["delay_sum_ns"] / pairs, np.nan)
-
-
-def _frame(keys: U64, state: I64) -> pd.DataFrame:
-    """Rows of the table's arrays as a flow frame (``FLOW_COLUMNS``)."""
-    import pandas as pd  # here: ``vspan report`` runs without it
-
-    return pd.DataFrame(_columns(keys, state), columns=list(FLOW_COLUMNS), copy=True)
-
-
-def _columns(keys: U64, state: I64) -> Columns:
-    """Rows of the table's arrays as named columns (``FLOW_COLUMNS``)."""
-    cols: Columns = {}
-    for w, name in enumerate(kt.KEY_WORDS[:6]):
-        cols[name] = keys[:, w].view(np.int64)
-    ports, misc = keys[:, 6], keys[:, 7]
-    cols["port_a"] = (ports >> _U32).astype(np.int64)
-    cols["port_b"] = (ports & _LOW32).astype(np.int64)
-    cols["proto"] = (misc >> _U32).astype(np.int64)
-    cols["vlan"] = ((misc >> _U16) & _LOW16).astype(np.int64)
-    cols["ethertype"] = (misc & _LOW16).astype(np.int64)
-    for c, name in enumerate(kt.STATE):
-        if name != "bits":
-            cols[name] = state[:, c]
-    bits = state[:, kt.STATE.index("bits")]
-    cols["tcp_flags"] = bits & 0xFFFF
-    cols["tcp_flags_rev"] = (bits >> 16) & 0xFFFF
-    cols["first_rev"] = (bits >> kt.FIRST_REV_BIT) & 1
-    cols["tagged"] = (bits >> kt.TAGGED_BIT) & 1
-    _add_totals(cols)
-    return cols
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    """Finished flows as rows of the table's arrays; ``frame()`` makes the flow frame."""
-
-    keys: U64
-    state: I64
-
-    def __len__(self) -> int:
-        return int(self.keys.shape[0])
-
-    def frame(self) -> pd.DataFrame:
-        """The flows as a frame with ``FLOW_COLUMNS``."""
-        return _frame(self.keys, self.state) if len(self) else _none()
-
-    def columns(self) -> Columns:
-        """The flows as ``FLOW_COLUMNS`` arrays."""
-        cols = _columns(self.keys, self.state)
-        return {name: cols[name] for name in FLOW_COLUMNS}
-
-    def rows(self, index: npt.NDArray[np.integer[Any]]) -> Finished:
-        """The rows ``index``, in that order."""
-        return Finished(self.keys[index], self.state[index])
-
-    @staticmethod
-    def concat(parts: list[Finished]) -> Finished:
-        """The rows of ``parts``, in order."""
-        if len(parts) <= 1:
-            return parts[0] if parts else _Rows(0).finished(0)
-        return Finished(
-            np.concatenate([p.keys for p in parts]), np.concatenate([p.state for p in parts])
-        )
-
-
-@functools.cache
-def _empty() -> pd.DataFrame:
-    return _frame(*_Rows(0).arrays)
-
-
-def _none() -> pd.DataFrame:
-    """No finished flows (a new empty frame with ``FLOW_COLUMNS``)."""
-    return _empty().copy(deep=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +103,7 @@ class FlowConfig:
     """A flow is cut after lasting this long; the next packet starts a new one."""
     pair_window_s: float = 1.0
     """The two copies of a packet pair only within this much capture time of each other; a
-    copy waits this long (by the table's clock) for its partner."""
+    copy waits this long (by the clock of the host that observed it) for its partner."""
     max_pending_copies: int = 1 << 18
     """Copies kept waiting for their partner at most; beyond, a copy is not paired and is
     counted (``pending_overflow``)."""
@@ -204,36 +124,6 @@ class FlowConfig:
             )
 
 
-class _Rows:
-    """Growable rows of ``KEY_WORDS`` uint64 and ``STATE`` int64."""
-
-    def __init__(self, capacity: int) -> None:
-        self.keys = np.zeros((capacity, len(kt.KEY_WORDS)), np.uint64)
-        self.state = np.zeros((capacity, len(kt.STATE)), np.int64)
-
-    @property
-    def capacity(self) -> int:
-        return self.keys.shape[0]
-
-    @property
-    def arrays(self) -> tuple[U64, I64]:
-        return self.keys, self.state
-
-    def grown(self, n: int, capacity: int) -> _Rows:
-        """A copy of the first ``n`` rows with room for ``capacity``."""
-        out = _Rows(capacity)
-        out.keys[:n], out.state[:n] = self.keys[:n], self.state[:n]
-        return out
-
-    def finished(self, n: int) -> Finished:
-        """A copy of the first ``n`` rows, as finished flows."""
-        return Finished(self.keys[:n].copy(), self.state[:n].copy())
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.state.nbytes
-
-
 class FlowTable:
     """Open flows and the rules that finish them."""
 
@@ -243,7 +133,7 @@ class FlowTable:
         self._active = int(self.config.active_timeout_s * NS)
         self._window = int(self.config.pair_window_s * NS)
         rows = 1 << max(1, initial_rows - 1).bit_length()  # a power of two
-        self._rows = _Rows(rows)
+        self._rows = Rows(rows)
         self._index = np.zeros(2 * rows, np.int32)
         self._n = 0
         # One clock per observing host, and the shared one (slot 0): ``_hostclocks``.
@@ -314,7 +204,7 @@ class FlowTable:
         )
         keycols = (eps.src, eps.dst, dec.src_ip_hi, dec.src_ip_lo, dec.dst_ip_hi, dec.dst_ip_lo,
                    sport, dport)  # fmt: skip
-        fin = _Rows(max(64, n // 16))
+        fin = Rows(max(64, n // 16))
         nfin = j = 0
         stop_when_full = True
         stop_for_clock = self._freed_at != self._finished
@@ -407,7 +297,7 @@ class FlowTable:
         """``evict``, the flows as rows."""
         n = min(n, self._n)
         if n <= 0:
-            return _Rows(0).finished(0)
+            return Rows(0).finished(0)
         state = self._rows.state[: self._n]
         clocks = hc.effective_all(self._clocks())
         idle_for = clocks[kt.row_clocks(state)] - state[:, kt.STATE.index("last_ns")]
@@ -421,7 +311,7 @@ class FlowTable:
         kt.rebuild_index(self._index, self._rows.state, self._n)
 
     def _remove(self, rows: npt.NDArray[np.integer[Any]]) -> Finished:
-        fin = _Rows(rows.size)
+        fin = Rows(rows.size)
         desc = np.sort(rows.astype(np.int64))[::-1].copy()
         self._n, nfin = kt.remove_rows(
             desc, (self._rows.arrays, self._index, self._n), (fin.arrays, 0)
@@ -487,12 +377,12 @@ class FlowTable:
         """Finish the open flows whose clock is past their last frame by more than the idle
         timeout."""
         if self._n == 0:
-            return _Rows(0).finished(0)
+            return Rows(0).finished(0)
         clk = self._clocks()
         # Old clocks exist only once a host's time went back (``effective`` is ``now`` else).
         clocks = hc.effective_all(clk) if self._stats[cp.RESETS] else clk[:, hc.NOW]
         if int((clocks - clk[:, hc.OLDEST]).max()) <= self._idle:  # NO_ROWS: far below
-            return _Rows(0).finished(0)
+            return Rows(0).finished(0)
         drop = np.empty(self._n, np.int64)
         clk[:, hc.OLDEST] = hc.NO_ROWS
         k = kt.sweep((self._rows.state, self._n), (clocks, self._idle), clk, drop)
