@@ -6,12 +6,16 @@ collector sends its copies independently, so the two reach the analyzer in eithe
 often in different batches. The first to arrive waits in the **pending map** until its
 partner comes; the pair's delay (receiver copy's capture time minus the sender copy's: the
 network between the two observation points, plus the hosts' clock offset) goes to the flow.
+A waiting copy is judged by the clock of the host that observed it (``_hostclocks``: the
+clock its frame followed, kept in the entry): it waits until that clock has passed it by
+more than the window.
 
 The pending map is an open-addressing hash table: rows of ``PENDING`` int64 columns in a
 power-of-two number of slots, linear probing, deletion by shifting the probe chain back (no
 tombstones). A copy's **identity** is its flow's key hash, its direction and its packet
 fingerprint (``columns.Decoded.fingerprint``), all three compared on a match. The rules for
-a copy with an identity (``settle``), ``now`` being the table's clock after the copy:
+a copy with an identity (``settle``), ``now`` being the clock of the entry it finds, after
+the copy:
 
 * No entry: the copy waits (``insert``), if the map has room; else it is counted
   (``overflow``) and never paired.
@@ -24,8 +28,9 @@ a copy with an identity (``settle``), ``now`` being the table's clock after the 
   identity pairs while it waits — and both copies count as ``ambiguous``, as does every later
   copy that finds it. A copy more than ``window`` older than the entry counts as ``unpaired``.
 
-Whether an entry is stale depends only on the capture times seen, never on when a purge ran,
-so the pairs do not depend on how frames are cut into batches.
+Whether an entry is stale depends only on the capture times seen (its clock only goes
+forward), never on when a purge ran, so the pairs do not depend on how frames are cut into
+batches.
 """
 
 from __future__ import annotations
@@ -45,7 +50,10 @@ __all__ = [
     "OVERFLOW",
     "PAIRED",
     "PENDING",
+    "SLOT_SHIFT",
     "UNPAIRED",
+    "entry_clock",
+    "entry_clocks",
     "find",
     "identity",
     "pending_copies",
@@ -58,16 +66,19 @@ I64 = npt.NDArray[np.int64]
 PENDING: Final = ("ident", "hash", "fingerprint", "time", "meta")
 """int64 columns of a waiting copy: its identity hash (0: an empty slot), its flow's key
 hash, its fingerprint, its capture time, and ``meta``: role (bit 0: 0 sender, 1 receiver),
-ambiguous (bit 1), the observing host (bits 8-39)."""
+ambiguous (bit 1), the observing host (bits 8-39) and the slot of its clock (bits 40-55)."""
 _IDENT, _HASH, _FP, _TIME, _META = range(len(PENDING))
-_ROLE, _AMBIGUOUS, HOST_SHIFT = 1, 2, 8
+_ROLE, _AMBIGUOUS, HOST_SHIFT, SLOT_SHIFT = 1, 2, 8, 40
+_HOST_BITS, _SLOT_BITS = 0xFFFF_FFFF, 0xFFFF
 
 COUNTERS: Final = ("late_frames", "copies_paired", "copies_unpaired", "copies_ambiguous",
-                   "pending_overflow")  # fmt: skip
+                   "pending_overflow", "clock_resets", "clocks_full_frames")  # fmt: skip
 """The flow table's counters (an int64 array, by index): frames that arrived too late for
 their flow (``flows``), pairs of copies, copies that found no partner in time, copies of an
-ambiguous identity, copies the full pending map could not take."""
-LATE, PAIRED, UNPAIRED, AMBIGUOUS, OVERFLOW = range(len(COUNTERS))
+ambiguous identity, copies the full pending map could not take; times a host's time went
+back and it got a new clock, frames judged without a clock of their own because the table
+of clocks was full (``_hostclocks``)."""
+LATE, PAIRED, UNPAIRED, AMBIGUOUS, OVERFLOW, RESETS, CLOCKS_FULL = range(len(COUNTERS))
 
 _SPREAD: Final = np.uint64(0x9E3779B97F4A7C15)
 _TOP: Final = np.uint64(63)
@@ -136,8 +147,9 @@ def settle(
     stats: I64,
 ) -> tuple[int, int, np.int64]:
     """Apply the rules (module docstring) to ``copy`` (its ``PENDING`` values; ``slot`` as
-    ``find`` gave it); ``clock``: the table's clock after the copy, the window, and whether
-    the map has room for one more. Returns (entries added, pairs made, the pair's delay)."""
+    ``find`` gave it); ``clock``: the time by the clock of the entry found, after the copy
+    (any value without one), the window, and whether the map has room for one more.
+    Returns (entries added, pairs made, the pair's delay)."""
     now, window, room = clock
     ts, meta = copy[_TIME], copy[_META]
     if slot < 0:
@@ -159,7 +171,8 @@ def settle(
     if abs(ts - other_time) > window:
         stats[UNPAIRED] += 1
         return 0, 0, np.int64(0)
-    if (other & _ROLE) == (meta & _ROLE) or (other >> HOST_SHIFT) == (meta >> HOST_SHIFT):
+    same_host = ((other >> HOST_SHIFT) & _HOST_BITS) == ((meta >> HOST_SHIFT) & _HOST_BITS)
+    if (other & _ROLE) == (meta & _ROLE) or same_host:
         pend[slot, _META] = other | _AMBIGUOUS
         stats[AMBIGUOUS] += 2
         return 0, 0, np.int64(0)
@@ -170,20 +183,34 @@ def settle(
 
 
 @kernel
-def rebuild(old: I64, new: I64, now: np.int64, window: np.int64, stats: I64) -> int:
-    """Copy the entries of ``old`` that are not stale at ``now`` into the empty ``new``
-    (stale ones count as ``unpaired`` unless ambiguous); return how many were copied."""
+def entry_clock(pend: I64, slot: int) -> int:
+    """The clock slot (``_hostclocks``) of the entry in ``slot``."""
+    return int((pend[slot, _META] >> SLOT_SHIFT) & _SLOT_BITS)
+
+
+@kernel
+def rebuild(old: I64, new: I64, clocks: I64, window: np.int64, stats: I64) -> int:
+    """Copy the entries of ``old`` that are not stale by their clocks (``clocks``: the time
+    by each clock slot) into the empty ``new`` (stale ones count as ``unpaired`` unless
+    ambiguous); return how many were copied."""
     n = 0
     for pos in range(old.shape[0]):
         if old[pos, _IDENT] == 0:
             continue
-        if now - old[pos, _TIME] > window:
+        if clocks[entry_clock(old, pos)] - old[pos, _TIME] > window:
             if not old[pos, _META] & _AMBIGUOUS:
                 stats[UNPAIRED] += 1
             continue
         _put(new, (old[pos, 0], old[pos, 1], old[pos, 2], old[pos, 3], old[pos, 4]))
         n += 1
     return n
+
+
+def entry_clocks(pend: I64) -> npt.NDArray[np.int64]:
+    """The clock slots of the entries of the map (its empty slots left out)."""
+    used = pend[pend[:, _IDENT] != 0, _META]
+    out: npt.NDArray[np.int64] = (used >> SLOT_SHIFT) & _SLOT_BITS
+    return out
 
 
 def pending_copies(pend: I64) -> int:

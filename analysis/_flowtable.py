@@ -1,32 +1,66 @@
 """The flow table's compiled kernels and its memory layout (private to ``flows``).
 
 An open flow is one row of two arrays: ``keys`` (``KEY_WORDS`` uint64 words: the key
-columns of ``flowkeys.KEY_COLUMNS`` packed) and ``state`` (``STATE`` int64 columns). Rows
-are dense (0 .. n-1): a finished row is replaced by the last one. ``index`` is an
-open-addressing hash table (linear probing, a power-of-two size at least twice the rows)
-holding ``row + 1`` (0 = empty); deletion shifts the probe chain back, so the table never
-needs tombstones or a rebuild.
+columns of ``flowkeys.KEY_COLUMNS`` packed) and ``state`` (``STATE`` int64 columns), dense
+and found through a hash index (``_flowrows``); a key has one row per clock at most
+(``_hostclocks``), usually one.
 
 ``run_frames`` walks a batch in arrival order and applies the per-packet rule of ``flows``
-to each frame (join its key's open flow, or be a late flow of its own, or finish that flow
-and start a new one), then pairs the frame with its other copy (``_copypairs``). It stops
-early and says why when an output is full (``Need``); the caller makes room and calls again
-from where it stopped: a frame is looked at before anything is changed for it.
+to each frame (join a flow of its key, or be a late flow of its own, or finish its flow and
+start a new one), then pairs the frame with its other copy (``_copypairs``). It stops early
+and says why when an output is full (``Need``); the caller makes room and calls again from
+where it stopped: a frame is looked at before anything is changed for it (but its host's
+clock, which a second look finds as the first left it). ``sweep`` finds the flows that have
+ended by their clocks.
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Final, TypeVar
+from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 
 from vspan._capture import kernel
-from vspan.analysis._copypairs import HOST_SHIFT, LATE, find, identity, settle
-from vspan.analysis.columns import ICMP_ECHO_TYPES
+from vspan.analysis._copypairs import (
+    CLOCKS_FULL,
+    HOST_SHIFT,
+    LATE,
+    RESETS,
+    SLOT_SHIFT,
+    entry_clock,
+    find,
+    identity,
+    settle,
+)
+from vspan.analysis._flowrows import (
+    ICMP_TYPE_CODE,
+    KEY_WORDS,
+    Index,
+    Rows,
+    copy_out,
+    find_row,
+    flow_ports,
+    insert,
+    mix,
+    rebuild_index,
+    remove_rows,
+)
+from vspan.analysis._hostclocks import (
+    NOW,
+    OLDEST,
+    SEEN,
+    SEEN_AT,
+    SERIAL,
+    effective,
+    host_slot,
+    take_slot,
+)
+from vspan.analysis._hostclocks import reset as reset_clock
 
 __all__ = [
+    "CLOCK_SHIFT",
     "DIRECTIONS",
     "FIRST_REV_BIT",
     "ICMP_TYPE_CODE",
@@ -34,13 +68,17 @@ __all__ = [
     "ROLES",
     "STATE",
     "TAGGED_BIT",
+    "Index",
     "Need",
+    "Rows",
     "find_row",
     "flow_ports",
     "mix",
     "rebuild_index",
     "remove_rows",
+    "row_clocks",
     "run_frames",
+    "sweep",
 ]
 
 U8 = npt.NDArray[np.uint8]
@@ -48,17 +86,7 @@ U16 = npt.NDArray[np.uint16]
 I32 = npt.NDArray[np.int32]
 I64 = npt.NDArray[np.int64]
 U64 = npt.NDArray[np.uint64]
-Rows = tuple[U64, I64]
-"""``keys`` and ``state`` of a set of flows."""
-Index = npt.NDArray[np.int32]
-_H = TypeVar("_H", np.uint64, U64)
 
-KEY_WORDS: Final = (
-    "ep_a", "ep_b", "ip_a_hi", "ip_a_lo", "ip_b_hi", "ip_b_lo",
-    "ports",  # port_a << 32 | port_b
-    "misc",  # proto << 32 | vlan << 16 | ethertype
-)  # fmt: skip
-"""The packed key of a flow."""
 ROLES: Final = ("s", "r", "o")
 """Copy roles: sender copy (VN-Tag d=0 with svif), receiver copy (d=1), other."""
 DIRECTIONS: Final = ("", "_rev")
@@ -70,9 +98,10 @@ ROLE_COUNTERS: Final = tuple(
 STATE: Final = ("hash", "start_ns", "last_ns", *ROLE_COUNTERS, "copies", "bits", "observer",
                 "observer_other", "delay_sum_ns", "pairs")  # fmt: skip
 """int64 columns of an open flow; ``bits`` packs ``tcp_flags`` (bits 0-15),
-``tcp_flags_rev`` (16-31), ``first_rev`` (32) and ``tagged`` (33); ``observer`` is the host
-of the first packet (by capture time), ``observer_other`` the largest other host that saw
-the flow (-1: none); ``delay_sum_ns`` and ``pairs`` sum the delays of the paired copies."""
+``tcp_flags_rev`` (16-31), ``first_rev`` (32), ``tagged`` (33), ``_TWIN`` (34) and the slot
+of the clock the flow follows (``_hostclocks``, bits 40-55); ``observer`` is the host of the
+first packet (by capture time), ``observer_other`` the largest other host that saw the flow
+(-1: none); ``delay_sum_ns`` and ``pairs`` sum the delays of the paired copies."""
 
 _HASH, _START, _LAST = 0, 1, 2
 _COUNTERS = 3
@@ -80,20 +109,14 @@ _COUNTERS = 3
 _COPIES, _BITS, _OBSERVER, _OTHER, _DELAY, _PAIRS = 15, 16, 17, 18, 19, 20
 if STATE[_PAIRS] != "pairs" or len(ROLE_COUNTERS) != _COPIES - _COUNTERS:
     raise AssertionError("the state offsets do not match STATE")  # pragma: no cover
-FIRST_REV_BIT, TAGGED_BIT = 32, 33
+FIRST_REV_BIT, TAGGED_BIT, CLOCK_SHIFT = 32, 33, 40
+_CLOCK_BITS = 0xFFFF
+_TWIN = np.int64(1 << 34)
+"""In ``bits``: the flow's key may have other rows (flows on other clocks); without it, the
+key's first row found is its only one (no need to look further)."""
 
-_M1: Final = np.uint64(0x9E3779B97F4A7C15)
-_M2: Final = np.uint64(0xBF58476D1CE4E5B9)
-_M3: Final = np.uint64(0x94D049BB133111EB)
-"""The multipliers of the key hash (splitmix64's finalizer after an xor)."""
-_R31, _R29 = np.uint64(31), np.uint64(29)
-_U32, _U16, _U8 = np.uint64(32), np.uint64(16), np.uint64(8)
+_U32, _U16 = np.uint64(32), np.uint64(16)
 _LOW16 = np.uint64(0xFFFF)
-ICMP_TYPE_CODE: Final = np.uint64(1 << 16)
-"""Marks a key "port" that holds ICMP ``type << 8 | code`` (non-echo messages); echo
-messages hold the identifier (< 2^16) in both ports."""
-_ICMP, _ICMPV6 = 1, 58
-_ICMP_ECHO, _ICMPV6_ECHO = ICMP_ECHO_TYPES[_ICMP], ICMP_ECHO_TYPES[_ICMPV6]
 
 
 class Need(IntEnum):
@@ -106,145 +129,33 @@ class Need(IntEnum):
     """The finished-flow arrays are full."""
     PENDING = 3
     """The pending map of unpaired copies is full (``_copypairs``)."""
+    CLOCKS = 4
+    """A host needs a clock and every slot of the clock table is in use (``_hostclocks``)."""
+
+
+Frame = tuple[np.int64, int, np.int64, int]
+"""A frame as ``_start`` and ``_first`` take it: time, rev, host, clock slot."""
 
 
 @kernel
-def mix(h: _H, col: _H) -> _H:
-    """One round of the key hash (also over uint64 arrays)."""
-    h = (h ^ col) * _M1
-    h ^= h >> _R31
-    h *= _M2
-    h ^= h >> _R29
-    return h * _M3
-
-
-@kernel
-def flow_ports(
-    l3: tuple[U8, U8, I32],
-    l4: tuple[U16, U16, U8, U8, U16],
-    out: tuple[U64, U64],
-) -> None:
-    """Key "ports" of every frame: ports, the ICMP/ICMPv6 echo identifier on both sides
-    (request and reply share a flow), or ``ICMP_TYPE_CODE | type << 8 | code`` and 0.
-
-    ``l3``: ip_version, ip_proto, l4_offset; ``l4``: src_port, dst_port, icmp_type,
-    icmp_code, icmp_id; ``out``: the source and destination "port" of each frame.
-    """
-    ip_version, ip_proto, l4_offset = l3
-    src_port, dst_port, icmp_type, icmp_code, icmp_id = l4
-    sport, dport = out
-    for i in range(ip_proto.size):
-        p = ip_proto[i]
-        if (p in (_ICMP, _ICMPV6)) and ip_version[i] != 0 and l4_offset[i] >= 0:
-            t = icmp_type[i]
-            echo = (t in _ICMP_ECHO) if p == _ICMP else (t in _ICMPV6_ECHO)
-            if echo:
-                sport[i] = np.uint64(icmp_id[i])
-                dport[i] = np.uint64(icmp_id[i])
-            else:
-                sport[i] = ICMP_TYPE_CODE | (np.uint64(t) << _U8) | np.uint64(icmp_code[i])
-                dport[i] = np.uint64(0)
-        else:
-            sport[i] = np.uint64(src_port[i])
-            dport[i] = np.uint64(dst_port[i])
-
-
-@kernel
-def find_row(index: npt.NDArray[np.int32], keys: U64, state: I64, h: np.int64, k: U64) -> int:
-    """The row holding key ``k`` (hash ``h``), or -1."""
-    mask = index.size - 1
-    pos = h & mask
-    while True:
-        e = index[pos]
-        if e == 0:
-            return -1
-        row = e - 1
-        if state[row, _HASH] == h:
-            same = True
-            for w in range(k.size):
-                if keys[row, w] != k[w]:
-                    same = False
-                    break
-            if same:
-                return row  # type: ignore[no-any-return]
-        pos = (pos + 1) & mask
-
-
-@kernel
-def _insert(index: npt.NDArray[np.int32], h: np.int64, row: int) -> None:
-    mask = index.size - 1
-    pos = h & mask
-    while index[pos] != 0:
-        pos = (pos + 1) & mask
-    index[pos] = row + 1
-
-
-@kernel
-def _unlink(index: npt.NDArray[np.int32], state: I64, row: int) -> None:
-    """Take ``row`` out of the index, shifting its probe chain back (no tombstones)."""
-    mask = index.size - 1
-    p = state[row, _HASH] & mask
-    while index[p] != row + 1:
-        p = (p + 1) & mask
-    index[p] = 0
-    q = p
-    while True:
-        q = (q + 1) & mask
-        e = index[q]
-        if e == 0:
-            return
-        home = state[e - 1, _HASH] & mask
-        # The entry at q may fill the hole at p unless its home lies cyclically in (p, q].
-        stays = (p < home <= q) if p <= q else (home > p or home <= q)
-        if not stays:
-            index[p] = e
-            index[q] = 0
-            p = q
-
-
-@kernel
-def _relink(index: npt.NDArray[np.int32], state: I64, old: int, new: int) -> None:
-    """Point the index entry of ``old`` (whose row moved) at ``new``."""
-    mask = index.size - 1
-    p = state[new, _HASH] & mask
-    while index[p] != old + 1:
-        p = (p + 1) & mask
-    index[p] = new + 1
-
-
-@kernel
-def rebuild_index(index: npt.NDArray[np.int32], state: I64, n: int) -> None:
-    """Fill an empty index with rows 0 .. n-1."""
-    for row in range(n):
-        _insert(index, state[row, _HASH], row)
-
-
-@kernel
-def _copy_out(row: int, rows: Rows, fin: Rows, nfin: int) -> None:
-    """Copy ``row`` of the open flows to row ``nfin`` of the finished ones."""
-    fin[0][nfin, :] = rows[0][row, :]
-    fin[1][nfin, :] = rows[1][row, :]
-
-
-@kernel
-def _start(state: I64, row: int, h: np.int64, frame: tuple[np.int64, int, np.int64]) -> None:
-    """Make ``row`` a new flow with hash ``h`` at ``frame`` (time, rev, host)."""
-    ts, rev, host = frame
+def _start(state: I64, row: int, h: np.int64, frame: Frame) -> None:
+    """Make ``row`` a new flow with hash ``h`` at ``frame``, following its clock."""
+    ts, rev, host, clock = frame
     state[row, :] = 0
     state[row, _HASH] = h
     state[row, _START] = ts
     state[row, _LAST] = ts
-    state[row, _BITS] = rev << FIRST_REV_BIT
+    state[row, _BITS] = (np.int64(rev) << FIRST_REV_BIT) | (np.int64(clock) << CLOCK_SHIFT)
     state[row, _OBSERVER] = host
     state[row, _OTHER] = -1
 
 
 @kernel
-def _first(state: I64, row: int, frame: tuple[np.int64, int, np.int64]) -> None:
-    """Make ``frame`` (time, rev, host), older than the flow's start, its first packet: the
-    flow's direction and observing host are then the frame's (the host that saw the first
-    packet, whichever collector's message came first)."""
-    ts, rev, host = frame
+def _first(state: I64, row: int, frame: Frame) -> None:
+    """Make ``frame``, older than the flow's start, its first packet: the flow's direction
+    and observing host are then the frame's (the host that saw the first packet, whichever
+    collector's message came first). The flow keeps its clock."""
+    ts, rev, host, _ = frame
     state[row, _START] = ts
     first_rev = np.int64(1) << FIRST_REV_BIT
     state[row, _BITS] = (state[row, _BITS] & ~first_rev) | (np.int64(rev) << FIRST_REV_BIT)
@@ -254,9 +165,40 @@ def _first(state: I64, row: int, frame: tuple[np.int64, int, np.int64]) -> None:
         state[row, _OBSERVER] = host
 
 
+_HOST_CACHE = 64
+"""Hosts whose clock slot ``run_frames`` keeps at hand (a power of two)."""
 _JOIN, _LATE, _RESTART, _NEW = 0, 1, 2, 3
 """What a frame does (``run_frames``): join its key's open flow, be a late flow of its own,
 finish the open flow and start a new one in its row, start a flow in a new row."""
+
+
+@kernel
+def _fits(start: np.int64, last: np.int64, ts: np.int64, idle: int, active: int) -> bool:
+    """Whether a flow from ``start`` to ``last`` stays within the timeouts with ``ts``."""
+    span = max(last, ts) - min(start, ts)
+    return bool(span < active and ts - last <= idle and start - ts <= idle)
+
+
+def row_clocks(state: I64) -> I64:
+    """The clock slot each row of ``state`` follows."""
+    out: I64 = (state[:, _BITS] >> CLOCK_SHIFT) & _CLOCK_BITS
+    return out
+
+
+@kernel
+def _same_key(keys: U64, row: int, k: U64) -> bool:
+    """Whether ``row`` holds the key ``k``."""
+    same = True
+    for w in range(k.size):
+        if keys[row, w] != k[w]:
+            same = False
+            break
+    return same
+
+
+@kernel
+def _clock_of(state: I64, row: int) -> int:
+    return int((state[row, _BITS] >> CLOCK_SHIFT) & _CLOCK_BITS)
 
 
 @kernel
@@ -264,35 +206,47 @@ def run_frames(
     keycols: tuple[U64, U64, U64, U64, U64, U64, U64, U64],
     facts: tuple[U64, I64, I32, U16, npt.NDArray[np.uint32], U8, npt.NDArray[np.bool_], U64],
     table: tuple[Rows, Index, int, Rows, int],
-    walk: tuple[int, int, int, np.int64],
+    walk: tuple[int, int, int, tuple[I64, I32, I64, bool, np.int64]],
     pending: tuple[I64, int, int, bool, int, I64],
-) -> tuple[int, int, int, int, np.int64, int]:
+) -> tuple[int, int, int, int, int]:
     """Add frames to the table, in arrival order; return (next frame, open rows, finished
-    rows, ``Need``, the clock, pending copies).
+    rows, ``Need``, pending copies).
 
     ``keycols``: source and destination endpoint, address (hi, lo) and "port" per frame;
     ``facts``: packed proto/vlan/ethertype (``misc``), time, wire length, TCP flags, host,
     copy role (0 sender, 1 receiver, 2 other; | 4 when the copy may pair), tagged and
     fingerprint; ``table``: the open rows, their index and count, the finished rows and
     their count; ``walk``: where to start, the idle and active timeouts in ns, and the
-    table's clock (the newest capture time seen); ``pending``: the pending map, its entries,
-    how many it may hold, whether to stop (``Need.PENDING``) rather than refuse a copy when
-    it is full, the pairing window in ns, and the counters (``_copypairs.COUNTERS``).
+    clocks: the clock table, its host index and ``ctl`` (``_hostclocks``), whether to stop
+    (``Need.CLOCKS``) rather than use the shared clock when a host finds no free slot, and
+    the caller's time of arrival (``_hostclocks.NEVER``: none); ``pending``: the pending
+    map, its entries, how many it may hold, whether to stop (``Need.PENDING``) rather than
+    refuse a copy when it is full, the pairing window in ns, and the counters
+    (``_copypairs.COUNTERS``).
 
-    The rule (``flows``), with ``now`` the clock before the frame: the key's open flow is
-    *open* while ``now - last <= idle``; the frame joins it when, with the frame, the flow
-    spans less than ``active`` and has no gap over ``idle``; an open flow it cannot join
-    and is older than makes it a late flow of its own (finished at once); else the flow,
-    if any, is finished and the frame starts a new one.
+    The rule (``flows``), with ``now`` the frame's host's clock before the frame and each
+    open flow judged by its own clock (open while ``clock - last <= idle``): the frame
+    joins the flow of its key on its own clock if that flow is open and the frame fits it
+    (with the frame, the flow spans less than ``active`` and has no gap over ``idle``), else
+    an open flow of its key on another clock that it fits (the most recently seen; then
+    the oldest clock's); else, if its flow on its own clock is open and newer than the
+    frame, the frame is a late flow of its own (finished at once); else that flow, if any,
+    is finished and the frame starts a new one on its clock. A frame more than ``idle``
+    behind its host's clock first gives the host a new clock (``_hostclocks.reset``).
     """
     s_ep, d_ep, s_hi, s_lo, d_hi, d_lo, sport, dport = keycols
     misc, ts_ns, wirelen, flags, host, role, tagged, fingerprint = facts
     rows, index, n, fin_rows, nfin = table
     keys, state = rows
     fin_keys, fin_state = fin_rows
-    j0, idle, active, now = walk
+    j0, idle, active, clocks = walk
     pend, npend, limit, stop_when_full, window, stats = pending
+    clk, hidx, ctl, stop_for_clock, arrived = clocks
     k = np.empty(len(KEY_WORDS), np.uint64)
+    mask = index.size - 1
+    cached = np.full(_HOST_CACHE, -1, np.int64)  # host → slot, direct-mapped, this call
+    cached_slot = np.zeros(_HOST_CACHE, np.int64)
+    full = False  # no free clock slot left in this call
     for i in range(j0, ts_ns.size):
         gt = s_hi[i] > d_hi[i] or (
             s_hi[i] == d_hi[i]
@@ -324,17 +278,68 @@ def run_frames(
         h = np.int64(hu)
         ts = ts_ns[i]
         rev = 1 if gt else 0
-        row = find_row(index, keys, state, h, k)
-        what = _NEW
-        if row >= 0:
-            start, last = state[row, _START], state[row, _LAST]
-            what = _RESTART
-            if now - last <= idle:  # the flow is open
-                span = max(last, ts) - min(start, ts)
-                if span < active and ts - last <= idle and start - ts <= idle:
-                    what = _JOIN
-                elif ts < start:
-                    what = _LATE
+        # The frame's clock: its host's (a new one if the host's time went back).
+        hst = np.int64(host[i])
+        line = hst & (_HOST_CACHE - 1)
+        if cached[line] == hst:
+            c = cached_slot[line]
+        else:
+            c = host_slot(hidx, clk, hst)
+            if c < 0:
+                c = -1 if full else take_slot(clk, hidx, ctl, hst)
+                if c < 0:
+                    if stop_for_clock:
+                        return i, n, nfin, Need.CLOCKS, npend
+                    full, c = True, 0
+            cached[line], cached_slot[line] = hst, c
+        own = True  # the frame is judged by a clock of its host's own
+        if c != 0 and ts < clk[c, NOW] - idle:
+            fresh = -1 if full else reset_clock(clk, hidx, ctl, c)
+            if fresh >= 0:
+                stats[RESETS] += 1
+                c = cached_slot[line] = fresh
+            elif stop_for_clock:
+                return i, n, nfin, Need.CLOCKS, npend
+            else:
+                full, own = True, False
+        now = clk[c, NOW]
+        # The flows of the frame's key: the one on its clock (``mine``), and the best open
+        # one on another clock that it fits (``other``). A key's first row without the
+        # twin bit is its only one.
+        what, row = _NEW, -1
+        mine, other, seen = -1, -1, -1
+        other_last, other_serial = np.int64(0), np.int64(0)
+        pos = h & mask
+        while True:
+            e = index[pos]
+            if e == 0:
+                break
+            pos = (pos + 1) & mask
+            if state[e - 1, _HASH] != h or not _same_key(keys, e - 1, k):
+                continue
+            seen = e - 1
+            start, last, bits = state[seen, _START], state[seen, _LAST], state[seen, _BITS]
+            s = (bits >> CLOCK_SHIFT) & _CLOCK_BITS
+            if s == c:
+                mine = seen
+                if now - last <= idle and _fits(start, last, ts, idle, active):
+                    what, row = _JOIN, mine  # the best there is
+                    break
+            elif effective(clk, s) - last <= idle and _fits(start, last, ts, idle, active):
+                if not bits & _TWIN:  # the key's only flow
+                    what, row = _JOIN, seen
+                    break
+                serial = clk[s, SERIAL]
+                if other < 0 or last > other_last or (last == other_last and serial < other_serial):
+                    other, other_last, other_serial = seen, last, serial
+            if not bits & _TWIN:
+                break
+        if what == _NEW:
+            if other >= 0:
+                what, row = _JOIN, other
+            elif mine >= 0:
+                late = now - state[mine, _LAST] <= idle and ts < state[mine, _START]
+                what, row = (_LATE if late else _RESTART), mine
         fp = fingerprint[i]
         r = role[i] & 3
         pairs = role[i] >= 4 and fp != 0
@@ -343,13 +348,15 @@ def run_frames(
             ident = identity(h, fp, rev)
             slot = find(pend, ident, h, np.int64(fp))
             if slot < 0 and npend >= limit and stop_when_full:
-                return i, n, nfin, Need.PENDING, now, npend
+                return i, n, nfin, Need.PENDING, npend
         if what in (_LATE, _RESTART) and nfin == fin_keys.shape[0]:
-            return i, n, nfin, Need.FINISHED, now, npend
+            return i, n, nfin, Need.FINISHED, npend
         if what == _NEW and n == keys.shape[0]:
-            return i, n, nfin, Need.ROWS, now, npend
+            return i, n, nfin, Need.ROWS, npend
         # From here on the frame is taken: nothing returns before the next one.
-        frame = (ts, rev, np.int64(host[i]))
+        frame = (ts, rev, hst, c)
+        if not own or c == 0:
+            stats[CLOCKS_FULL] += 1
         if what == _LATE or (what != _JOIN and now - ts > idle):
             stats[LATE] += 1  # a flow of its own, ended already
         if what == _LATE:  # a flow of its own, finished at once: a row of the finished
@@ -360,54 +367,65 @@ def run_frames(
         else:
             at, counted = row, state
             if what == _RESTART:
-                _copy_out(row, rows, fin_rows, nfin)
+                copy_out(row, rows, fin_rows, nfin)
                 nfin += 1
+                twin = state[row, _BITS] & _TWIN
                 _start(state, row, h, frame)
+                state[row, _BITS] |= twin
             elif what == _NEW:
                 at = n
                 n += 1
                 keys[at, :] = k
                 _start(state, at, h, frame)
-                _insert(index, h, at)
+                insert(index, h, at)
+                if seen >= 0:  # the key's second row (or more): mark them
+                    state[seen, _BITS] |= _TWIN
+                    state[at, _BITS] |= _TWIN
             elif ts < state[row, _START]:
                 _first(state, row, frame)
+            if what != _JOIN:
+                clk[c, OLDEST] = min(clk[c, OLDEST], ts)
         # Count the frame in its flow (``counted[at]``).
-        if host[i] != counted[at, _OBSERVER]:
-            counted[at, _OTHER] = max(counted[at, _OTHER], np.int64(host[i]))
+        if hst != counted[at, _OBSERVER]:
+            counted[at, _OTHER] = max(counted[at, _OTHER], hst)
         counted[at, _LAST] = max(counted[at, _LAST], ts)
-        c = _COUNTERS + r * 4 + rev * 2
-        counted[at, c] += 1
-        counted[at, c + 1] += wirelen[i]
+        cc = _COUNTERS + r * 4 + rev * 2
+        counted[at, cc] += 1
+        counted[at, cc + 1] += wirelen[i]
         counted[at, _COPIES] += 1
         counted[at, _BITS] |= np.int64(flags[i]) << (16 * rev)
         if tagged[i]:
             counted[at, _BITS] |= 1 << TAGGED_BIT
-        now = max(now, ts)
+        if ts > now:  # the frame's clock moves on, now
+            clk[c, NOW] = clk[c, SEEN] = ts
+            clk[c, SEEN_AT] = arrived
         if pairs:
-            copy = (ident, h, np.int64(fp), ts, (np.int64(host[i]) << HOST_SHIFT) | r)
-            added, paired, delay = settle(pend, slot, copy, (now, window, npend < limit), stats)
+            meta = (hst << HOST_SHIFT) | r | (np.int64(c) << SLOT_SHIFT)
+            copy = (ident, h, np.int64(fp), ts, meta)
+            waited = clk[c, NOW] if slot < 0 else effective(clk, entry_clock(pend, slot))
+            added, paired, delay = settle(pend, slot, copy, (waited, window, npend < limit), stats)
             npend += added
             counted[at, _DELAY] += delay
             counted[at, _PAIRS] += paired
-    return ts_ns.size, n, nfin, Need.DONE, now, npend
+    return ts_ns.size, n, nfin, Need.DONE, npend
 
 
 @kernel
-def remove_rows(
-    drop: I64, table: tuple[Rows, Index, int], fin: tuple[Rows, int]
-) -> tuple[int, int]:
-    """Finish the rows ``drop`` (sorted descending; ``fin`` has room for them): copy each
-    out, then move the last row into its place. Return the rows left and finished."""
-    rows, index, n = table
-    state = rows[1]
-    fin_rows, nfin = fin
-    for row in drop:
-        _copy_out(row, rows, fin_rows, nfin)
-        nfin += 1
-        _unlink(index, state, row)
-        last = n - 1
-        if row != last:
-            _copy_out(last, rows, rows, row)
-            _relink(index, state, last, row)
-        n -= 1
-    return n, nfin
+def sweep(flows: tuple[I64, int], ended: tuple[I64, int], clk: I64, drop: I64) -> int:
+    """The rows of the open flows (``flows``: their state and count) that have ended —
+    their clock (``ended``: the time by each clock slot, and the idle timeout) is past their
+    last frame by more than the idle timeout — into ``drop``, in ascending order; the
+    ``oldest`` bound of each clock in ``clk`` (reset by the caller) made exact over the rows
+    left. Returns how many ended."""
+    state, n = flows
+    clocks, idle = ended
+    k = 0
+    for row in range(n):
+        s = _clock_of(state, row)
+        last = state[row, _LAST]
+        if clocks[s] - last > idle:
+            drop[k] = row
+            k += 1
+        else:
+            clk[s, OLDEST] = min(clk[s, OLDEST], last)
+    return k

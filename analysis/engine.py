@@ -10,13 +10,17 @@ queues): the frames of each batch (``on_batch``, the packet ring), finished flow
 copy of the open flows (``on_open``). Without ``on_flows`` finished flows wait for
 ``drain()``.
 
-Flow time is capture time, as in ``FlowTable``; but a quiet network sends no frames to move
-it on, so the engine keeps a capture clock: the newest capture time seen, moved on by the
-analyzer's clock since then (``capture_now``). ``tick(now)`` — the engine thread calls it
-whenever no chunk came for ``poll_s`` and after chunks, at most every ``tick_s`` — moves
-the table to that time, so flows idle out on a quiet network as they would had one more
-frame arrived, and publishes the open flows when due. The thread loop reads the analyzer's
-clock (``clock``) and passes it down; nothing below it reads a clock.
+Flow time is capture time, as in ``FlowTable``, by a clock per observing host; but a quiet
+host sends no frames to move its clock on, so the engine gives the table the analyzer's time
+with every batch (``received_ns``) and the table moves each host's clock on by the analyzer's
+time passed since that host's newest frame arrived. ``tick(now)`` — the engine thread calls
+it whenever no chunk came for ``poll_s`` and after chunks, at most every ``tick_s`` — moves
+every host's clock to ``now`` that way, so flows idle out on a quiet network as they would
+had one more frame arrived, each by its own host's time: a replay of an old capture, or a
+collector whose clock is behind, ends its flows ``idle_timeout`` after its last frame like
+any other. ``capture_now(now)`` is the newest capture time of any host at ``now``. The tick
+also publishes the open flows when due. The thread loop reads the analyzer's clock
+(``clock``) and passes it down; nothing below it reads a clock.
 
 The flow table is bounded: past ``max_flows`` open flows, the least recently seen are
 finished early and counted as ``evicted`` (down to ``evict_to`` of the bound, so that the
@@ -72,6 +76,11 @@ _WARM_FRAME = bytes.fromhex(
         ]
     )
 )
+
+
+def _ns(seconds: float) -> int:
+    """The analyzer's time in ns, as the flow table takes it."""
+    return int(seconds * _NS)
 
 
 def warm_batch() -> FrameBatch:
@@ -161,10 +170,6 @@ class Engine:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._high_ns: int | None = None
-        """The newest capture time seen."""
-        self._high_at = 0.0
-        """The analyzer's time (s) when it was seen."""
         self._last_tick = 0.0
         self._last_open = 0.0
         self.chunks = 0
@@ -262,7 +267,8 @@ class Engine:
 
     def process(self, batch: FrameBatch, *, now: float | None = None) -> None:
         """Decode a batch of tunnel frames and add its usable frames to the flow table;
-        ``now`` (the analyzer's time, s) keeps the capture clock (``capture_now``)."""
+        ``now`` (the analyzer's time, s) is when they arrived: each host's clock goes on
+        from there (``tick``, ``capture_now``)."""
         if len(batch) == 0:
             return
         dec = decode_batch(batch)  # copies what it needs: the batch's buffer may be reused
@@ -276,13 +282,10 @@ class Engine:
             for reason, n in undecodable(dec, ok):
                 self.undecodable[reason] = self.undecodable.get(reason, 0) + n
         good = dec if ok.all() else dec.take(np.flatnonzero(ok))
-        if len(good) and now is not None:
-            newest = int(good.ts_ns.max())
-            if self._high_ns is None or newest > self._high_ns:
-                self._high_ns, self._high_at = newest, now
         if self._inventory is not None:
             self._resolver.directory = self._inventory()
-        finished = self._table.update_rows(good, self._resolver.resolve(good))
+        received = None if now is None else _ns(now)
+        finished = self._table.update_rows(good, self._resolver.resolve(good), received_ns=received)
         excess = self._table.open_flows - self.config.max_flows
         if excess > 0:
             keep = int(self.config.max_flows * self.config.evict_to)
@@ -292,20 +295,19 @@ class Engine:
         self._emit(finished)
 
     def capture_now(self, now: float) -> int | None:
-        """Capture time (ns) at the analyzer's time ``now``: the newest capture time seen,
-        moved on by the time since it was seen; None before any frame."""
-        if self._high_ns is None:
-            return None
-        return self._high_ns + max(0, int((now - self._high_at) * _NS))
+        """Capture time (ns) at the analyzer's time ``now``: the newest of the hosts'
+        clocks, each its newest capture time moved on by the time since that frame arrived;
+        None before any frame."""
+        return self._table.capture_time(_ns(now))
 
     def tick(self, now: float) -> None:
-        """Move flow time to ``capture_now(now)``: finish the flows idle since; publish the
-        open flows when ``open_every_s`` has passed."""
+        """Move each host's clock to the analyzer's time ``now`` (``capture_now``): finish
+        the flows idle since; publish the open flows when ``open_every_s`` has passed."""
         self._last_tick = now
         at = self.capture_now(now)
         if at is None:
             return
-        idled = self._table.advance_rows(at)
+        idled = self._table.advance_rows(received_ns=_ns(now))
         self.idled += len(idled)
         self._emit(idled)
         cfg = self.config

@@ -92,6 +92,14 @@ def _summary(report: Any, err: IO[str]) -> None:
     )
     for reason, n in bad:
         print(f"vspan report: not decodable: {n:,} frames {reason}", file=err)
+    resets = report.flow_counters.get("clock_resets", 0)
+    if resets:
+        print(
+            f"vspan report: {resets:,} times a host's capture time went back by more than the "
+            "idle timeout (a file's records not in time order, or a clock set back): its "
+            "frames from there on follow a new clock",
+            file=err,
+        )
     late = report.flow_counters.get("late_frames", 0)
     if late:
         print(

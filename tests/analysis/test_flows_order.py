@@ -32,7 +32,9 @@ def run(ts_s: list[int], key: list[int], cuts: list[int], **cols: object) -> pd.
         part = dec.take(np.arange(lo, hi))
         parts.append(table.update(part, resolver.resolve(part)))
     parts.append(table.flush())
-    return pd.concat(parts, ignore_index=True)
+    out = pd.concat(parts, ignore_index=True)
+    out.attrs["counters"] = table.counters()
+    return out
 
 
 def members(flows: pd.DataFrame) -> list[tuple[int, int]]:
@@ -76,12 +78,18 @@ def test_any_order_any_cut_flows_stay_within_their_timeouts(
 
 def test_a_frame_a_day_older_than_its_flow_does_not_join_it() -> None:
     # `vspan report B A` where A is B shifted by a day used to give a flow of 86,401 s: the
-    # frames of day 0 joined the open flow of day 1, whose start moved back a day. Now they
-    # arrive a day behind the clock: each is a (late) flow of its own, already ended.
+    # frames of day 0 joined the open flow of day 1, whose start moved back a day. They
+    # arrive a day behind their host's clock: the host's time went back, it gets a new
+    # clock, and the day-0 frames make their own flow, as they would alone. (Before clocks
+    # per host, each was a late flow of its own.)
     day = 86_400
     flows = run([day, day + 1, 0, 1], [0, 0, 0, 0], cuts=[2])
     spans = sorted(zip(flows["start_ns"] // S, flows["last_ns"] // S, strict=True))
-    assert spans == [(0, 0), (1, 1), (day, day + 1)]
+    assert spans == [(0, 1), (day, day + 1)]
+    assert (flows.attrs["counters"]["clock_resets"], flows.attrs["counters"]["late_frames"]) == (
+        1,
+        0,
+    )
 
 
 def test_a_late_frame_that_fits_joins_and_becomes_the_first() -> None:
@@ -98,15 +106,35 @@ def test_a_late_frame_that_fits_joins_and_becomes_the_first() -> None:
     assert f["first_rev"] == 0  # 10.0.0.1 (side A) sent the first packet
 
 
-def test_frames_that_can_join_no_flow_are_late_flows_of_their_own_and_counted() -> None:
+def test_frames_behind_their_hosts_clock_give_it_a_new_clock_and_flows_of_their_own() -> None:
     # A flow open from 100 s to 140 s; then frames from 10 s and 20 s arrive (more than the
-    # idle timeout before the flow, and behind the clock): each is a flow of its own, ended.
+    # idle timeout before the flow, and behind the host's clock): the host's time went back
+    # (a replay started again, a clock set back). They form their flow by the host's new
+    # clock; the first flow keeps the old one. (Before clocks per host, each such frame was
+    # a late flow of its own.)
     table, resolver = FlowTable(CONFIG), EndpointResolver()
+    dec = decoded(4, ts_ns=np.array([100, 140, 10, 20]) * S, src_ip="10.0.0.1",
+                  dst_ip="10.0.0.2", ip_proto=17, src_port=7, dst_port=9)  # fmt: skip
+    assert table.update(dec, resolver.resolve(dec)).empty
+    counters = table.counters()
+    assert (counters["clock_resets"], counters["late_frames"], counters["host_clocks"]) == (1, 0, 2)
+    assert table.open_flows == 2
+    rest = table.flush()
+    assert sorted(zip(rest["start_ns"] // S, rest["packets"], strict=True)) == [(10, 2), (100, 2)]
+
+
+def test_without_a_free_clock_frames_behind_their_hosts_clock_are_late_flows_counted() -> None:
+    # The same with a table of one clock, kept by the first flow: the host cannot get a new
+    # clock; its frames are judged by the one it has, behind it: each is a late flow of its
+    # own, finished at once, and counted as such and as judged without a clock of its own.
+    config = FlowConfig(idle_timeout_s=IDLE, active_timeout_s=ACTIVE, max_host_clocks=1)
+    table, resolver = FlowTable(config), EndpointResolver()
     dec = decoded(4, ts_ns=np.array([100, 140, 10, 20]) * S, src_ip="10.0.0.1",
                   dst_ip="10.0.0.2", ip_proto=17, src_port=7, dst_port=9)  # fmt: skip
     done = table.update(dec, resolver.resolve(dec))
     assert sorted(zip(done["start_ns"] // S, done["packets"], strict=True)) == [(10, 1), (20, 1)]
-    assert table.counters()["late_frames"] == 2
+    counters = table.counters()
+    assert (counters["late_frames"], counters["clocks_full_frames"]) == (2, 2)
     assert table.open_flows == 1
     rest = table.flush()
     assert (rest["start_ns"].tolist(), rest["packets"].tolist()) == ([100 * S], [2])
