@@ -96,18 +96,20 @@ ROLE_COUNTERS: Final = tuple(
 )
 """Packets and bytes per copy role (sender, receiver, other) and direction."""
 STATE: Final = ("hash", "start_ns", "last_ns", *ROLE_COUNTERS, "copies", "bits", "observer",
-                "observer_other", "delay_sum_ns", "pairs")  # fmt: skip
+                "observer_other", "delay_sum_ns", "pairs", "born_ns")  # fmt: skip
 """int64 columns of an open flow; ``bits`` packs ``tcp_flags`` (bits 0-15),
 ``tcp_flags_rev`` (16-31), ``first_rev`` (32), ``tagged`` (33), ``_TWIN`` (34) and the slot
 of the clock the flow follows (``_hostclocks``, bits 40-55); ``observer`` is the host of the
 first packet (by capture time), ``observer_other`` the largest other host that saw the flow
-(-1: none); ``delay_sum_ns`` and ``pairs`` sum the delays of the paired copies."""
+(-1: none); ``delay_sum_ns`` and ``pairs`` sum the delays of the paired copies;
+``born_ns`` is the time of the frame that started the flow, which never changes (``start_ns``
+moves back when an older frame joins): what tells a flow apart for its whole life."""
 
 _HASH, _START, _LAST = 0, 1, 2
 _COUNTERS = 3
 """First role counter: ``_COUNTERS + role * 4 + rev * 2`` packets, ``+ 1`` bytes."""
-_COPIES, _BITS, _OBSERVER, _OTHER, _DELAY, _PAIRS = 15, 16, 17, 18, 19, 20
-if STATE[_PAIRS] != "pairs" or len(ROLE_COUNTERS) != _COPIES - _COUNTERS:
+_COPIES, _BITS, _OBSERVER, _OTHER, _DELAY, _PAIRS, _BORN = 15, 16, 17, 18, 19, 20, 21
+if STATE[_BORN] != "born_ns" or len(ROLE_COUNTERS) != _COPIES - _COUNTERS:
     raise AssertionError("the state offsets do not match STATE")  # pragma: no cover
 FIRST_REV_BIT, TAGGED_BIT, CLOCK_SHIFT = 32, 33, 40
 _CLOCK_BITS = 0xFFFF
@@ -145,6 +147,7 @@ def _start(state: I64, row: int, h: np.int64, frame: Frame) -> None:
     state[row, _HASH] = h
     state[row, _START] = ts
     state[row, _LAST] = ts
+    state[row, _BORN] = ts
     state[row, _BITS] = (np.int64(rev) << FIRST_REV_BIT) | (np.int64(clock) << CLOCK_SHIFT)
     state[row, _OBSERVER] = host
     state[row, _OTHER] = -1

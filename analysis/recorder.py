@@ -13,7 +13,8 @@ snapshot of that moment; everything else happens on the store writer's thread
 
 A flow keeps one ``flow_uid`` from the first snapshot that shows it open to its stored
 record: a UUID (version 8, RFC 9562) made of the analyzer run's ``salt``, the flow key's
-hash and its first packet's time.
+hash and the time of the frame that started it (``born_ns``, which stays when an older
+frame joins and moves the flow's start back).
 """
 
 from __future__ import annotations
@@ -54,21 +55,21 @@ Opening = tuple[Finished, InventorySnapshot]
 """Every open flow and the inventory when they were copied."""
 
 _HASH: Final = kt.STATE.index("hash")
-_START: Final = kt.STATE.index("start_ns")
+_BORN: Final = kt.STATE.index("born_ns")
 _HEX: Final = np.frombuffer(b"0123456789abcdef", np.uint8)
 _DASHES: Final = (8, 13, 18, 23)
 
 
 def flow_uids(
-    salt: int, hashes: npt.NDArray[np.int64], first_ns: npt.NDArray[np.int64]
+    salt: int, hashes: npt.NDArray[np.int64], born_ns: npt.NDArray[np.int64]
 ) -> npt.NDArray[np.object_]:
     """The UUID text of each flow: version 8 (RFC 9562), its 122 free bits the flow key's
-    hash mixed with ``salt`` (64 bits) and the first packet's time (ns)."""
+    hash mixed with ``salt`` (64 bits) and the time of the frame that started it (ns)."""
     n = hashes.size
     raw = np.empty((n, 16), np.uint8)
     mixed = hashes.astype(np.uint64) ^ np.uint64(salt & 0xFFFF_FFFF_FFFF_FFFF)
     raw[:, :8] = mixed.astype(">u8").view(np.uint8).reshape(n, 8)
-    raw[:, 8:] = first_ns.astype(">u8").view(np.uint8).reshape(n, 8)
+    raw[:, 8:] = born_ns.astype(">u8").view(np.uint8).reshape(n, 8)
     raw[:, 6] = (raw[:, 6] & 0x0F) | 0x80  # version 8
     raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # variant 10
     digits = np.empty((n, 32), np.uint8)
@@ -81,10 +82,11 @@ def flow_uids(
 
 def flow_keys(rows: Finished) -> npt.NDArray[np.int64]:
     """One integer per flow that tells a flow apart from every other open or just ended
-    one: its key's hash mixed with its first packet's time (a flow cut by the active
-    timeout and its continuation share the key, not the start)."""
+    one: its key's hash mixed with the time of the frame that started it (``born_ns``: a
+    flow cut by the active timeout and its continuation share the key, not that time; and
+    it stays when an older frame joins the flow and moves its start back)."""
     hashes = rows.state[:, _HASH].view(np.uint64)
-    starts = rows.state[:, _START].view(np.uint64)
+    starts = rows.state[:, _BORN].view(np.uint64)
     mixed = hashes ^ (starts * np.uint64(0x9E3779B97F4A7C15))
     out: npt.NDArray[np.int64] = mixed.view(np.int64)
     return out
@@ -162,7 +164,7 @@ class FlowRecorder:
         else:
             records["flow_id"] = pd.array([pd.NA] * len(records), dtype="Int64")
         records["flow_uid"] = flow_uids(
-            self._salt, np.asarray(cols["hash"], np.int64), records["first_ns"].to_numpy(np.int64)
+            self._salt, np.asarray(cols["hash"], np.int64), np.asarray(cols["born_ns"], np.int64)
         )
         uuids = {vm.name: uuid_or_none(vm.uuid) for vm in inventory.vms}
         records["src_vm_uuid"] = records["src_vm"].map(uuids)

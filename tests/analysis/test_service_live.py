@@ -132,3 +132,44 @@ def test_a_frame_stamped_in_the_future_does_not_age_out_the_packet_ring(tmp_path
         assert metrics["segments"] >= 3
     finally:
         analyzer.stop()
+
+
+def test_a_flow_whose_start_moves_back_keeps_its_uid_from_open_to_stored(tmp_path: Path) -> None:
+    # Regression: the flow_uid was made of the flow's first packet's time; a frame older than
+    # the flow's start (another collector's copy, messages out of order) moved the start
+    # back, so the stored record got another uid than the open row shown before it: the flow
+    # was listed twice (open and closed), and a recovery after a kill stored it again.
+    config = AnalyzerConfig(
+        udp="127.0.0.1:0", tcp=None, data_dir=str(tmp_path / "data"), idle_timeout=4.0
+    )
+    analyzer = Analyzer(config)
+    analyzer.start()
+    try:
+        t0 = time.time_ns()
+        later = [udp_frame(b"y" * (10 + i)) for i in range(5)]
+        earlier = udp_frame(b"z" * 9)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.sendto(
+                encode_message(collector_id=7, boot_id=1, seq=0, frames=later,
+                               ts_ns=[t0 + (100 + i) * 1_000_000 for i in range(5)]),
+                analyzer.addresses()["udp"],
+            )  # fmt: skip
+            wait_for(lambda: len(analyzer.store.query_flows(limit=None)) == 1)
+            opened = analyzer.store.query_flows(limit=None).iloc[0]
+            assert opened["state"] == "open"
+            assert opened["first_ns"] == t0 + 100_000_000
+            sock.sendto(
+                encode_message(collector_id=7, boot_id=1, seq=1, frames=[earlier], ts_ns=[t0]),
+                analyzer.addresses()["udp"],
+            )
+        wait_for(lambda: analyzer.store.count("flows") == 1)
+        flows = analyzer.store.query_flows(limit=None)
+        assert flows["state"].tolist() == ["closed"]
+        row = flows.iloc[0]
+        assert row["first_ns"] == t0  # the older frame is the flow's first
+        assert row["packets"] == 6
+        assert row["bytes"] == sum(map(len, later)) + len(earlier)
+        assert row["flow_uid"] == opened["flow_uid"]
+    finally:
+        analyzer.stop()
+    assert analyzer.stored_flows() == 1
