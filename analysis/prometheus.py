@@ -120,7 +120,8 @@ _PARTS: Final[dict[str, tuple[str, dict[str, _Spec]]]] = {
     }),
     "store_writer": ("vspan_store_", {
         "rows_written": ("rows_written", "counter", "Rows written to the store, by lane "
-                         "(reason: flows, open_flows, ...).", True),
+                         "(reason: flows, open_flows, ...); open_flows counts every row of "
+                         "every open-flow snapshot, not flows.", True),
         "writes": ("writes", "counter", "Writes to the store, by lane.", True),
         "queue_rows": ("queue_rows", "gauge", "Rows waiting for the store writer.", False),
         "queue_items": ("queue_items", "gauge", "Items waiting for the store writer.", False),
