@@ -91,4 +91,3 @@ def test_hits_of_vms_without_a_uuid_are_rows(tmp_path: Path) -> None:
         ["lab#default", "name:a2", None, "a2", 1, 3],
         ["lab#default", UUID, UUID, "b2", 1, 4],
     ]
-
