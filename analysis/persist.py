@@ -6,8 +6,9 @@ receivers' accounting) and returns a DataFrame with the columns of one store tab
 (a VM a collector found behind a Linux bridge) — so every VM event, migration and policy hit
 has a row; one without a VM name or UUID cannot be stored, and the store counts it
 (``rejected{null_vm_key}``) and logs it. ``identity_change`` says when a VM's earlier rows
-must follow it to a new key (``Store.rekey_vm``). Inventory events without a VM (a host
-appearing) and migrations (their own table) are no rows of ``inventory_history``.
+must follow it to a new key (``Store.rekey_vm``). The inventory events that change no VM's
+own record — a host appearing, a MAC claimed by two VMs — and moves (``migrations``, a table
+of their own) are no rows of ``inventory_history``.
 """
 
 from __future__ import annotations
