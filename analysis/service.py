@@ -126,6 +126,9 @@ class Analyzer:
         self._migrations = self.writer.lane("migrations", _run_calls)
         self._counters = self.writer.lane("collector_counters", _run_calls)
         self._retention = self.writer.lane("retention", _run_calls)
+        self._flows_order = threading.Lock()
+        """Held from reading the inventory to queueing flows, and while queueing a VM's
+        new key (``_on_flows``, ``_on_event``)."""
         self.state = InventoryState(history_sink=self._on_event, migration_sink=self._on_move)
         self.ring = PacketRing(
             self.data_dir / "ring",
@@ -285,7 +288,8 @@ class Analyzer:
         self.feeder.submit(batch, dec, self.state.snapshot())
 
     def _on_flows(self, rows: Finished) -> None:
-        self.recorder.finished(rows, self.state.snapshot())
+        with self._flows_order:  # policy hits under a VM's old key queued before its rekey
+            self.recorder.finished(rows, self.state.snapshot())
 
     def _on_open(self, rows: Finished, at_ns: int) -> None:
         self.recorder.opened(rows, self.state.snapshot())
@@ -303,7 +307,10 @@ class Analyzer:
     def _on_event(self, event: InventoryEvent) -> None:
         rows, change = history_rows([event]), identity_change(event)
         if change is not None:  # the VM's earlier rows follow its new UUID or name
-            self._history.submit(lambda: self.store.rekey_vm(*change))
+            # The snapshot with the new key is in place: flows queued from here on read
+            # it; those that read the one before were queued before this move of the rows.
+            with self._flows_order:
+                self._history.submit(functools.partial(self.store.rekey_vm, *change))
         if len(rows):
             self._history.submit(lambda: self.store.append_inventory_events(rows))
 

@@ -10,15 +10,21 @@ from __future__ import annotations
 import itertools
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 from vspan.analysis.config import AnalyzerConfig
+from vspan.analysis.decode import decode_batch
+from vspan.analysis.endpoints import EndpointResolver
+from vspan.analysis.flows import FlowTable
+from vspan.analysis.inventory_snapshot import InventoryEvent, InventorySnapshot
 from vspan.analysis.inventory_state import PortInfo
 from vspan.analysis.service import Analyzer
 from vspan.analysis.store import Store
+from vspan.batch import FrameBatch
 from vspan.tunnel import encode_message
 from vspan.vntag import VnTag, encode_vntag
 
@@ -103,3 +109,58 @@ def test_hits_of_a_vm_without_a_uuid_add_up_across_a_restart(tmp_path: Path) -> 
     ]
     assert history["event"].tolist() == ["added", "added"]  # once per run, one VM
     assert history["vm_key"].unique().tolist() == ["name:a"]
+
+
+def test_hits_of_flows_read_before_a_rename_follow_the_vm(tmp_path: Path) -> None:
+    # The engine reads the inventory as flows end, then queues them for the store writer; a
+    # registration renaming the VM (another thread) may come in between. Those flows' hits,
+    # built under the old name, must still end up under the new one.
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text("profiles:\n  - {name: lab, default: deny, vms: ['a*']}\n")
+    config = AnalyzerConfig(udp="127.0.0.1:0", tcp=None, data_dir=str(tmp_path / "data"),
+                            profiles=str(profiles))  # fmt: skip
+    analyzer = Analyzer(config)
+    analyzer.start()
+    try:
+        state, b = analyzer.state, PortInfo("b", 2, MAC["b"])
+        state.register(1, "h1", [PortInfo("a", 1, MAC["a"]), b], analyzer.clock())
+        frames = [_frame("a", "b", 1, 2, 10 + i) for i in range(3)]
+        dec = decode_batch(FrameBatch.from_frames(frames, ts_ns=[T0 * 10**9] * 3, host=[1] * 3))
+        table = FlowTable()
+        table.update_rows(dec, EndpointResolver(state.snapshot()).resolve(dec))
+        ended = table.flush_rows()
+
+        renamed, in_sink, sink = threading.Event(), threading.Event(), state.history_sink
+        assert sink is not None
+
+        def entering_sink(event: InventoryEvent) -> None:
+            in_sink.set()
+            sink(event)
+
+        def rename() -> None:
+            state.register(1, "h1", [PortInfo("a2", 1, MAC["a"]), b], analyzer.clock())
+            renamed.set()
+
+        read, tester = state.snapshot, threading.current_thread()
+
+        def read_then_rename() -> InventorySnapshot:
+            before = read()
+            if threading.current_thread() is tester:  # the engine's own reads untouched
+                state.history_sink = entering_sink
+                threading.Thread(target=rename, daemon=True).start()
+                assert in_sink.wait(20), "the rename did not reach the history sink"
+                renamed.wait(1.0)  # done at once, unless the analyzer holds it back
+            return before
+
+        state.snapshot = read_then_rename  # type: ignore[method-assign]
+        analyzer._on_flows(ended)  # as the engine does when flows end
+        state.snapshot = read  # type: ignore[method-assign]
+        assert renamed.wait(20), "the rename did not finish"
+        assert analyzer.writer.flush()
+    finally:
+        analyzer.stop()
+    with Store(tmp_path / "data", read_only=True) as store:
+        hits = store.query_policy_hits()
+    assert hits[["rule", "vm_key", "vm_name", "flows", "packets"]].values.tolist() == [
+        ["lab#default", "name:a2", "a", 1, 3]
+    ]
