@@ -122,6 +122,7 @@ class VmBook:
             self._bind(vm, host, group.nics, now)
             return vm.index
         changes: list[str] = []
+        before = (vm.uuid, vm.name)
         if group.uuid is not None and vm.uuid is None:
             vm.uuid = group.uuid
             self._by_uuid[group.uuid] = vm.index
@@ -145,7 +146,10 @@ class VmBook:
         nic_changes = self._bind(vm, host, group.nics, now)
         changes += [] if moved else nic_changes
         if changes:
-            self._event(now, EventKind.VM_CHANGED, host.name, vm, "; ".join(changes))
+            renamed = before if before != (vm.uuid, vm.name) else None  # a UUID or a name
+            self._event(
+                now, EventKind.VM_CHANGED, host.name, vm, "; ".join(changes), before=renamed
+            )
         return vm.index
 
     def _bind(
@@ -216,12 +220,13 @@ class VmBook:
         vm.hosts.append((now, to_host))
 
     def _event(
-        self, now: float, kind: EventKind, host: str, vm: _VmRec | None = None, detail: str = ""
-    ) -> None:
+        self, now: float, kind: EventKind, host: str, vm: _VmRec | None = None, detail: str = "",
+        *, before: tuple[str | None, str] | None = None,
+    ) -> None:  # fmt: skip
         name, uuid = (None, None) if vm is None else (vm.name, vm.uuid)
         if vm is not None:
             vm.view = None
-        event = InventoryEvent(now, kind, host, name, uuid, detail)
+        event = InventoryEvent(now, kind, host, name, uuid, detail, before)
         self._history.append(event)
         self._out.append(event)
         self.counters["events"] += 1

@@ -70,6 +70,9 @@ class InventoryEvent:
     vm_uuid: str | None = None
     detail: str = ""
     """What changed, for people: ``vif 52:54:00:00:00:01 3→5; profile web→db``."""
+    before: tuple[str | None, str] | None = None
+    """For a change of the VM's UUID or name: its (UUID, name) before it, which what was
+    recorded of the VM until then knows it by."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,19 +55,19 @@ def _binding(rows: pd.DataFrame) -> tuple[bool, str | None]:
 def policy_followed(
     migrations: pd.DataFrame, flows: pd.DataFrame, bindings: pd.DataFrame
 ) -> pd.DataFrame:
-    """``migrations`` (``time``, ``vm_uuid``, ``vm_name``, ``from_host``, ``to_host``) with
+    """``migrations`` (``time``, ``vm_key``, ``vm_name``, ``from_host``, ``to_host``) with
     ``FOLLOWED_COLUMNS``, from the bindings of the migrated VMs (the inventory history:
-    ``time``, ``host``, ``vm_uuid``, ``profile``, ``event``) and their flow records (with
-    ``first_ns``, ``last_ns``, ``policy_rule``)."""
+    ``time``, ``host``, ``vm_key``, ``profile``, ``event``; a VM is its ``vm_key``, with or
+    without a UUID) and their flow records (with ``first_ns``, ``last_ns``, ``policy_rule``)."""
     out = migrations.reset_index(drop=True).copy()
     columns: dict[str, list[object]] = {c: [] for c in FOLLOWED_COLUMNS}
     when = pd.to_datetime(out["time"], utc=True).dt.as_unit("ns").astype("int64").tolist()
     history = bindings.assign(
         _ns=pd.to_datetime(bindings["time"], utc=True).dt.as_unit("ns").astype("int64"),
-        _vm=bindings["vm_uuid"].astype(str),
+        _vm=bindings["vm_key"].astype(str),
     ).sort_values("_ns", kind="stable")
     for row, moved_ns in zip(out.itertuples(index=False), when, strict=True):
-        mine = history[history["_vm"] == str(row.vm_uuid)]
+        mine = history[history["_vm"] == str(row.vm_key)]
         old = mine[(mine["host"] == row.from_host) & (mine["_ns"] <= moved_ns)]
         _, profile = _binding(old)
         new = mine[(mine["host"] == row.to_host) & (mine["event"] != "removed")]

@@ -248,7 +248,8 @@ def violations(
 
 def policy_hits(store: Store, *, vm: str | None = None, profile: str | None = None) -> pd.DataFrame:
     """Hit counters per (rule, VM) — ``HIT_COLUMNS`` — in profile and rule order (a profile's
-    default, ``profile#default``, last), then by VM name; ``vm`` by name or UUID."""
+    default, ``profile#default``, last), then by VM name; ``vm`` by UUID or by a name the VM
+    has had (``vm_uuid`` is null for a VM without one)."""
     hits = store.query_policy_hits(vm=_text(vm, "vm"), limit=None, order="rule")
     hits["profile"] = hits["rule"].str.rsplit("#", n=1).str[0]
     if _text(profile, "profile") is not None:
@@ -264,7 +265,8 @@ def migrations(
     until: str | int | float | None = None, limit: int = DEFAULT_LIMIT, now: float,
 ) -> pd.DataFrame:  # fmt: skip
     """The latest ``limit`` migrations (``MIGRATION_COLUMNS``), oldest first, each with
-    whether the VM's port-profile followed it (``migration_report.policy_followed``)."""
+    whether the VM's port-profile followed it (``migration_report.policy_followed``); ``vm``
+    by UUID or by a name the VM has had (``vm_uuid`` is null for a VM without one)."""
     rows = store.query_migrations(
         vm=_text(vm, "vm"), since=_time(since, now, "since"), until=_time(until, now, "until"),
         limit=_limit(limit), order="-time",
@@ -273,8 +275,8 @@ def migrations(
     names = list(pd.unique(rows["vm_name"].dropna()))
     parts = [store.query_flows(vm=str(n), limit=None) for n in names]
     flows = pd.concat(parts, ignore_index=True) if parts else store.query_flows(limit=0)
-    vms = list(pd.unique(rows["vm_uuid"].dropna().astype(str)))
-    history = [store.query_inventory_history(vm=v, limit=None) for v in vms]
+    keys = list(pd.unique(rows["vm_key"].astype(str)))  # a VM with or without a UUID
+    history = [store.query_inventory_history(vm_key=k, limit=None) for k in keys]
     bindings = (
         pd.concat(history, ignore_index=True) if history else store.query_inventory_history(limit=0)
     )

@@ -27,6 +27,7 @@ import queue
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from vspan.analysis.engine import Engine, EngineConfig
 from vspan.analysis.flows import Finished, FlowConfig
 from vspan.analysis.inventory_snapshot import InventoryEvent, InventorySnapshot, Migration
 from vspan.analysis.inventory_state import InventoryState
-from vspan.analysis.persist import collector_rows, history_rows, migration_rows
+from vspan.analysis.persist import collector_rows, history_rows, identity_change, migration_rows
 from vspan.analysis.policy import PolicySet, load_policy
 from vspan.analysis.policy_acl import format_rule
 from vspan.analysis.policy_eval import CompiledPolicy, PolicyCounters, compile_policy
@@ -52,6 +53,7 @@ from vspan.analysis.recorder import FlowRecorder
 from vspan.analysis.ring import PacketRing
 from vspan.analysis.ring_feeder import RingFeeder
 from vspan.analysis.store import Store
+from vspan.analysis.store_append import AppendResult
 from vspan.analysis.store_writer import StoreWriter
 from vspan.batch import FrameBatch
 from vspan.errors import ConfigError
@@ -68,9 +70,19 @@ Call = Callable[[], object]
 """A write to run on the store writer's thread."""
 
 
-def _run_calls(calls: Sequence[Call]) -> int:
-    """Run each queued write; the rows they wrote (those that say)."""
-    return sum(n for call in calls if isinstance(n := call(), int))
+def _run_calls(calls: Sequence[Call]) -> AppendResult:
+    """Run each queued write; the rows they wrote, and what the store could not keep (of
+    the writes that say), for the writer's counters."""
+    written, coerced, rejected = 0, Counter[str](), Counter[str]()
+    for call in calls:
+        done = call()
+        if isinstance(done, AppendResult):
+            written += done.written
+            coerced.update(done.coerced)
+            rejected.update(done.rejected)
+        elif isinstance(done, int):
+            written += done
+    return AppendResult(written, dict(coerced), dict(rejected))
 
 
 class _RingIndex:
@@ -120,6 +132,9 @@ class Analyzer:
         self._migrations = self.writer.lane("migrations", _run_calls)
         self._counters = self.writer.lane("collector_counters", _run_calls)
         self._retention = self.writer.lane("retention", _run_calls)
+        self._flows_order = threading.Lock()
+        """Held from reading the inventory to queueing flows, and while queueing a VM's
+        new key (``_on_flows``, ``_on_event``)."""
         self.state = InventoryState(history_sink=self._on_event, migration_sink=self._on_move)
         self.ring = PacketRing(
             self.data_dir / "ring",
@@ -289,7 +304,8 @@ class Analyzer:
         self.feeder.submit(batch, dec, self.state.snapshot())
 
     def _on_flows(self, rows: Finished) -> None:
-        self.recorder.finished(rows, self.state.snapshot())
+        with self._flows_order:  # policy hits under a VM's old key queued before its rekey
+            self.recorder.finished(rows, self.state.snapshot())
 
     def _on_open(self, rows: Finished, at_ns: int) -> None:
         self.recorder.opened(rows, self.state.snapshot())
@@ -305,7 +321,12 @@ class Analyzer:
     # --- inventory sinks (any thread, under the state's lock; they only queue) ----------
 
     def _on_event(self, event: InventoryEvent) -> None:
-        rows = history_rows([event])
+        rows, change = history_rows([event]), identity_change(event)
+        if change is not None:  # the VM's earlier rows follow its new UUID or name
+            # The snapshot with the new key is in place: flows queued from here on read
+            # it; those that read the one before were queued before this move of the rows.
+            with self._flows_order:
+                self._history.submit(functools.partial(self.store.rekey_vm, *change))
         if len(rows):
             self._history.submit(lambda: self.store.append_inventory_events(rows))
 

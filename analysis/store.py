@@ -61,6 +61,8 @@ from .store_sql import (
     select_sql,
     time_param,
     upsert_sql,
+    vm_rekey_sql,
+    with_vm_keys,
 )
 
 Columns = Sequence[str] | None
@@ -182,6 +184,9 @@ class Store:
                 f"{self.path}: schema version {version} was written by a newer vspan; "
                 f"this one reads versions up to {SCHEMA_VERSION}"
             )
+        if self.read_only and 0 < version < SCHEMA_VERSION:  # its tables are not ours
+            old = f"{self.path}: schema version {version} was written by an older vspan"
+            raise StoreError(f"{old}; open it for writing once (vspan analyze) to upgrade it")
         if self.read_only or version == SCHEMA_VERSION:
             return
         con.execute("BEGIN")
@@ -255,7 +260,7 @@ class Store:
         return self.append("collector_counters", df)
 
     def add_policy_hits(self, df: pd.DataFrame) -> AppendResult:
-        """Add ``flows, packets, bytes`` per (``rule``, ``vm_uuid``) to the running totals."""
+        """Add ``flows, packets, bytes`` per (``rule``, ``vm_key``) to the running totals."""
         spec = TABLES["policy_hits"]
         if df.empty:
             return AppendResult(0)
@@ -264,6 +269,26 @@ class Store:
         sql = upsert_sql(spec, given, ("flows", "packets", "bytes"), "last_hit")
         return self._insert(spec, sql, df)
 
+    def rekey_vm(self, old: str, new: str, uuid: str | None = None) -> dict[str, int]:
+        """The rows of the VM ``old`` (a ``vm_key``) moved to the key ``new``, with ``uuid``
+        (``store_sql.vm_rekey_sql``), in one transaction; the rows moved per table."""
+        moved: dict[str, int] = {}
+        with self._lock:
+            con = self._connection()
+            con.execute("BEGIN")
+            try:
+                for table, sql, params in vm_rekey_sql(old, new, uuid):
+                    row = _one(con.execute(sql, params))
+                    moved[table] = max(moved.get(table, 0), int(row[0]) if row else 0)
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        if moved := {table: n for table, n in moved.items() if n}:
+            rows = ", ".join(f"{table} {n}" for table, n in moved.items())
+            log.info("store: VM %s is now %s: its rows moved (%s)", old, new, rows)
+        return moved
+
     def counters(self) -> dict[str, dict[str, dict[str, int]]]:
         """Per kind, table and reason, since ``start``: rows ``written``, values
         ``coerced`` to NULL (by column), rows ``rejected`` (by reason) and rows ``deleted``
@@ -271,7 +296,9 @@ class Store:
         return self._counts.snapshot()
 
     def _stamped(self, spec: Table, df: pd.DataFrame) -> pd.DataFrame:
-        """``df`` with the ingest time of now, in the tables that keep one."""
+        """``df`` with the ingest time of now, in the tables that keep one, and with its
+        VMs' ``vm_key`` (``store_sql.with_vm_keys``) in those that keep rows per VM."""
+        df = with_vm_keys(df) if "vm_key" in spec.names else df
         if INGEST_COLUMN not in spec.names:
             return df
         now = pd.Timestamp(int(self.clock() * 1e9), unit="ns", tz="UTC")
@@ -424,25 +451,27 @@ class Store:
         return self._select("flows", where, order, limit, columns)
 
     def query_inventory_history(
-        self, *, vm: str | None = None, host: str | None = None, since: object = None,
-        until: object = None, limit: int | None = 1000, order: str = "time",
+        self, *, vm: str | None = None, vm_key: str | None = None, host: str | None = None,
+        since: object = None, until: object = None, limit: int | None = 1000,
+        order: str = "time",
     ) -> pd.DataFrame:  # fmt: skip
-        where = events_where(vm=vm, since=since, until=until, host=host)
+        """``vm``: by UUID or a name it has had; ``vm_key``: exactly (so in the next two)."""
+        where = events_where(vm=vm, since=since, until=until, host=host, vm_key=vm_key)
         return self._select("inventory_history", where, order, limit)
 
     def query_migrations(
-        self, *, vm: str | None = None, since: object = None, until: object = None,
-        limit: int | None = 1000, order: str = "time",
+        self, *, vm: str | None = None, vm_key: str | None = None, since: object = None,
+        until: object = None, limit: int | None = 1000, order: str = "time",
     ) -> pd.DataFrame:  # fmt: skip
-        return self._select(
-            "migrations", events_where(vm=vm, since=since, until=until), order, limit
-        )
+        where = events_where(vm=vm, since=since, until=until, vm_key=vm_key)
+        return self._select("migrations", where, order, limit)
 
     def query_policy_hits(
-        self, *, vm: str | None = None, rule: str | None = None, limit: int | None = 1000,
-        order: str = "-last_hit",
+        self, *, vm: str | None = None, vm_key: str | None = None, rule: str | None = None,
+        limit: int | None = 1000, order: str = "-last_hit",
     ) -> pd.DataFrame:  # fmt: skip
-        return self._select("policy_hits", events_where(vm=vm, rule=rule), order, limit)
+        where = events_where(vm=vm, rule=rule, vm_key=vm_key)
+        return self._select("policy_hits", where, order, limit)
 
     def query_collector_counters(
         self, *, collector_id: int | None = None, since: object = None, until: object = None,

@@ -5,10 +5,18 @@ its ClickHouse type and a line of documentation.
 into the ``MergeTree`` table of a server deployment (``docs/store.md`` shows its output;
 a test keeps the two in step). Changing a table means bumping ``SCHEMA_VERSION`` and adding
 the statements that upgrade the previous version to ``MIGRATIONS``.
+
+**A VM's identity** in the tables that keep rows per VM (``inventory_history``,
+``migrations``, ``policy_hits``) is ``vm_key`` (``vm_key``): its UUID when it has one, else
+``name:`` and its name — a VM a collector found behind a Linux bridge port has no UUID, and
+is kept by name. ``vm_uuid`` is NULL for such a VM. When a VM gets a UUID, or a VM without
+one is renamed, the store gives its earlier rows the new key (``Store.rekey_vm``), so they
+follow it.
 """
 
 from __future__ import annotations
 
+import uuid as uuidlib
 from dataclasses import dataclass
 from typing import Final
 
@@ -18,20 +26,40 @@ __all__ = [
     "RETENTION_BASES",
     "SCHEMA_VERSION",
     "TABLES",
+    "VM_NAME_KEY",
     "Column",
     "Table",
     "clickhouse_ddl",
     "duckdb_ddl",
     "quote",
+    "vm_key",
 ]
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 """Version of the tables below; stored in ``meta`` as ``schema_version``."""
 INGEST_COLUMN: Final = "ingest_time"
 """When the store wrote the row: every table with a ``time_column`` has it, and retention
 ages rows by it unless told to age them by capture time (``Store.retention_basis``)."""
+VM_NAME_KEY: Final = "name:"
+"""The ``vm_key`` of a VM without a UUID is this followed by its name."""
 RETENTION_BASES: Final = ("ingest", "capture")
 """What retention ages rows by: when the store wrote them, or their own (capture) time."""
+
+
+def _rebuilt(table: str, columns: str, select: str) -> tuple[str, ...]:
+    """``table`` made again with ``columns`` (DDL), its rows copied by ``select`` (``{key}``:
+    the row's UUID as ``vm_key``; ``{ingest}``: its ``ingest_time``, or now)."""
+    exprs = select.format(
+        key='CAST("vm_uuid" AS VARCHAR)', ingest=f'coalesce("{INGEST_COLUMN}", now())'
+    )
+    return (
+        f'CREATE TABLE "{table}_v5" ({columns})',
+        f'INSERT INTO "{table}_v5" SELECT {exprs} FROM "{table}"',
+        f'DROP TABLE "{table}"',
+        f'ALTER TABLE "{table}_v5" RENAME TO "{table}"',
+    )
+
+
 _AGED: Final = ("flows", "inventory_history", "migrations", "policy_hits", "collector_counters")
 MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
     1: ('ALTER TABLE flows ADD COLUMN "delay_us" DOUBLE',),
@@ -49,6 +77,38 @@ MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
         )
     ),
     3: ('ALTER TABLE collector_counters ADD COLUMN "kernel" UBIGINT',),
+    # A VM without a UUID keeps its rows too: each table gets ``vm_key`` (a version 4 row's
+    # UUID), ``vm_uuid`` may be NULL, policy hits are keyed by (rule, vm_key). DuckDB moves
+    # no column and changes no primary key: each table is made again as version 5 makes it.
+    4: (
+        *_rebuilt(
+            "inventory_history",
+            '"time" TIMESTAMPTZ NOT NULL, "host" VARCHAR NOT NULL, "vm_key" VARCHAR NOT NULL, '
+            '"vm_uuid" UUID, "vm_name" VARCHAR, "vif" INTEGER, "mac" VARCHAR, "profile" VARCHAR, '
+            "\"event\" VARCHAR NOT NULL CHECK (\"event\" IN ('added', 'removed', 'changed')), "
+            '"ingest_time" TIMESTAMPTZ NOT NULL',
+            '"time", "host", {key}, "vm_uuid", "vm_name", "vif", "mac", "profile", "event", '
+            "{ingest}",
+        ),
+        *_rebuilt(
+            "migrations",
+            '"time" TIMESTAMPTZ NOT NULL, "vm_key" VARCHAR NOT NULL, "vm_uuid" UUID, '
+            '"vm_name" VARCHAR, "from_host" VARCHAR, "to_host" VARCHAR NOT NULL, '
+            "\"source\" VARCHAR NOT NULL CHECK (\"source\" IN ('inventory', 'dataplane')), "
+            '"ingest_time" TIMESTAMPTZ NOT NULL',
+            '"time", {key}, "vm_uuid", "vm_name", "from_host", "to_host", "source", {ingest}',
+        ),
+        *_rebuilt(
+            "policy_hits",
+            '"rule" VARCHAR NOT NULL, "vm_key" VARCHAR NOT NULL, "vm_uuid" UUID, '
+            '"vm_name" VARCHAR, "verdict" VARCHAR, "flows" UBIGINT NOT NULL, '
+            '"packets" UBIGINT NOT NULL, "bytes" UBIGINT NOT NULL, '
+            '"last_hit" TIMESTAMPTZ NOT NULL, "ingest_time" TIMESTAMPTZ NOT NULL, '
+            'PRIMARY KEY ("rule", "vm_key")',
+            '"rule", {key}, "vm_uuid", "vm_name", "verdict", "flows", "packets", "bytes", '
+            '"last_hit", {ingest}',
+        ),
+    ),
 }
 """Statements that upgrade version ``k`` to ``k + 1``."""
 
@@ -112,6 +172,18 @@ def _c(
 
 _NAME = "LowCardinality(String)"
 _TS = "DateTime64(6, 'UTC')"
+
+
+def _vm_key(what: str = "the VM: ") -> Column:
+    return _c(
+        "vm_key", "VARCHAR", _NAME,
+        f"{what}its UUID, or name:NAME for a VM without one (follows a new UUID or name)",
+        null=False,
+    )  # fmt: skip
+
+
+def _vm_uuid() -> Column:
+    return _c("vm_uuid", "UUID", "UUID", "the VM's UUID (NULL: none, e.g. behind a Linux bridge)")
 
 
 def _ingest() -> Column:
@@ -197,7 +269,8 @@ INVENTORY_HISTORY = Table(
     (
         _c("time", "TIMESTAMPTZ", _TS, "when the change was seen", null=False),
         _c("host", "VARCHAR", _NAME, "host name", null=False),
-        _c("vm_uuid", "UUID", "UUID", "VM identity", null=False),
+        _vm_key(),
+        _vm_uuid(),
         _c("vm_name", "VARCHAR", _NAME, "VM name at that time"),
         _c("vif", "INTEGER", "UInt32", "vif of the vNIC on the host"),
         _c("mac", "VARCHAR", "String", "MAC of the vNIC"),
@@ -212,7 +285,7 @@ INVENTORY_HISTORY = Table(
         ),
         _ingest(),
     ),
-    order_by=("vm_uuid", "time"),
+    order_by=("vm_key", "time"),
     time_column="time",
 )
 
@@ -221,8 +294,9 @@ MIGRATIONS_TABLE = Table(
     "A VM seen behind another host: from the inventory, or learned from the data plane.",
     (
         _c("time", "TIMESTAMPTZ", _TS, "when the move was detected", null=False),
-        _c("vm_uuid", "UUID", "UUID", "VM identity", null=False),
-        _c("vm_name", "VARCHAR", _NAME, "VM name"),
+        _vm_key(),
+        _vm_uuid(),
+        _c("vm_name", "VARCHAR", _NAME, "VM name at that time"),
         _c("from_host", "VARCHAR", _NAME, "host it left (NULL: first seen)"),
         _c("to_host", "VARCHAR", _NAME, "host it arrived at", null=False),
         _c(
@@ -235,7 +309,7 @@ MIGRATIONS_TABLE = Table(
         ),
         _ingest(),
     ),
-    order_by=("vm_uuid", "time"),
+    order_by=("vm_key", "time"),
     time_column="time",
 )
 
@@ -244,7 +318,8 @@ POLICY_HITS = Table(
     "Per rule and VM: flows, packets and bytes the rule decided, added up.",
     (
         _c("rule", "VARCHAR", _NAME, "profile/rule name", null=False),
-        _c("vm_uuid", "UUID", "UUID", "VM the rule applied to", null=False),
+        _vm_key("the VM the rule applied to: "),
+        _vm_uuid(),
         _c("vm_name", "VARCHAR", _NAME, "VM name at the last hit"),
         _c("verdict", "VARCHAR", _NAME, "verdict of the rule"),
         _c("flows", "UBIGINT", "UInt64", "flows decided", null=False),
@@ -259,9 +334,9 @@ POLICY_HITS = Table(
         ),
         _ingest(),
     ),
-    order_by=("rule", "vm_uuid"),
+    order_by=("rule", "vm_key"),
     time_column="last_hit",
-    primary_key=("rule", "vm_uuid"),
+    primary_key=("rule", "vm_key"),
     engine="SummingMergeTree((flows, packets, bytes))",
 )
 
@@ -354,6 +429,17 @@ TABLES: Final[dict[str, Table]] = {
         RING_SEGMENT_KEYS,
     )
 }
+
+
+def vm_key(uuid: str | None, name: str | None) -> str | None:
+    """A VM's ``vm_key``: its UUID in canonical form when ``uuid`` is one, else ``name:`` and
+    its name; None when it has neither (the store leaves such a row out: ``null_vm_key``)."""
+    if uuid:
+        try:
+            return str(uuidlib.UUID(uuid))
+        except ValueError:
+            pass  # not a UUID: the store keeps NULL for it (counted), the VM by its name
+    return VM_NAME_KEY + name if name else None
 
 
 def quote(name: str) -> str:

@@ -18,10 +18,11 @@ import pandas as pd
 
 from vspan.errors import VspanError
 
-from .store_schema import TABLES, Table, quote
+from .store_schema import INGEST_COLUMN, TABLES, VM_NAME_KEY, Table, quote, vm_key
 
 __all__ = [
     "PROTOCOLS",
+    "VM_TABLES",
     "StoreError",
     "Where",
     "events_where",
@@ -32,10 +33,17 @@ __all__ = [
     "select_sql",
     "time_param",
     "upsert_sql",
+    "vm_keys",
+    "vm_rekey_sql",
+    "with_vm_keys",
 ]
 
 PROTOCOLS: Final = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132}
 """Protocol names accepted where a number is expected."""
+VM_TABLES: Final = tuple(t.name for t in TABLES.values() if "vm_key" in t.names)
+"""The tables that keep rows per VM, by ``vm_key`` (``store_schema``)."""
+_SUMMED: Final = ("flows", "packets", "bytes")
+"""The running totals of ``policy_hits``."""
 
 
 class StoreError(VspanError):
@@ -114,6 +122,21 @@ class Where:
             self.any_of(uuid_cols, str(uuid.UUID(vm)), "UUID")
         except ValueError:
             self.any_of(name_cols, vm)
+
+    def vm_key(self, vm: str) -> None:
+        """The rows (of a table of ``VM_TABLES``) of a VM by UUID, or of every VM that has
+        had the name ``vm``: their ``vm_key`` is one a row of those tables has with that
+        ``vm_name`` (a VM renamed, or given a UUID, keeps one key for all its rows)."""
+        key = vm_key(vm, None)
+        if key is not None:
+            self.add('"vm_key" = ?', key)
+            return
+        named = " UNION ".join(
+            f'SELECT "vm_key" FROM {quote(t)} WHERE "vm_name" = ?' for t in VM_TABLES
+        )
+        self.add(
+            f'("vm_key" = ? OR "vm_key" IN ({named}))', VM_NAME_KEY + vm, *[vm] * len(VM_TABLES)
+        )
 
     def sql(self) -> str:
         """`` WHERE …`` (empty when there is no condition)."""
@@ -262,10 +285,11 @@ def select_sql(
 def events_where(
     *, vm: str | None = None, since: object = None, until: object = None, **equal: object
 ) -> Where:
-    """Conditions on an event table: its VM, its ``time`` range, columns equal to values."""
+    """Conditions on a table of ``VM_TABLES`` (or of collector counters): its VM (by UUID or
+    by a name it has had: ``Where.vm_key``), its ``time`` range, columns equal to values."""
     where = Where()
     if vm is not None:
-        where.vm(vm, uuid_cols=("vm_uuid",), name_cols=("vm_name",))
+        where.vm_key(vm)
     if since is not None:
         where.add('"time" >= ?', time_param(since))
     if until is not None:
@@ -273,3 +297,67 @@ def events_where(
     for column, value in equal.items():
         where.add(f"{quote(column)} = ?", value, skip=value is None)
     return where
+
+
+def vm_keys(uuids: pd.Series, names: pd.Series) -> pd.Series:
+    """The ``vm_key`` of each row's VM (``store_schema.vm_key``): its UUID, else ``name:`` and
+    its name; None where it has neither. Each distinct UUID is read once."""
+    given = uuids.astype(object).where(uuids.notna(), None)
+    distinct = pd.unique(given.dropna())
+    canonical = given.map(
+        dict(zip(distinct, [vm_key(str(u), None) for u in distinct], strict=True))
+    )
+    text = names.astype(object).where(names.notna() & (names.astype(object) != ""), None)
+    by_name = VM_NAME_KEY + text.dropna().astype(str)
+    keys = canonical.where(canonical.notna(), by_name.reindex(given.index))
+    return keys.astype(object).where(keys.notna(), None)
+
+
+def with_vm_keys(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with ``vm_key`` made from ``vm_uuid`` and ``vm_name`` when it has none (a row
+    with neither is left out by the append, counted under ``null_vm_key``)."""
+    if "vm_key" in df.columns or df.empty:
+        return df
+    none = pd.Series(None, index=df.index, dtype=object)
+    return df.assign(vm_key=vm_keys(df.get("vm_uuid", none), df.get("vm_name", none)))
+
+
+def vm_rekey_sql(old: str, new: str, uuid: str | None) -> list[tuple[str, str, list[object]]]:
+    """(table, statement, parameters) that give the rows of every table of ``VM_TABLES``
+    under ``vm_key`` ``old`` the key ``new``, and the UUID ``uuid`` (None: none) where they
+    have none. A table whose primary key holds ``vm_key`` (``policy_hits``) merges each such
+    row into the one the new key may have: its counts added up, its time column the
+    greatest, ``vm_uuid`` the one that is not NULL, the other columns those of the newer
+    row."""
+    out: list[tuple[str, str, list[object]]] = []
+    if old == new:
+        return out
+    for spec in (TABLES[t] for t in VM_TABLES):
+        table, cast = quote(spec.name), "CAST(? AS UUID)"
+        if "vm_key" not in spec.primary_key:
+            sql = f'UPDATE {table} SET "vm_key" = ?, "vm_uuid" = coalesce("vm_uuid", {cast}) '
+            out.append((spec.name, sql + 'WHERE "vm_key" = ?', [new, uuid, old]))
+            continue
+        latest = quote(spec.time_column or INGEST_COLUMN)
+        exprs = {"vm_key": "?", "vm_uuid": f'coalesce("vm_uuid", {cast})'}
+        select = ", ".join(exprs.get(c, quote(c)) for c in spec.names)
+        keys = ", ".join(quote(k) for k in spec.primary_key)
+
+        def update(c: str, latest: str = latest) -> str:
+            q = quote(c)
+            if c in _SUMMED:
+                return f"{q} = {q} + EXCLUDED.{q}"
+            if q == latest or c == INGEST_COLUMN:
+                return f"{q} = greatest({q}, EXCLUDED.{q})"
+            if c == "vm_uuid":
+                return f"{q} = coalesce({q}, EXCLUDED.{q})"
+            return f"{q} = CASE WHEN EXCLUDED.{latest} > {latest} THEN EXCLUDED.{q} ELSE {q} END"
+
+        updates = ", ".join(update(c) for c in spec.names if c not in spec.primary_key)
+        merge = (
+            f'INSERT INTO {table} SELECT {select} FROM {table} WHERE "vm_key" = ? '
+            f"ON CONFLICT ({keys}) DO UPDATE SET {updates}"
+        )
+        out.append((spec.name, merge, [new, uuid, old]))
+        out.append((spec.name, f'DELETE FROM {table} WHERE "vm_key" = ?', [old]))
+    return out

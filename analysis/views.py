@@ -24,7 +24,7 @@ from vspan.inventory import InventoryView, Vm, format_mac
 
 from .queries import json_rows, parse_time
 from .store import Store
-from .store_schema import quote
+from .store_schema import quote, vm_key
 from .store_sql import FLOWS_SQL, flows_where
 
 __all__ = [
@@ -172,6 +172,7 @@ def vm_detail(store: Store, inventory: InventoryView, name_or_uuid: str, *,
     if vm is None:
         raise UnknownVmError(f"no VM named or with UUID {name_or_uuid!r} in the inventory")
     key = vm.uuid or vm.name  # a VM without a UUID (Linux bridge) is known by its name
+    stored = vm_key(vm.uuid, vm.name)  # this VM's rows, whatever it was called before
     rows = _split(_totals(store, since, until, vm=key), "bytes")
     is_src = rows["src_vm"] == vm.name
     sent = rows["bytes"].where(is_src, rows["bytes_rev"]).astype("int64")
@@ -196,8 +197,8 @@ def vm_detail(store: Store, inventory: InventoryView, name_or_uuid: str, *,
         "host_history": [{"time": t, "host": h} for t, h in host_history(key)],
         "traffic": summary,
         "flows": json_rows(flows),
-        "policy_hits": json_rows(store.query_policy_hits(vm=key, limit=None)),
-        "migrations": json_rows(store.query_migrations(vm=key, limit=None)),
+        "policy_hits": json_rows(store.query_policy_hits(vm_key=stored, limit=None)),
+        "migrations": json_rows(store.query_migrations(vm_key=stored, limit=None)),
     }
 
 

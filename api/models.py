@@ -115,8 +115,8 @@ class PolicyHitRow(_Row):
     profile: str
     rule: str = Field(description="profile#n, or profile#default")
     verdict: str | None
-    vm_name: str | None
-    vm_uuid: str
+    vm_name: str | None = Field(description="the VM's name at the last hit")
+    vm_uuid: str | None = Field(description="null: the VM has none (found behind a Linux bridge)")
     flows: int
     packets: int = Field(description="packets of those flows, both directions")
     bytes: int
@@ -133,8 +133,8 @@ class MigrationRow(_Row):
     """A VM seen behind another host."""
 
     time: Time
-    vm_name: str | None
-    vm_uuid: str
+    vm_name: str | None = Field(description="the VM's name at the move")
+    vm_uuid: str | None = Field(description="null: the VM has none (found behind a Linux bridge)")
     from_host: str | None = Field(description="null: first seen")
     to_host: str
     source: str = Field(description="inventory or dataplane")

@@ -55,7 +55,7 @@ class VmRow(BaseModel):
     """A VM of the inventory and its traffic."""
 
     name: str
-    uuid: str
+    uuid: str | None = Field(description="null: the VM has none (found behind a Linux bridge)")
     host: str
     profile: str | None
     vifs: list[VifRow]
@@ -94,7 +94,7 @@ class VmDetailOut(BaseModel):
     """One VM: vifs, host history, profile, traffic, latest flows, policy hits, migrations."""
 
     name: str
-    uuid: str
+    uuid: str | None = Field(description="null: the VM has none (found behind a Linux bridge)")
     host: str
     profile: str | None
     vifs: list[VifRow]

@@ -70,7 +70,8 @@ _QUERIES: Final = {
     "collectors": _Query("/api/v1/collectors", "collectors", ()),
 }  # fmt: skip
 _FLAGS: Final[dict[str, dict[str, Any]]] = {
-    "vm": {"metavar": "NAME", "help": "VM name or UUID (either side of a flow)"},
+    "vm": {"metavar": "NAME", "help": "VM name or UUID (either side of a flow); a name the "
+           "VM had before finds what was stored under it"},
     "host": {"metavar": "NAME", "help": "observing host, or either side's host"},
     "scope": {"choices": ("intra-host", "cross-host", "external")},
     "proto": {"metavar": "P", "help": "protocol number or tcp, udp, icmp, icmpv6, sctp"},

@@ -25,16 +25,16 @@ def _flows(rows: list[tuple[str, str, str, str, int, str | None]]) -> pd.DataFra
 
 
 def _bindings(rows: list[tuple[int, str, str, str | None, str]]) -> pd.DataFrame:
-    """(second, host, vm_uuid, profile, event) per inventory change."""
+    """(second, host, vm_key, profile, event) per inventory change."""
     return pd.DataFrame({
         "time": [pd.Timestamp(r[0], unit="s", tz="UTC") for r in rows],
-        "host": [r[1] for r in rows], "vm_uuid": [r[2] for r in rows],
+        "host": [r[1] for r in rows], "vm_key": [r[2] for r in rows],
         "profile": [r[3] for r in rows], "event": [r[4] for r in rows],
     })  # fmt: skip
 
 
-def _move(vm: str = "db-01", uuid: str = DB) -> pd.DataFrame:
-    return pd.DataFrame({"time": [MOVE], "vm_name": [vm], "vm_uuid": [uuid],
+def _move(vm: str = "db-01", key: str = DB) -> pd.DataFrame:
+    return pd.DataFrame({"time": [MOVE], "vm_name": [vm], "vm_key": [key],
                          "from_host": ["hv01"], "to_host": ["hv02"]})  # fmt: skip
 
 
@@ -109,3 +109,18 @@ def test_no_evidence_yet_is_neither_yes_nor_no() -> None:
     bindings = _bindings([(T, "hv01", bare, None, "added"), (T + 100, "hv02", bare, "db", "added")])
     row = policy_followed(_move("cache-01", bare), flows, bindings).iloc[0]
     assert (row["profile"], row["policy_followed"]) == (None, None)
+
+
+def test_a_vm_without_a_uuid_is_judged_by_its_own_bindings() -> None:
+    # Regression (issue 17, point 1): the bindings were matched by vm_uuid, which a VM found
+    # behind a Linux bridge has not: its migrations had no profile, and two such VMs would
+    # have shared one. Each is its vm_key.
+    db, cache = "name:db-01", "name:cache-01"
+    flows = _flows([("db-01", "hv02", "app-01", "hv03", T + 200, "db#1")])
+    bindings = _bindings([
+        (T, "hv01", db, "db", "added"), (T, "hv01", cache, "cache", "added"),
+        (T + 100, "hv02", db, "db", "added"), (T + 100, "hv02", cache, "web", "added"),
+    ])  # fmt: skip
+    moves = pd.concat([_move("db-01", db), _move("cache-01", cache)], ignore_index=True)
+    rows = policy_followed(moves, flows, bindings)
+    assert rows[["profile", "policy_followed"]].values.tolist() == [["db", True], ["cache", False]]

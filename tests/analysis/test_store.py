@@ -20,6 +20,7 @@ from vspan.analysis.report import analyze_captures
 from vspan.analysis.store import Store, StoreError
 from vspan.analysis.store_schema import SCHEMA_VERSION, TABLES, clickhouse_ddl
 from vspan.synth import SynthCapture, generate_small, write_capture
+from vspan_testing.old_stores import as_written_by
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "store.md"
 DAY = 86_400 * 10**9
@@ -58,8 +59,15 @@ def test_docs_show_every_table_and_its_clickhouse_ddl() -> None:
     text = DOCS.read_text(encoding="utf-8")
     for table in TABLES.values():
         assert clickhouse_ddl(table) in text, table.name
-        for col in table.columns:
-            assert f"`{col.name}`" in text
+        section = text[text.index(f"### `{table.name}`") :].split("\n### ", 1)[0]
+        for col in table.columns:  # its row: name, types and whether it may be NULL
+            duck = re.escape(col.duckdb) + (" ∈ \\{[^|]*\\}" if col.check else "")
+            click = re.escape("Enum8" if col.check else col.clickhouse)
+            row = rf"^\| `{col.name}` \| {duck} \| {click} \| {'yes' if col.null else 'no'} \|"
+            assert re.search(row, section, re.MULTILINE), (table.name, col.name)
+        if table.primary_key:
+            keys = ", ".join(f"`{k}`" for k in table.primary_key)
+            assert f"Primary key (DuckDB): {keys}." in section, table.name
 
 
 def test_query_by_vm_matches_the_ground_truth(
@@ -368,32 +376,17 @@ def test_a_store_reopened_for_writing_accepts_appends(tmp_path: Path) -> None:
         assert len(store.query_migrations()) == 2
 
 
-def _as_written_by(path: Path, version: int) -> None:
-    """Turn the store at ``path`` into what vspan wrote at schema ``version``: version 3 had
-    no ``collector_counters.kernel``, version 2 no ``ingest_time`` either, version 1 no
-    ``flows.delay_us`` either."""
-    con = duckdb.connect(str(path / "vspan.duckdb"))
-    con.execute('ALTER TABLE collector_counters DROP COLUMN "kernel"')
-    for table in TABLES.values():
-        if "ingest_time" in table.names and version <= 2:
-            con.execute(f'ALTER TABLE "{table.name}" DROP COLUMN "ingest_time"')
-    if version == 1:
-        con.execute('ALTER TABLE flows DROP COLUMN "delay_us"')
-    con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(version)])
-    con.close()
-
-
 def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
     with Store(tmp_path):
         pass
-    _as_written_by(tmp_path, 1)
+    as_written_by(tmp_path, 1)
     with Store(tmp_path) as store:
         columns = store.query("SELECT * FROM flows LIMIT 0").columns
         version = store.query("SELECT value FROM meta WHERE key = 'schema_version'")
         counters = store.query("SELECT * FROM collector_counters LIMIT 0").columns
     assert {"delay_us", "ingest_time"} <= set(columns)
     assert "kernel" in counters
-    assert str(version.iloc[0, 0]) == str(SCHEMA_VERSION) == "4"
+    assert str(version.iloc[0, 0]) == str(SCHEMA_VERSION) == "5"
 
 
 def test_rows_of_a_version_2_store_count_as_ingested_at_the_upgrade(
@@ -404,7 +397,7 @@ def test_rows_of_a_version_2_store_count_as_ingested_at_the_upgrade(
     flows = dc[1]
     with Store(tmp_path) as store:
         store.append_flows(flows.assign(last_ns=flows.last_ns - 400 * DAY))
-    _as_written_by(tmp_path, 2)
+    as_written_by(tmp_path, 2)
     upgraded_at = pd.Timestamp.now(tz="UTC")
     with Store(tmp_path, retention_days=30) as store:
         stamps = store.query("SELECT DISTINCT ingest_time FROM flows")["ingest_time"]
