@@ -36,14 +36,14 @@ setup_python() {
     fi
     say "installing vspan and its dependencies"
     "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    # A regular (non-editable) install: what users get, and what the tests exercise.
+    # A regular (non-editable) install: what users get, and what the tests exercise. (A
+    # build/ left by an earlier install would carry deleted modules into the new one.)
+    rm -rf "$HERE/build"
     "$VENV/bin/python" -m pip install -q "$HERE[dev]" 2>&1 | grep -v -E '^(WARNING: Location|$)' || true
     "$VENV/bin/python" -c "import vspan.analysis.report"
-    # The kernels, compiled ahead of time for this machine (once per source version; about
-    # half a minute): vspan then starts without loading numba. Without a C compiler vspan
-    # still runs, numba compiling the kernels instead.
-    command -v cc >/dev/null 2>&1 || apt_install gcc gcc
-    "$VENV/bin/python" -m vspan.aot || true
+    # vspan's kernels, compiled for this machine into its kernel cache (once per version
+    # of the sources; about a minute): the demo and the tests then start warm.
+    "$VENV/bin/vspan" kernels --compile
 }
 
 cmd=${1:-}

@@ -153,8 +153,13 @@ class Engine:
         accounting: Accounting | None = None,
         clock: Clock = time.time,
         registered: RegisteredGetter | None = None,
+        warm: Callable[[], None] = warm_up,
     ) -> None:
         self.config = config or EngineConfig()
+        self._warm = warm
+        self.ready = threading.Event()
+        """Set once the engine thread has its kernels loaded (compiled, on a machine's
+        first run) and consumes ``source``."""
         self.accounting = accounting or Accounting(self.config.accounting)
         self._source = source
         self._inventory = inventory
@@ -353,14 +358,12 @@ class Engine:
     # --- the component ------------------------------------------------------------------
 
     def start(self) -> None:
-        """Load the compiled kernels, then start consuming ``source`` in a thread.
-
-        Loading takes a few tenths of a second; done here, before the receivers start, it
-        does not stall the first chunks while datagrams pile up.
-        """
+        """Start the engine thread: it runs ``warm`` (loads the compiled kernels — a few
+        tenths of a second, or compiles them on a machine's first run), sets ``ready``, then
+        consumes ``source``. Until then what arrives waits in ``source`` and, when that is
+        full, in the receivers' socket buffers (counted as ``kernel`` drops beyond)."""
         if self._source is None:
             raise RuntimeError("Engine.start() needs a source queue")
-        warm_up()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="vspan-engine", daemon=True)
         self._thread.start()
@@ -376,6 +379,12 @@ class Engine:
 
     def _run(self) -> None:
         assert self._source is not None
+        try:
+            self._warm()
+        except Exception:  # the kernels still compile on their first call
+            self.errors += 1
+            log.exception("engine: warming up the kernels failed")
+        self.ready.set()
         tick_s = self.config.tick_s
         while not self._stop.is_set():
             try:

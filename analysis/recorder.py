@@ -140,9 +140,7 @@ class FlowRecorder:
         dec = decode_batch(warm_batch())
         table = FlowTable()
         table.update_rows(dec, EndpointResolver().resolve(dec))
-        first = self._next_id
         self.records(table.flush_rows(), inventory, numbered=False)
-        self._next_id = first
 
     # --- the writer's thread ------------------------------------------------------------
 

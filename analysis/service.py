@@ -36,11 +36,12 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from vspan.analysis import warmup
 from vspan.analysis.accounting import AccountingConfig
 from vspan.analysis.columns import Decoded
 from vspan.analysis.config import AnalyzerConfig, load_keys, parse_address
 from vspan.analysis.endpoints import LearningConfig
-from vspan.analysis.engine import Engine, EngineConfig
+from vspan.analysis.engine import Engine, EngineConfig, warm_up
 from vspan.analysis.flows import Finished, FlowConfig
 from vspan.analysis.inventory_snapshot import InventoryEvent, InventorySnapshot, Migration
 from vspan.analysis.inventory_state import InventoryState
@@ -214,11 +215,11 @@ class Analyzer:
             on_batch=self._on_batch,
             clock=self.clock,
             registered=registered,
+            warm=self._warm_kernels,
         )
         if keys:
             self._guard("restore_boots", lambda: self._restore_boots(set(keys), now))
         self.engine.start()
-        self.recorder.warm_up(self.state.snapshot())
         rcfg = ReceiverConfig(
             rcvbuf=cfg.udp_rcvbuf,
             max_message=cfg.tcp_max_message,
@@ -245,6 +246,18 @@ class Analyzer:
             target=self._maintain, name="vspan-maintenance", daemon=True
         )
         self._maintenance.start()
+
+    def _warm_kernels(self) -> None:
+        """The engine thread's first job: compile the kernels if this machine never did
+        (logged; about half a minute), load them, and build one flow's records (pandas,
+        the port-profiles) — all before it takes the first chunk."""
+        warmup.warm(log.warning)
+        warm_up()
+        self.recorder.warm_up(self.state.snapshot())
+
+    def ready(self) -> bool:
+        """Whether the analyzer processes what it receives (its engine is warm)."""
+        return self.engine is not None and self.engine.ready.is_set()
 
     def stop(self) -> None:
         """Stop receiving, finish every flow, write everything out, close the store."""

@@ -208,6 +208,10 @@ class HealthOut(BaseModel):
     """``GET /healthz``."""
 
     status: Literal["ok"] = "ok"
+    ready: bool = True
+    """Whether the analyzer processes what it receives. False for the first tenths of a
+    second after a start, or about half a minute on a machine's first run, while its
+    compiled kernels load or compile; what arrives meanwhile waits in its buffers."""
 
 
 R = TypeVar("R", bound="_Row")

@@ -47,6 +47,7 @@ def create_app(
         sessions_total=sessions.count,
     )
     app.state.analyzer = analyzer
+    app.state.ready = analyzer.ready
     app.state.store = analyzer.store
     install_read_api(app, store=analyzer.store, heartbeats=analyzer.state.latest_heartbeats)
     install_views(app, analyzer, sessions=sessions)

@@ -1,66 +1,67 @@
-"""Compiled kernels: numba functions, run ahead-of-time compiled when they can be.
+"""Compiled kernels: numba functions, compiled once per machine into a cache of vspan's own.
 
-``@kernel`` marks a function written in numba's subset of Python. There are two ways to run
-one, chosen when this module is imported:
+``@kernel`` is ``numba.njit(nogil=True)`` with numba's on-disk cache, placed by
+``_Locator`` under ``cache_root() / DIGEST``:
 
-* **AOT.** ``python -m vspan.aot`` (``./run.sh`` runs it) compiles every kernel, for each
-  argument types a workload calls it with, into one extension module in the kernel cache
-  (``aot_dir``: ``<cache>/<digest>/aot-<python>-numpy<major>``). When that module exists
-  for the current source digest and interpreter, a kernel is a ``Kernel`` that calls its
-  compiled entry for the types of its arguments, and
-  numba is not imported at all: a process starts about 0.25 s sooner (numba's import and its
-  first-dispatch set-up), which is most of ``vspan report``'s start-up.
-* **JIT.** Otherwise (no module for this digest, ``VSPAN_KERNELS=jit``, or a call with
-  argument types the module has no entry for), numba compiles each kernel on its first call
-  and caches the machine code on disk. A call that finds no entry switches the whole process
-  to JIT (``_switch_to_jit``) and is then served by numba: never a wrong or failed call.
+* ``cache_root()`` is ``$VSPAN_KERNEL_CACHE``, else ``$NUMBA_CACHE_DIR/vspan``, else
+  ``$XDG_CACHE_HOME/vspan/kernels`` (``~/.cache/vspan/kernels``), else a per-user
+  temporary directory — the first that is writable. Nothing else of numba's changes: other
+  code in the process keeps numba's defaults.
+* ``DIGEST`` is a digest of every module of the package with kernels. numba checks a
+  cached function against its own source file only, but a kernel has the kernels it calls
+  from other modules compiled in; keyed by the digest, an edit of any of them (or an
+  upgrade of vspan) starts a fresh cache.
 
-Both are keyed by ``source_digest``: numba checks a cached kernel against its own source
-file only, but a kernel has the functions it calls from other modules compiled in (the
-decoder's stages, the byte readers); after an edit of one of those alone numba would run the
-old machine code. Keyed by the digest of all modules with kernels, an edit of any of them
-starts a fresh cache (and the caches of other digests are removed).
+The first run on a machine compiles (about half a minute for everything). ``warm(role,
+workload)`` does it up front, with a line on stderr saying so, by running a workload that
+calls every kernel of that role with the argument types vspan uses (``analysis.warmup``,
+``collectors.warmup``), then leaves a marker (``warmed-<role>-<python>-<cpu>``) so that
+later runs skip it; a run with the marker only loads what it calls from the cache. A call
+with argument types the workload missed still works — numba compiles it then, once — and
+the tests fail on it (``tests/vspan/test_kernels.py`` runs the workloads of the product and
+checks that every kernel call was served from the cache).
+
+vspan removes only what it made: when a new digest's directory is created, the
+directories of older digests under the same root that hold vspan's marker file
+(``VSPAN_KERNELS``) are removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
-import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Hashable, Iterable
-from enum import IntEnum
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final, TypeVar, cast
 
-import numpy as np
+import numba
+from numba.core.caching import CompileResultCacheImpl, FunctionCache, _CacheLocator
 
 __all__ = [
-    "AOT_MODULE",
-    "CACHE",
     "DIGEST",
-    "Kernel",
-    "aot_dir",
-    "aot_files",
-    "arg_key",
+    "cache_dir",
+    "cache_root",
     "kernel",
-    "kernel_mode",
+    "kernels",
     "literal_unroll",
+    "source_digest",
+    "warm",
+    "warmed",
 ]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-_log = logging.getLogger(__name__)
+log = logging.getLogger("vspan.kernels")
 PACKAGE: Final = Path(__file__).resolve().parent
-AOT_MODULE: Final = "vspan_kernels"
-"""Name of the extension module ``vspan.aot`` builds (``<AOT_MODULE>.json``: its entries)."""
-MODE_ENV: Final = "VSPAN_KERNELS"
-"""``jit``: never load the AOT module (``vspan.aot`` builds with it)."""
+MARKER: Final = "VSPAN_KERNELS"
+"""The file that says a directory under the cache root is one of vspan's digests."""
+literal_unroll: Final = numba.literal_unroll
 
 
 def source_digest(package: Path = PACKAGE) -> str:
@@ -78,18 +79,23 @@ def source_digest(package: Path = PACKAGE) -> str:
     return digest.hexdigest()
 
 
-def _cache_bases() -> list[Path]:
-    """Where the kernel cache may live, in order: ``NUMBA_CACHE_DIR``, the user's cache
-    directory (``XDG_CACHE_HOME`` or ``~/.cache``), a per-user temporary directory."""
-    out = [Path(env)] if (env := os.environ.get("NUMBA_CACHE_DIR")) else []
+DIGEST: Final = source_digest()
+"""The digest of this package's sources, at import."""
+
+
+def _bases() -> list[Path]:
+    """Where the cache root may be, in order (see the module docstring)."""
+    out = [Path(env)] if (env := os.environ.get("VSPAN_KERNEL_CACHE")) else []
+    if env := os.environ.get("NUMBA_CACHE_DIR"):
+        out.append(Path(env) / "vspan")
     xdg = os.environ.get("XDG_CACHE_HOME")
     with contextlib.suppress(RuntimeError):  # no home directory
-        out.append((Path(xdg) if xdg else Path.home() / ".cache") / "vspan" / "numba")
-    out.append(Path(tempfile.gettempdir()) / f"vspan-numba-{os.getuid()}")
+        out.append((Path(xdg) if xdg else Path.home() / ".cache") / "vspan" / "kernels")
+    out.append(Path(tempfile.gettempdir()) / f"vspan-kernels-{os.getuid()}")
     return out
 
 
-def _writable_dir(path: Path) -> bool:
+def _writable(path: Path) -> bool:
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -98,191 +104,134 @@ def _writable_dir(path: Path) -> bool:
         return False
 
 
-def cache_dir(digest: str) -> Path | None:
-    """The cache of this digest in the first writable place of ``_cache_bases`` (the caches
-    of other digests there are removed), or None when no place is writable."""
-    for base in _cache_bases():
-        here = base / digest
-        if not _writable_dir(here):
-            continue
-        for other in base.glob("*"):
-            if other != here and other.is_dir() and len(other.name) == len(here.name):
-                shutil.rmtree(other, ignore_errors=True)
-        return here
-    return None
+class _Place:
+    lock = threading.Lock()
+    here: Path | None = None
+    tried = False
 
 
-def arg_key(value: object) -> Hashable:
-    """What numba types ``value`` as, as plain data (``vspan.aot`` derives the same key from
-    numba's type); raises TypeError for a value no entry is built for."""
-    if isinstance(value, np.ndarray):
-        flags = value.flags
-        layout = "C" if flags.c_contiguous else "F" if flags.f_contiguous else "A"
-        return (value.dtype.str, value.ndim, layout, flags.writeable)  # numba: always aligned
-    kind = type(value)
-    if kind is bool:
-        return "bool"
-    if kind is int:
-        return "int64" if -(1 << 63) <= cast(int, value) < 1 << 63 else "uint64"
-    if kind is float:
-        return "float64"
-    if isinstance(value, np.number | np.bool_):
-        return value.dtype.name
-    if isinstance(value, IntEnum):
-        return ("enum", kind.__qualname__)
-    if isinstance(value, tuple):
-        name = "tuple" if kind is tuple else kind.__qualname__
-        return (name, *(arg_key(v) for v in value))
-    raise TypeError(f"no compiled entry takes a {kind.__qualname__}")
+def cache_dir() -> Path | None:
+    """This digest's cache directory (made on first use, older digests' removed), or None
+    when no place is writable."""
+    with _Place.lock:
+        if not _Place.tried:
+            _Place.tried = True
+            for base in _bases():
+                here = base / DIGEST
+                fresh = not here.is_dir()
+                if _writable(here):
+                    (here / MARKER).touch()
+                    if fresh:
+                        _remove_older(base, here)
+                    _Place.here = here
+                    break
+        return _Place.here
 
 
-def _keys_from_json(value: Any) -> Hashable:
-    return tuple(_keys_from_json(v) for v in value) if isinstance(value, list) else value
+def cache_root() -> Path | None:
+    """The directory holding the digests' caches (None: no writable place)."""
+    here = cache_dir()
+    return None if here is None else here.parent
 
 
-class Kernel:
-    """A kernel in AOT mode: calls the compiled entry for its arguments' types, or numba."""
-
-    def __init__(self, fn: Callable[..., Any], entries: dict[Hashable, Callable[..., Any]]):
-        self.py_func = fn
-        self.__name__, self.__qualname__, self.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
-        self._entries = entries
-        self.dispatcher: Callable[..., Any] | None = None
-
-    def __call__(self, *args: Any) -> Any:
-        if self.dispatcher is None:
-            try:
-                entry = self._entries[arg_key(args)]
-            except (KeyError, TypeError):
-                _log.info("no compiled entry of %s for %r: numba takes over", self.__name__, args)
-                _switch_to_jit()
-            else:
-                return entry(*args)
-        assert self.dispatcher is not None
-        return self.dispatcher(*args)
+def _remove_older(base: Path, here: Path) -> None:
+    for other in base.iterdir():
+        if other != here and other.is_dir() and (other / MARKER).is_file():
+            shutil.rmtree(other, ignore_errors=True)
+            log.info("removed the kernel cache of an older vspan: %s", other)
 
 
-def aot_dir(cache: Path) -> Path:
-    """Where the AOT module of a digest's ``cache`` is for this interpreter: an extension
-    module is built for one Python ABI and one numpy C API (major version)."""
-    numpy_major = np.__version__.split(".", 1)[0]
-    return cache / f"aot-{sys.implementation.cache_tag}-numpy{numpy_major}"
+class _Locator(_CacheLocator):
+    """numba's cache of one kernel: ``cache_dir() / <module>``, stamped with ``DIGEST``."""
+
+    def __init__(self, py_func: Callable[..., Any], path: Path) -> None:
+        self._lineno = py_func.__code__.co_firstlineno
+        self._path = path
+
+    def get_cache_path(self) -> str:
+        return str(self._path)
+
+    def get_source_stamp(self) -> str:
+        return DIGEST
+
+    def get_disambiguator(self) -> str:
+        return str(self._lineno)
+
+    @classmethod
+    def from_function(cls, py_func: Callable[..., Any], py_file: str) -> _Locator | None:
+        here = cache_dir()
+        if here is None:
+            return None
+        self = cls(py_func, here / py_func.__module__)
+        try:
+            cast(Any, self).ensure_cache_path()
+        except OSError:
+            return None
+        return self
 
 
-def aot_files(cache: Path) -> tuple[Path, Path] | None:
-    """The AOT module and its manifest in a digest's ``cache``, for this interpreter; None
-    unless both are there."""
-    here = aot_dir(cache)
-    built = sorted(here.glob(f"{AOT_MODULE}.*.so"))
-    manifest = here / f"{AOT_MODULE}.json"
-    return (built[0], manifest) if built and manifest.is_file() else None
+class _Impl(CompileResultCacheImpl):
+    _locator_classes = [_Locator]  # noqa: RUF012 - numba's class attribute
 
 
-def _load_aot(cache: Path | None) -> dict[str, dict[Hashable, Callable[..., Any]]] | None:
-    """The entries of the AOT module in a digest's ``cache``, by kernel; None if there is
-    none (or it cannot be loaded: a partial build)."""
-    if os.environ.get(MODE_ENV) == "jit" or cache is None or (files := aot_files(cache)) is None:
-        return None
-    built, manifest = files
-    try:
-        spec = importlib.util.spec_from_file_location(AOT_MODULE, built)
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        entries: dict[str, dict[Hashable, Callable[..., Any]]] = {}
-        for row in json.loads(manifest.read_text()):
-            by_key = entries.setdefault(row["kernel"], {})
-            by_key[_keys_from_json(row["key"])] = getattr(module, row["export"])
-    except (ImportError, OSError, ValueError, KeyError, AttributeError, AssertionError):
-        return None
-    return entries
+class _Cache(FunctionCache):
+    _impl_class = _Impl
 
 
-def _identity(container: Any) -> Any:
-    return container
-
-
-DIGEST: Final = source_digest()
-"""The digest of this package's sources, at import."""
-CACHE: Final = cache_dir(DIGEST)
-"""The kernel cache of ``DIGEST`` (None when no place is writable)."""
-
-
-class _State:
-    aot = _load_aot(CACHE)
-    """The entries while in AOT mode, else None."""
-
-
-_REGISTRY: list[Kernel] = []
-_SWITCH = threading.Lock()
-literal_unroll: Callable[[Any], Any] = _identity
-"""numba's ``literal_unroll`` (in AOT mode a stand-in until a switch to JIT)."""
-
-
-def _numba() -> Any:
-    """numba, imported, with its cache under this digest's directory."""
-    import numba
-
-    if CACHE is not None:
-        cast(Any, numba.config).CACHE_DIR = str(CACHE)
-    return numba
-
-
-_JITTED: list[tuple[str, Any]] = []
-
-
-def _jit(fn: Callable[..., Any]) -> Any:
-    dispatcher = _numba().njit(cache=True, nogil=True)(fn)
-    _JITTED.append((f"{fn.__module__}:{fn.__qualname__}", dispatcher))
-    return dispatcher
-
-
-def jitted() -> list[tuple[str, Any]]:
-    """(kernel name, numba dispatcher) of every kernel numba runs (for ``vspan.aot``)."""
-    return list(_JITTED)
-
-
-def _switch_to_jit() -> None:
-    """Give every kernel a numba dispatcher, and put the dispatchers where numba looks for
-    the functions a kernel calls: the globals of vspan's modules."""
-    with _SWITCH:
-        if _State.aot is None:
-            return
-        numba = _numba()
-        swaps: dict[int, Any] = {id(_identity): numba.literal_unroll}
-        for k in _REGISTRY:
-            k.dispatcher = _jit(k.py_func)
-            swaps[id(k)] = k.dispatcher
-        # ``literal_unroll`` too, in the modules that took it from here (and here).
-        _swap_globals(
-            swaps, (m for n, m in list(sys.modules.items()) if n.split(".")[0] == "vspan")
-        )
-        _State.aot = None
-
-
-def _swap_globals(swaps: dict[int, Any], modules: Iterable[Any]) -> None:
-    for module in modules:
-        names = vars(module)
-        for name, value in list(names.items()):
-            if id(value) in swaps:
-                names[name] = swaps[id(value)]
-
-
-if _State.aot is None:
-    literal_unroll = _numba().literal_unroll
+_KERNELS: list[Any] = []
 
 
 def kernel(fn: _F) -> _F:
-    """``numba.njit(cache=True, nogil=True)``, typed for mypy; in AOT mode a ``Kernel``."""
-    with _SWITCH:
-        if _State.aot is not None:
-            k = Kernel(fn, _State.aot.get(f"{fn.__module__}:{fn.__qualname__}", {}))
-            _REGISTRY.append(k)
-            return cast(_F, k)
-    return cast(_F, _jit(fn))
+    """``numba.njit(nogil=True)``, cached in vspan's kernel cache; typed for mypy."""
+    dispatcher = numba.njit(nogil=True)(fn)
+    try:
+        cast(Any, dispatcher)._cache = cast(Any, _Cache)(fn)
+    except RuntimeError as exc:  # no writable place: compiled on every run
+        log.warning("kernel %s is not cached: %s", fn.__qualname__, exc)
+    _KERNELS.append(dispatcher)
+    return cast(_F, dispatcher)
 
 
-def kernel_mode() -> str:
-    """``aot`` while compiled entries serve the kernels, else ``jit``."""
-    return "jit" if _State.aot is None else "aot"
+def kernels() -> list[Any]:
+    """Every kernel's numba dispatcher (of the modules imported so far)."""
+    return list(_KERNELS)
+
+
+def _marker(role: str) -> Path | None:
+    here = cache_dir()
+    if here is None:
+        return None
+    import llvmlite.binding as llvm
+
+    cpu = llvm.get_host_cpu_name()
+    return here / f"warmed-{role}-{sys.implementation.cache_tag}-numba{numba.__version__}-{cpu}"
+
+
+def warmed(role: str) -> bool:
+    """Whether ``role``'s kernels are compiled in the cache for this interpreter and CPU."""
+    marker = _marker(role)
+    return marker is not None and marker.is_file()
+
+
+def warm(
+    role: str,
+    workload: Callable[[], None],
+    say: Callable[[str], None] | None = None,
+    *,
+    about: str = "about half a minute",
+) -> float | None:
+    """Compile ``role``'s kernels into the cache unless done before (``warmed``): run
+    ``workload``, telling ``say`` (default: the log) before (how long it takes: ``about``)
+    and after. Returns the seconds it took, or None when nothing was to do."""
+    if warmed(role):
+        return None
+    tell = say or log.warning
+    tell(f"compiling {role} kernels, first run only ({about}) ...")
+    started = time.monotonic()
+    workload()
+    took = time.monotonic() - started
+    marker = _marker(role)
+    if marker is not None:
+        marker.write_text(f"{took:.1f}\n")
+    tell(f"{role} kernels compiled in {took:.0f} s (cached in {cache_dir()})")
+    return took

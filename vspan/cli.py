@@ -22,6 +22,7 @@ _OWN_MODULE: Final = {
     "collect": "cli_collect",
     "analyze": "cli_analyze",
     "predict": "cli_predict",
+    "kernels": "cli_kernels",
 }
 """Commands with a module of their own; the rest (flows, policy, ...) are ``cli_query``'s."""
 

@@ -187,7 +187,11 @@ def _build(args: argparse.Namespace) -> tuple[Any, float]:
 
 def run(args: argparse.Namespace) -> int:
     """Run until SIGINT/SIGTERM (or the end of a replay, or --duration); flush and exit."""
+    from vspan.cli_kernels import say
+    from vspan.collectors import warmup
+
     collector, stats_every = _build(args)
+    warmup.warm(say)  # the first run on this machine compiles the kernels, and says so
     stopping: list[int] = []
 
     def stop(signum: int, _frame: object) -> None:

@@ -151,6 +151,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.duration is not None and args.duration <= 0:
         raise ConfigError(f"--duration must be positive, got {args.duration}")
+    from vspan.analysis import warmup as analyzer_kernels
+    from vspan.cli_kernels import say
+    from vspan.collectors import warmup as collector_kernels
+
+    for kernels in (analyzer_kernels, collector_kernels):  # first run: compiled, and said
+        kernels.warm(say)
     profiles = args.profiles or (str(EXAMPLE_PROFILES) if EXAMPLE_PROFILES.is_file() else None)
     dc = SimulatedDatacenter(SimulatorConfig(
         hosts=args.hosts, vms_per_host=args.vms_per_host, seed=args.seed, rate=args.rate,

@@ -271,12 +271,15 @@ def _export_parser(sub: Any) -> None:
 
 def _run_export(args: argparse.Namespace) -> int:
     """Export and print one line of summary; 1 when a segment could only be read in part."""
+    from vspan.analysis import warmup
     from vspan.analysis.export import export
     from vspan.analysis.queries import parse_time
+    from vspan.cli_kernels import say
     from vspan.inventory import Inventory
 
     if not os.path.isdir(os.path.join(args.data_dir, "ring")):
         raise ConfigError(f"no packet ring in {args.data_dir} (expected {args.data_dir}/ring)")
+    warmup.warm(say)
     now = time.time()
     since, until = (
         None if t is None else parse_time(t, now, field=f"--{name}")

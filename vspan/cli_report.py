@@ -111,8 +111,10 @@ def _summary(report: Any, err: IO[str]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the report; exit status 0, or 1 when a capture could only be read in part."""
+    from vspan.analysis import warmup
     from vspan.analysis.flows import FlowConfig
     from vspan.analysis.report import analyze_captures, import_in_background
+    from vspan.cli_kernels import say
     from vspan.errors import ConfigError
     from vspan.inventory import Inventory
 
@@ -124,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         if not os.path.isfile(path):
             raise ConfigError(f"no such capture file: {path}")
     inventory = Inventory.load(args.inventory) if args.inventory else None
+    warmup.warm(say)  # the first run on this machine compiles the kernels, and says so
     config = FlowConfig(idle_timeout_s=args.idle_timeout, active_timeout_s=args.active_timeout)
     size = sum(os.path.getsize(p) for p in args.captures)
     show = not args.no_progress and sys.stderr.isatty() and size >= _PROGRESS_MIN_BYTES

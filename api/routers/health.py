@@ -1,8 +1,9 @@
-"""``GET /healthz``: the process answers HTTP (for load balancers and supervisors)."""
+"""``GET /healthz``: the process answers HTTP (for load balancers and supervisors), and
+whether it processes traffic yet."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from vspan.api.models import HealthOut
 
@@ -12,6 +13,8 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> HealthOut:
-    """Always ``{"status": "ok"}`` while the analyzer serves requests."""
-    return HealthOut()
+def healthz(request: Request) -> HealthOut:
+    """``status`` is always ``ok`` while the analyzer serves requests; ``ready`` says
+    whether it already processes traffic (its kernels loaded)."""
+    ready = getattr(request.app.state, "ready", None)
+    return HealthOut(ready=True if ready is None else bool(ready()))

@@ -71,7 +71,7 @@ def ids(rows: list[dict[str, Any]]) -> list[int]:
 
 
 def test_healthz(served: Served) -> None:
-    assert served.get("/healthz") == (200, {"status": "ok"})
+    assert served.get("/healthz") == (200, {"status": "ok", "ready": True})
 
 
 def test_models_have_the_columns_of_the_queries() -> None:

@@ -1,23 +1,26 @@
-"""Compiled kernels: the cache keyed by all modules with kernels, the ahead-of-time module
-(its entries chosen by argument types exactly as numba types them, its results equal to
-numba's), and the switch to numba for a call it has no entry for."""
+"""Compiled kernels: numba's cache in a place of vspan's own keyed by all modules with
+kernels, nothing else touched; the first run compiles and says so, the next ones do not;
+and the workloads the warm-up runs cover every kernel call of the product (a call it
+misses would compile silently on a user's first run)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import shutil
+import socket
 import subprocess
 import sys
-from enum import IntEnum
+import time
+import urllib.request
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import numba
-import numpy as np
 import pytest
 
-from vspan import _kernels, aot
+from vspan import _kernels
+from vspan_testing.analyzer_proc import AnalyzerProcess
+from vspan_testing.netlab import vspan_command
 
 KERNEL = "@kernel\ndef f(): pass\n"
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "pcaps"
@@ -65,10 +68,47 @@ def test_bytecode_and_cache_files_do_not_change_the_digest(tmp_path: Path) -> No
     assert _kernels.source_digest(pkg) == before
 
 
-def test_numba_caches_kernels_under_this_checkouts_digest() -> None:
-    code = "import numba, vspan._capture as c; c.new_records(0); print(numba.config.CACHE_DIR)"
-    used = Path(python(code, VSPAN_KERNELS="jit").strip())
-    assert used.name == _kernels.source_digest()
+def _cached_modules(root: Path) -> set[str]:
+    """Modules with a kernel cached under ``root`` (index files of numba's cache)."""
+    return {p.parent.name for p in root.glob(f"{_kernels.DIGEST}/*/*.nbi")}
+
+
+def test_kernels_are_cached_under_the_digest_in_vspans_own_place(tmp_path: Path) -> None:
+    root = tmp_path / "kernels"
+    code = "import vspan._capture as c; c.new_records(0); print('ok')"
+    python(code, VSPAN_KERNEL_CACHE=str(root))
+    assert "vspan._capture" in _cached_modules(root)
+    assert (root / _kernels.DIGEST / _kernels.MARKER).is_file()
+
+
+def test_numbas_own_settings_and_other_code_are_left_alone(tmp_path: Path) -> None:
+    # Regression: the kernel loader set numba.config.CACHE_DIR for the whole process, and
+    # deleted every 16-character directory under NUMBA_CACHE_DIR.
+    numba_dir = tmp_path / "numba"
+    foreign = numba_dir / "0123456789abcdef"  # someone else's, named like a digest
+    foreign.mkdir(parents=True)
+    code = """
+import numba
+before = numba.config.CACHE_DIR
+import vspan._capture as c
+c.new_records(0)
+print(before == numba.config.CACHE_DIR)
+"""
+    assert python(code, NUMBA_CACHE_DIR=str(numba_dir)).strip() == "True"
+    assert foreign.is_dir()
+    assert "vspan._capture" in _cached_modules(numba_dir / "vspan")  # under NUMBA_CACHE_DIR
+
+
+def test_only_older_caches_vspan_made_are_removed(tmp_path: Path) -> None:
+    root = tmp_path / "kernels"
+    older, unmarked = root / "fedcba9876543210", root / "0123456789abcdef"
+    for d in (older, unmarked):
+        d.mkdir(parents=True)
+    (older / _kernels.MARKER).touch()
+    python("import vspan._capture as c; c.new_records(0)", VSPAN_KERNEL_CACHE=str(root))
+    assert not older.exists()
+    assert unmarked.is_dir()  # not vspan's: kept
+    assert (root / _kernels.DIGEST).is_dir()
 
 
 def test_an_unusable_cache_place_falls_back_to_the_next(tmp_path: Path) -> None:
@@ -76,159 +116,152 @@ def test_an_unusable_cache_place_falls_back_to_the_next(tmp_path: Path) -> None:
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     (tmp_path / "tmp").mkdir()
-    code = "import numba, vspan._capture as c; c.new_records(0); print(numba.config.CACHE_DIR)"
+    code = "import vspan._kernels as k, vspan._capture as c; c.new_records(0); print(k.cache_dir())"
     out = python(
         code,
-        VSPAN_KERNELS="jit",
+        VSPAN_KERNEL_CACHE=str(blocked / "vspan"),
         NUMBA_CACHE_DIR=str(blocked / "numba"),
         XDG_CACHE_HOME=str(blocked / "xdg"),
         TMPDIR=str(tmp_path / "tmp"),
     )
-    used = Path(out.strip())
-    assert used.parent == tmp_path / "tmp" / f"vspan-numba-{os.getuid()}"
-    assert any(used.rglob("*.nbi"))  # the kernel was cached there
+    root = tmp_path / "tmp" / f"vspan-kernels-{os.getuid()}"
+    assert Path(out.strip()) == root / _kernels.DIGEST
+    assert "vspan._capture" in _cached_modules(root)
 
 
-class Color(IntEnum):
-    RED = 1
+# --- a machine's first run, as a user meets it ------------------------------------------
 
-
-class Pair(NamedTuple):
-    a: Any
-    b: Any
-
-
-def _values() -> list[Any]:
-    base = np.arange(24, dtype=np.int64)
-    readonly = np.zeros(4, np.uint8)
-    readonly.flags.writeable = False
-    unaligned = np.frombuffer(bytearray(33), np.uint8)[1:].view(np.int64)
-    return [
-        True, np.bool_(False), 7, -(1 << 63), 1 << 63, 2.5, np.float32(1.5), np.int32(3),
-        np.uint64(9), np.int64(-1), Color.RED,
-        base, base[::2], base.reshape(4, 6), base.reshape(4, 6).T, base.reshape(4, 6)[:, 1:],
-        np.zeros((0, 7), np.int64), np.zeros(1, np.uint16), readonly, unaligned,
-        np.zeros(3, np.float64), np.zeros(2, np.bool_),
-        (1, base), (base, base), Pair(base, readonly), (), ((1, 2.0), Pair(True, 3)),
-    ]  # fmt: skip
-
-
-@pytest.mark.parametrize("value", _values(), ids=lambda v: type(v).__name__)
-def test_the_runtime_key_is_the_key_of_numbas_type(value: Any) -> None:
-    assert _kernels.arg_key(value) == aot.type_key(numba.typeof(value))
-
-
-def test_values_numba_cannot_take_have_no_key() -> None:
-    for value in ("text", None, [1, 2], {"a": 1}, object()):
-        with pytest.raises(TypeError):
-            _kernels.arg_key(value)
-
-
-def test_different_types_give_different_keys() -> None:
-    keys = [_kernels.arg_key(v) for v in _values()]
-    types = [numba.typeof(v) for v in _values()]
-    for i, ti in enumerate(types):
-        for j, tj in enumerate(types):
-            assert (keys[i] == keys[j]) == (ti == tj), (_values()[i], _values()[j])
-
-
-REPORT = """
-import json, sys
+PRODUCT = r"""
+import json, socket, sys, time
+from pathlib import Path
 from vspan import _kernels
-from vspan.analysis.report import analyze_captures
-from vspan.analysis.engine import Engine, warm_batch
-from vspan.analysis.textrows import text_blocks
-from vspan.synth import generate_small
-report = analyze_captures(sys.argv[1:], chunk_bytes=1 << 14)
-engine = Engine()
-engine.process(generate_small(3).frames)
-engine.flush()
-flows = engine.drain()
-text = {f: b"".join(text_blocks(report.records, f)).decode() for f in ("json", "csv")}
-print(json.dumps({
-    "mode": _kernels.kernel_mode(),
-    "numba": "numba" in sys.modules,
-    "flows": report.flows.to_json(orient="records"),
-    "summary": report.summary.to_json(orient="records"),
-    "json": text["json"],
-    "csv": text["csv"],
-    "engine": flows.sort_values(list(flows.columns)).to_json(orient="records"),
-}))
+from vspan.analysis.config import AnalyzerConfig
+from vspan.analysis.service import Analyzer
+from vspan.cli import main
+from vspan.synth import generate_small, write_capture, write_inventory_yaml
+
+tmp = Path(sys.argv[1])
+files = sys.argv[2:]
+capture = generate_small(5)
+write_capture(capture, tmp / "dc.pcapng")
+write_inventory_yaml(capture, tmp / "dc.yaml")
+analyzer = Analyzer(AnalyzerConfig(udp="127.0.0.1:0", tcp=None, data_dir=str(tmp / "data")))
+analyzer.start()
+port = analyzer.addresses()["udp"][1]
+collect = ["collect", "--replay", str(tmp / "dc.pcapng"), "--max-speed",
+           "--inventory", str(tmp / "dc.yaml"), "--host", capture.hosts[0].name,
+           "--analyzer", f"127.0.0.1:{port}", "--stats-interval", "60"]
+codes = {"collect": main(collect)}
+deadline = time.monotonic() + 60
+while analyzer.engine.frames == 0 and time.monotonic() < deadline:
+    time.sleep(0.05)
+frames = analyzer.engine.frames
+analyzer.stop()
+for fmt in ("table", "json", "csv"):
+    codes[f"report {fmt}"] = main(["report", *files, "--format", fmt, "-o", str(tmp / f"r.{fmt}")])
+codes["report by vm"] = main(["report", str(tmp / "dc.pcapng"), "--inventory", str(tmp / "dc.yaml"),
+                             "--by", "vm", "-o", str(tmp / "vm.txt")])
+codes["export"] = main(["export", "--data-dir", str(tmp / "data"), "-o", str(tmp / "x.pcapng")])
+misses = {
+    f"{d.py_func.__module__}.{d.py_func.__qualname__}": [str(s) for s in d.stats.cache_misses]
+    for d in _kernels.kernels() if d.stats.cache_misses
+}
+print(json.dumps({"codes": codes, "frames": frames, "misses": misses}))
 """
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _health(api: str) -> dict[str, Any]:
+    with urllib.request.urlopen(api + "/healthz", timeout=10) as response:
+        out: dict[str, Any] = json.loads(response.read())
+        return out
 
 
 @pytest.fixture(scope="module")
-def built() -> Path:
-    """The AOT module for these sources (built here unless ``./run.sh`` built it)."""
-    return aot.build(quiet=True)
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A machine's first run, in a fresh kernel cache: ``vspan analyze`` (compiles the
+    analyzer's kernels in the background), then a second ``vspan analyze``, then the
+    product's workloads in one process."""
+    tmp = tmp_path_factory.mktemp("first-run")
+    env = {**os.environ, "VSPAN_KERNEL_CACHE": str(tmp / "kernels")}
+    spawn = functools.partial(subprocess.Popen, env=env)
+    seen: dict[str, Any] = {}
+    for run in ("cold", "warm"):
+        args = ["--udp", "127.0.0.1:0", "--tcp", "off", "--http", f"127.0.0.1:{_free_port()}",
+                "--data-dir", str(tmp / f"data-{run}")]  # fmt: skip
+        proc = AnalyzerProcess(args, stderr_path=tmp / f"{run}.log", spawn=spawn)
+        proc.wait_started(timeout=120)
+        seen[f"{run} health"] = _health(proc.api)
+        deadline = time.monotonic() + 300
+        while not _health(proc.api)["ready"]:
+            assert time.monotonic() < deadline, proc.stderr()
+            time.sleep(0.2)
+        proc.stop()
+        seen[f"{run} log"] = proc.stderr()
+    from vspan.synth import generate_small, write_capture, write_inventory_yaml
+
+    replayed = generate_small(7)
+    write_capture(replayed, tmp / "replay.pcap", "pcap")
+    write_inventory_yaml(replayed, tmp / "replay.yaml")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sink:  # bound, never read
+        sink.bind(("127.0.0.1", 0))
+        collect = subprocess.run(
+            [*vspan_command(), "collect", "--replay", str(tmp / "replay.pcap"), "--max-speed",
+             "--inventory", str(tmp / "replay.yaml"), "--host", replayed.hosts[1].name,
+             "--analyzer", f"127.0.0.1:{sink.getsockname()[1]}", "--stats-interval", "60"],
+            env=env, capture_output=True, text=True, check=False, timeout=300,
+        )  # fmt: skip
+    assert collect.returncode == 0, collect.stderr
+    seen["collect log"] = collect.stderr
+    files = [str(p) for p in sorted(SHARED.glob("*.pcap")) + sorted(SHARED.glob("tunnels/*.pcap"))]
+    work = tmp / "work"
+    work.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", PRODUCT, str(work), *files],
+        env=env, capture_output=True, text=True, check=False, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    seen["product"] = json.loads(done.stdout.strip().splitlines()[-1])
+    seen["product log"] = done.stderr
+    seen["cli"] = subprocess.run(
+        [*vspan_command(), "kernels"], env=env, capture_output=True, text=True, check=False
+    )
+    return seen
 
 
-def _captures(tmp_path: Path) -> list[str]:
-    from vspan.synth import generate_small, write_capture
-
-    write_capture(generate_small(1), tmp_path / "a.pcap", "pcap")
-    write_capture(generate_small(2), tmp_path / "b.pcapng")
-    return [str(tmp_path / "a.pcap"), str(tmp_path / "b.pcapng"), *map(str, SHARED.glob("*.pcap"))]
-
-
-def test_compiled_entries_serve_report_and_engine_without_numba(
-    built: Path, tmp_path: Path
+def test_the_first_analyzer_answers_health_while_its_kernels_compile(
+    first_run: dict[str, Any],
 ) -> None:
-    files = _captures(tmp_path)
-    ahead = json.loads(python(REPORT.replace("sys.argv[1:]", repr(files))))
-    jit = json.loads(python(REPORT.replace("sys.argv[1:]", repr(files)), VSPAN_KERNELS="jit"))
-    assert (ahead["mode"], ahead["numba"]) == ("aot", False)
-    assert (jit["mode"], jit["numba"]) == ("jit", True)
-    for part in ("flows", "summary", "engine", "json", "csv"):
-        assert ahead[part] == jit[part]
-    assert len(json.loads(ahead["flows"])) > 100
+    # /healthz answered before the kernels were compiled (about half a minute): the HTTP
+    # server does not wait for them; the log says what is happening, once.
+    assert first_run["cold health"] == {"status": "ok", "ready": False}
+    assert first_run["cold log"].count("compiling analyzer kernels, first run only") == 1
+    assert "analyzer kernels compiled in" in first_run["cold log"]
+    assert "compiling" not in first_run["warm log"]
 
 
-def test_a_call_without_an_entry_switches_to_numba_and_stays_right(built: Path) -> None:
-    code = """
-import numpy as np, sys
-from vspan import _capture, _kernels
-from vspan.analysis.decode import decode_batch
-from vspan.analysis.engine import warm_batch
-before = (_kernels.kernel_mode(), "numba" in sys.modules)
-# int32 rows: no entry was built for them
-grown = _capture.grow(np.ascontiguousarray(np.zeros((3, _capture.REC_COLUMNS), np.int32)))
-after = (_kernels.kernel_mode(), "numba" in sys.modules)
-dec = decode_batch(warm_batch())  # the decoder compiles with the swapped-in stages
-print(before, after, grown.shape, int(dec.src_port[0]), int(dec.dst_port[0]))
-"""
-    out = python(code).split()
-    assert out[:4] == ["('aot',", "False)", "('jit',", "True)"]
-    assert out[4:6] == ["(6,", "7)"]
-    from vspan.analysis.decode import decode_batch
-    from vspan.analysis.engine import warm_batch
-
-    dec = decode_batch(warm_batch())
-    assert out[6:] == [str(int(dec.src_port[0])), str(int(dec.dst_port[0]))]
+def test_the_warm_up_covers_every_kernel_call_of_the_product(first_run: dict[str, Any]) -> None:
+    # After the first runs of `vspan analyze` and `vspan collect` (each compiled its role's
+    # kernels, and said so), collecting, analyzing live, reporting over every shared capture
+    # and exporting compile nothing: every call found its kernel in the cache.
+    product = first_run["product"]
+    assert set(product["codes"].values()) <= {0, 1}, product["codes"]
+    assert product["frames"] > 0
+    assert product["misses"] == {}, json.dumps(product["misses"], indent=1)
+    assert first_run["collect log"].count("compiling collector kernels, first run only") == 1
+    assert "compiling" not in first_run["product log"]
 
 
-def test_a_module_built_for_another_interpreter_is_not_loaded(built: Path, tmp_path: Path) -> None:
-    digest = _kernels.source_digest()
-    assert built == _kernels.aot_dir(built.parent)
-    assert sys.implementation.cache_tag in built.name
-    assert f"numpy{np.__version__.split('.')[0]}" in built.name
-    mode = "from vspan import _kernels; print(_kernels.kernel_mode())"
-    other = tmp_path / digest / "aot-cpython-399-numpy9"  # what another Python built
-    shutil.copytree(built, other)
-    assert python(mode, NUMBA_CACHE_DIR=str(tmp_path)).strip() == "jit"
-    other.rename(tmp_path / digest / built.name)  # the same files, for this Python
-    assert python(mode, NUMBA_CACHE_DIR=str(tmp_path)).strip() == "aot"
-
-
-def test_the_collectors_ring_walk_has_compiled_entries(built: Path) -> None:
-    # Regression: the build imported the module as ``collectors._tpacket``, a name that
-    # only exists in a checkout's root, so its entries were keyed under a name the
-    # installed package never uses and the first ring switched the collector to numba.
-    code = """
-import sys
-from vspan import _kernels
-from vspan.collectors import _tpacket
-_tpacket._compile_kernels()
-print(_kernels.kernel_mode(), "numba" in sys.modules)
-"""
-    assert python(code).split() == ["aot", "False"]
+def test_vspan_kernels_says_where_and_what_is_compiled(first_run: dict[str, Any]) -> None:
+    cli = first_run["cli"]
+    assert cli.returncode == 0, cli.stderr
+    lines = dict(line.split(None, 1) for line in cli.stdout.splitlines())
+    assert lines["digest"] == _kernels.DIGEST
+    assert lines["analyzer"] == "compiled"
+    assert lines["collector"] == "compiled"
+    assert lines["cache"].endswith(_kernels.DIGEST)
