@@ -90,6 +90,13 @@ _PARTS: Final[dict[str, tuple[str, dict[str, _Spec]]]] = {
                              "another copy had the same identity.", False),
         "pending_overflow": ("copies_pending_overflow", "counter", "Copies not paired "
                              "because the pending map was full.", False),
+        "clock_resets": ("clock_resets", "counter", "Times a host's capture time went back by "
+                         "more than the idle timeout (a replay, a sender restarted, a clock "
+                         "set back): it got a new flow clock.", False),
+        "clocks_full_frames": ("clocks_full_frames", "counter", "Frames judged by the shared "
+                               "clock because the per-host clock table was full "
+                               "(max_host_clocks).", False),
+        "host_clocks": ("host_clocks", "gauge", "Per-host flow clocks in use.", False),
         "pending_copies": ("copies_pending", "gauge", "Copies waiting for their partner.",
                            False),
         "idled": ("flows_idled", "counter", "Flows ended by the idle timeout while no frame "

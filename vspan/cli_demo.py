@@ -177,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         server = _start_http(analyzer, args.http)
         base = f"http://{server.config.host}:{server.port}"
+        assert analyzer.engine is not None
+        analyzer.engine.ready.wait(60.0)  # its kernels loaded (compiled above, if first)
         collectors = _collectors(dc, analyzer.addresses()["udp"], base)
         threads = [
             threading.Thread(target=_collect, args=(c, done), name=f"demo-{c.settings.host}")

@@ -91,7 +91,7 @@ def _watch(seen: dict[str, Any], lines: queue.Queue[str]) -> None:
 
 def test_the_api_answers_while_the_demo_runs(demo: dict[str, Any]) -> None:
     assert "error" not in demo, (demo["error"], demo["stdout"], demo["stderr"])
-    assert demo["healthz"] == {"status": "ok"}
+    assert demo["healthz"] == {"status": "ok", "ready": True}
     assert demo["status"]["engine"]["frames"] > 0
     hosts = {h["name"]: h for h in demo["inventory"]["hosts"]}
     assert set(hosts) == {"hv01", "hv02"}
