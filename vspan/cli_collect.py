@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import socket
@@ -187,6 +188,11 @@ def _build(args: argparse.Namespace) -> tuple[Any, float]:
 
 def run(args: argparse.Namespace) -> int:
     """Run until SIGINT/SIGTERM (or the end of a replay, or --duration); flush and exit."""
+    # What the parts log (the control plane unreachable, a TCP connection that cannot be
+    # made, and when they work again) goes to stderr beside the stats lines.
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="vspan collect: %(levelname)s: %(message)s"
+    )
     collector, stats_every = _build(args)
     stopping: list[int] = []
 
