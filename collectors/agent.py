@@ -216,6 +216,11 @@ class Collector:
 
     # --- ports and sessions -------------------------------------------------------------
 
+    def refresh_ports(self, now: float) -> None:
+        """Look at the ports now, not at the next refresh, and tell the control plane if
+        they changed (``vspan demo`` does so before it stops)."""
+        self._update_ports(now)
+
     def _update_ports(self, now: float) -> None:
         self._next_refresh = now + self.settings.refresh_interval_s
         if self._refresh is not None:
