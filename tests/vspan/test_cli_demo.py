@@ -146,8 +146,7 @@ def test_the_summary_adds_up_and_says_only_what_is_true(demo: dict[str, Any]) ->
         assert stored["why"], stored[0]
 
 
-@pytest.mark.parametrize("runs", [2])
-def test_a_second_run_on_the_same_data_dir_counts_its_own_flows(tmp_path: Path, runs: int) -> None:
+def test_a_second_run_on_the_same_data_dir_counts_its_own_flows(tmp_path: Path) -> None:
     """``--data-dir`` kept: the summary counts what this run stored, not the folder's."""
     data = tmp_path / "data"
     argv = [sys.executable, "-m", "vspan.cli", "demo", "--duration", "3", "--hosts", "2",
