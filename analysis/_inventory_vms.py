@@ -11,6 +11,7 @@ bounded rings and in the pending list ``InventoryState`` hands to its sinks. Cal
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -25,6 +26,8 @@ from vspan.analysis.inventory_snapshot import (
 from vspan.inventory import Host, Vm, format_mac
 
 __all__ = ["InventoryConfig", "VmBook"]
+
+_log = logging.getLogger("vspan.analysis.inventory_state")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +60,17 @@ class _VmRec:
     """Its vNIC indexes, bound or released."""
     view: Vm | None = None
     """The ``Vm`` snapshots show; None once anything about the VM changed."""
+    static: bool = False
+    """Declared in the analyzer's inventory file: its name and profile are the file's, and
+    no registration changes them."""
 
 
-_COUNTERS = ("registrations", "heartbeats", "events", "migrations", "dataplane_held", "sink_errors")
+_COUNTERS = (
+    "registrations", "heartbeats", "events", "migrations", "dataplane_held", "sink_errors",
+    "hosts_renamed", "hosts_removed", "static_overrides_refused",
+)  # fmt: skip
+"""``static_overrides_refused``: registrations that gave a VM of the inventory file another
+name or port-profile than the file's (kept)."""
 
 
 class VmBook:
@@ -81,6 +92,8 @@ class VmBook:
         """Something a snapshot shows changed since the last one."""
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         """What happened, for metrics (see ``_COUNTERS``)."""
+        self._refused_logged_at = -float("inf")
+        self._refused_held = 0
 
     # --- internals (``InventoryState``'s lock held) -----------------------------------
 
@@ -127,12 +140,14 @@ class VmBook:
             vm.uuid = group.uuid
             self._by_uuid[group.uuid] = vm.index
             changes.append(f"uuid {group.uuid}")
-        if group.name != vm.name:
+        if vm.static:
+            self._keep_static(vm, group, host.name, now)
+        elif group.name != vm.name:
             changes.append(f"name {vm.name}→{group.name}")
             self._by_name[vm.name].remove(vm.index)
             self._by_name.setdefault(group.name, []).append(vm.index)
             vm.name = group.name
-        if group.profile is not None and group.profile != vm.profile:
+        if not vm.static and group.profile is not None and group.profile != vm.profile:
             changes.append(f"profile {vm.profile}→{group.profile}")
             vm.profile = group.profile
         moved = vm.host != host.name
@@ -151,6 +166,27 @@ class VmBook:
                 now, EventKind.VM_CHANGED, host.name, vm, "; ".join(changes), before=renamed
             )
         return vm.index
+
+    def _keep_static(self, vm: _VmRec, group: VmPorts, host: str, now: float) -> None:
+        """A registration naming a VM of the inventory file otherwise: counted, logged (at
+        most once a minute, with the count held back), and not applied."""
+        wrong = []
+        if group.name != vm.name:
+            wrong.append(f"name {group.name!r}")
+        if group.profile is not None and group.profile != vm.profile:
+            wrong.append(f"port-profile {group.profile!r}")
+        if not wrong:
+            return
+        self.counters["static_overrides_refused"] += 1
+        if now < self._refused_logged_at + 60.0:
+            self._refused_held += 1
+            return
+        held, self._refused_held, self._refused_logged_at = self._refused_held, 0, now
+        _log.warning(
+            "host %s reported %s for VM %s, which the inventory file declares with port-profile "
+            "%r: the file's are kept%s", host, " and ".join(wrong), vm.name, vm.profile,
+            f" ({held} more like it not logged)" if held else "",
+        )  # fmt: skip
 
     def _bind(
         self, vm: _VmRec, host: Host, nics: list[tuple[int, int, tuple[str, ...]]], now: float

@@ -1,42 +1,58 @@
 """The collectors' own capture counters, from their heartbeats, beside the tunnel counters.
 
 A collector reports in each heartbeat (control plane) its counters since it started: frames
-and bytes captured, frames truncated (sent cut to the snap length), frames left out by 1:N
-sampling, and frames it never sent: ``kernel`` (the capture ring overflowed: the kernel's
-count) and each reason of its ``dropped`` map (e.g. ``oversize``). ``capture_of`` turns the
-latest heartbeat into the ``capture`` object of ``GET /api/v1/collectors``; ``with_capture``
-adds it to the rows of ``queries.collectors``, with a row of its own for a collector that
-reports but whose tunnel counters have not been sampled.
+and bytes captured, frames truncated (sent cut to the snap length), frames exported, frames
+waiting to be sent, and — apart, because only the first are losses — ``drops``, frames it
+lost by cause (``kernel``: the capture ring overflowed, the kernel's count; ``runts``; its
+senders' ``queue_full``, ``send_error``, ``stopped``, ``unsent``), and ``not_mirrored``,
+frames it left out on purpose by reason (``duplicates``: the copy of an intra-host frame
+delivered to the receiving VM, exported once at its sender; ``unselected`` and ``filtered``
+by SPAN sessions; ``sampled_out``). ``capture_of`` turns the latest heartbeat into the
+``capture`` object of ``GET /api/v1/collectors`` (times ISO 8601 like every time of the API);
+``with_capture`` adds it to the rows of ``queries.collectors``, with a row of its own for a
+collector that reports but whose tunnel counters have not been sampled.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import pandas as pd
 
 from vspan.analysis.inventory_snapshot import Heartbeat
 
-__all__ = ["capture_drops", "capture_of", "with_capture"]
+__all__ = ["capture_drops", "capture_of", "iso_time", "not_mirrored", "with_capture"]
+
+
+def iso_time(seconds: float) -> str:
+    """Seconds since the epoch as the API writes times: ``2024-05-01T12:00:00.123456Z``."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def capture_drops(beat: Heartbeat) -> dict[str, int]:
-    """Frames the collector captured and did not send, by cause: ``kernel``, then its own
-    reasons."""
-    return {"kernel": int(beat.kernel_drops), **{str(k): int(v) for k, v in beat.dropped.items()}}
+    """Frames the collector lost, by cause (``kernel`` always present)."""
+    return {"kernel": 0, **{str(k): int(v) for k, v in beat.drops.items()}}
+
+
+def not_mirrored(beat: Heartbeat) -> dict[str, int]:
+    """Frames the collector left out on purpose, by reason."""
+    return {str(k): int(v) for k, v in beat.not_mirrored.items()}
 
 
 def capture_of(beat: Heartbeat) -> dict[str, Any]:
     """The ``capture`` object of one collector's latest heartbeat."""
     return {
-        "time": float(beat.time),
-        "received": float(beat.received),
+        "time": iso_time(beat.time),
+        "received": iso_time(beat.received),
         "frames": int(beat.frames),
         "bytes": int(beat.bytes),
         "truncated": int(beat.truncated),
-        "sampled_out": int(beat.sampled_out),
+        "exported": None if beat.exported is None else int(beat.exported),
+        "waiting": int(beat.waiting),
         "drops": capture_drops(beat),
+        "not_mirrored": not_mirrored(beat),
     }
 
 

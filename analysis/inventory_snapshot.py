@@ -42,6 +42,8 @@ class EventKind(enum.StrEnum):
     """What an ``InventoryEvent`` records."""
 
     HOST_ADDED = "host_added"
+    HOST_RENAMED = "host_renamed"
+    HOST_REMOVED = "host_removed"
     VM_ADDED = "vm_added"
     VM_REMOVED = "vm_removed"
     VM_CHANGED = "vm_changed"
@@ -104,7 +106,9 @@ class PortInfo:
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """Capture counters a collector reported (monotonic since the collector started)."""
+    """Capture counters a collector reported (monotonic since the collector started, but for
+    ``waiting``). ``frames = exported + sum(not_mirrored) + drops["runts"]``, less what
+    sampling left out before capture."""
 
     time: float
     """The collector's clock."""
@@ -113,10 +117,18 @@ class Heartbeat:
     frames: int = 0
     bytes: int = 0
     truncated: int = 0
-    kernel_drops: int = 0
-    sampled_out: int = 0
-    dropped: Mapping[str, int] = field(default_factory=dict)
-    """Frames dropped in the collector, by reason."""
+    """Frames sent cut to the snap length."""
+    exported: int | None = None
+    """Frames mirrored (tagged for an analyzer); None from collectors that do not say."""
+    waiting: int = 0
+    """Frames exported and not yet sent (a TCP sender that cannot connect holds them)."""
+    drops: Mapping[str, int] = field(default_factory=dict)
+    """Frames the collector lost, by cause: ``kernel`` (capture ring full), ``runts``, and
+    its senders' ``queue_full``, ``send_error``, ``stopped``, ``unsent``."""
+    not_mirrored: Mapping[str, int] = field(default_factory=dict)
+    """Frames captured and left out on purpose, by reason: ``duplicates`` (intra-host
+    delivery copies of frames exported at their sender), ``unselected``, ``filtered``,
+    ``sampled_out``. Not a loss."""
     per_port: Mapping[str, int] = field(default_factory=dict)
 
 

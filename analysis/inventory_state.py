@@ -1,7 +1,15 @@
 """The analyzer's one inventory of all hosts: a static file plus collector registrations.
 
 A collector registers its host (``collector_id``, name) and the VM ports it has (VM name,
-UUID, MAC, vif, port-profile); each registration replaces what that host had. A VM keeps
+UUID, MAC, vif, port-profile); each registration replaces what that host had. A collector
+may register under a new host name when no other collector has it (a rename: its VMs move
+with it, an event says so), unless the inventory file names its host; ``remove_collector``
+forgets a collector and its host (an administrator's decision: its VMs are gone from it).
+
+What the analyzer's own inventory file says is not a collector's to change: a VM the file
+declares keeps the file's name and port-profile whatever a registration reports (such a
+registration is counted as ``static_overrides_refused`` and logged); a registration can still
+place it on another host (that is how a live migration is seen). A VM keeps
 its identity — found by UUID, else by one of its MACs, else (UUID- and MAC-less) by name on
 the same host — so when it appears behind another host it is a **migration**: its name,
 profile and vNIC indexes continue, its old (host, vif) is released. The data plane reports
@@ -95,6 +103,8 @@ class InventoryState(VmBook):
         self._hosts: dict[int, Host] = {}
         self._host_ids: dict[str, int] = {}
         self._registered: dict[int, float] = {}
+        self._static_hosts: set[int] = set()
+        """collector_ids of the hosts the inventory file names."""
         self._heartbeats: dict[int, deque[Heartbeat]] = {}
         self._snap = InventorySnapshot([], [], [], [])
 
@@ -166,10 +176,13 @@ class InventoryState(VmBook):
                 self._check_host(host.collector_id, host.name)
             for host in inventory.hosts:
                 self._ensure_host(host.collector_id, host.name, now, "static inventory")
+                self._static_hosts.add(host.collector_id)
             for vm in inventory.vms:
                 nics = [(n.mac, n.vif, n.ips) for n in vm.nics]
                 group = VmPorts(vm.name, vm.uuid, vm.profile, nics)
-                self._place(group, self._hosts[self._host_ids[vm.host]], now, set())
+                host = self._hosts[self._host_ids[vm.host]]
+                rec = self._vms[self._place(group, host, now, set())]
+                rec.static, rec.profile, rec.view = True, vm.profile, None
             self._commit()
 
     def register(
@@ -178,7 +191,9 @@ class InventoryState(VmBook):
         """Replace what ``collector_id``'s host runs with ``ports``; VMs gone are removed."""
         groups = group_ports(collector_id, host_name, ports)
         with self._lock:
-            self._check_host(collector_id, host_name)
+            self._check_host(collector_id, host_name, rename=True)
+            if (known := self._hosts.get(collector_id)) is not None and known.name != host_name:
+                self._rename_host(known, host_name, now)
             host = self._ensure_host(collector_id, host_name, now, "registration")
             placed: set[int] = set()
             for group in groups:
@@ -189,6 +204,29 @@ class InventoryState(VmBook):
                     self._event(now, EventKind.VM_REMOVED, host.name, vm)
             self._registered[collector_id] = now
             self.counters["registrations"] += 1
+            self._commit()
+            return host
+
+    def remove_collector(self, collector_id: int, now: float) -> Host:
+        """Forget a collector and its host: the VMs on it are gone (they stay known, and come
+        back wherever they are registered next), its registration and heartbeats are dropped.
+        ``UnknownCollectorError`` if no host has ``collector_id``."""
+        with self._lock:
+            host = self._hosts.get(collector_id)
+            if host is None:
+                raise UnknownCollectorError(collector_id)
+            for vm in self._vms:
+                if vm.present and vm.host == host.name:
+                    vm.present = False
+                    self._event(now, EventKind.VM_REMOVED, host.name, vm, "host removed")
+            del self._hosts[collector_id], self._host_ids[host.name]
+            self._registered.pop(collector_id, None)
+            self._heartbeats.pop(collector_id, None)
+            self._static_hosts.discard(collector_id)
+            self._dirty = True
+            self.counters["hosts_removed"] += 1
+            self._event(now, EventKind.HOST_REMOVED, host.name, detail=f"collector {collector_id}")
+            _log.warning("inventory: collector %d (host %r) removed", collector_id, host.name)
             self._commit()
             return host
 
@@ -235,19 +273,45 @@ class InventoryState(VmBook):
 
     # --- internals (lock held) --------------------------------------------------------
 
-    def _check_host(self, collector_id: int, name: str) -> None:
+    def _check_host(self, collector_id: int, name: str, *, rename: bool = False) -> None:
+        """``RegistrationError`` unless ``collector_id`` may be host ``name`` (``rename``: a
+        registration, which may rename its host to a free name)."""
         known, owner = self._hosts.get(collector_id), self._host_ids.get(name)
         problem = None
         if not 1 <= collector_id <= MAX_COLLECTOR_ID:
             problem = f"collector_id {collector_id} out of range 1..{MAX_COLLECTOR_ID}"
         elif not name:
             problem = f"collector {collector_id}: empty host name"
-        elif known is not None and known.name != name:
-            problem = f"collector {collector_id} is host {known.name!r}, not {name!r}"
         elif owner is not None and owner != collector_id:
-            problem = f"host {name!r} belongs to collector {owner}, not {collector_id}"
+            problem = (
+                f"host {name!r} belongs to collector {owner}, not {collector_id} (give each "
+                f"collector its own host name; an administrator removes a collector that is "
+                f"gone with DELETE /api/v1/control/collectors/{owner})"
+            )
+        elif known is not None and known.name != name:
+            if not rename:
+                problem = f"collector {collector_id} is host {known.name!r}, not {name!r}"
+            elif collector_id in self._static_hosts:
+                problem = (
+                    f"collector {collector_id} is host {known.name!r} in the inventory file, "
+                    f"not {name!r}: a registration does not rename a host the file names"
+                )
         if problem is not None:
             raise RegistrationError(problem)
+
+    def _rename_host(self, host: Host, name: str, now: float) -> None:
+        """The collector's host takes the free name ``name``; its VMs go with it."""
+        old, cid = host.name, host.collector_id
+        self._hosts[cid] = Host(name=name, collector_id=cid)
+        del self._host_ids[old]
+        self._host_ids[name] = cid
+        for vm in self._vms:
+            if vm.host == old:
+                vm.host, vm.view = name, None
+        self._dirty = True
+        self.counters["hosts_renamed"] += 1
+        self._event(now, EventKind.HOST_RENAMED, name, detail=f"collector {cid}: {old}→{name}")
+        _log.warning("inventory: collector %d renamed its host %r to %r", cid, old, name)
 
     def _ensure_host(self, collector_id: int, name: str, now: float, how: str) -> Host:
         host = self._hosts.get(collector_id)

@@ -32,7 +32,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from vspan.analysis.capture_counters import capture_drops
+from vspan.analysis.capture_counters import capture_drops, not_mirrored
 from vspan.analysis.inventory_state import InventoryState
 from vspan.analysis.store import Store
 
@@ -66,7 +66,6 @@ _CAPTURE: Final = (  # Heartbeat field, metric (counter), help
     ("frames", "vspan_collector_captured_frames", "Frames the collector captured (heartbeat)."),
     ("bytes", "vspan_collector_captured_bytes", "Bytes the collector captured (heartbeat)."),
     ("truncated", "vspan_collector_truncated_frames", "Frames sent cut to the snap length."),
-    ("sampled_out", "vspan_collector_sampled_out_frames", "Frames left out by 1:N sampling."),
 )
 _Spec = tuple[str, str, str, bool]
 """A part's key: metric name (after the part's prefix), counter or gauge, help, by reason."""
@@ -275,8 +274,20 @@ def _captures(beats: Mapping[int, Any]) -> Iterator[Metric]:
         yield family
     drops = CounterMetricFamily(
         "vspan_collector_capture_drops",
-        "Frames a collector captured and did not send, by cause (kernel: capture ring full).",
+        "Frames a collector lost before they reached an analyzer, by cause (heartbeat): "
+        "kernel (capture ring full), runts, queue_full, send_error, stopped, unsent.",
         labels=["collector_id", "cause"],
+    )
+    left_out = CounterMetricFamily(
+        "vspan_collector_frames_not_mirrored",
+        "Frames a collector captured and left out on purpose, by reason (heartbeat; not a "
+        "loss): duplicates (intra-host delivery copies), unselected, filtered, sampled_out.",
+        labels=["collector_id", "reason"],
+    )
+    waiting = GaugeMetricFamily(
+        "vspan_collector_frames_waiting",
+        "Frames a collector exported and has not sent yet (heartbeat).",
+        labels=["collector_id"],
     )
     when = GaugeMetricFamily(
         "vspan_collector_heartbeat_timestamp_seconds",
@@ -286,8 +297,13 @@ def _captures(beats: Mapping[int, Any]) -> Iterator[Metric]:
     for cid, beat in sorted(beats.items()):
         for cause, n in capture_drops(beat).items():
             drops.add_metric([str(cid), cause], float(n))
+        for reason, n in not_mirrored(beat).items():
+            left_out.add_metric([str(cid), reason], float(n))
+        waiting.add_metric([str(cid)], float(beat.waiting))
         when.add_metric([str(cid)], float(beat.received))
     yield drops
+    yield left_out
+    yield waiting
     yield when
 
 

@@ -5,7 +5,9 @@ Tokens (``--tokens FILE``, a YAML mapping ``token: role``) carry one of three ro
     read           GET and HEAD of every route except a collector's control-plane routes
     admin          every route, every method
     collector      only /api/v1/control/collectors/{collector_id}/... (register, heartbeat,
-    collector:ID   sessions, profiles); with ``:ID`` only for that collector_id
+    collector:ID   sessions, profiles); with ``:ID`` only for that collector_id. The
+                   collector itself (``/api/v1/control/collectors/{collector_id}``, whose
+                   DELETE removes it from the inventory) is not a collector's: admin only
 
 Public paths (``PUBLIC``, and ``/static/...``: the dashboard's page and files,
 ``/healthz``, the OpenAPI document and its viewers) hold no data and need no token. Every
@@ -57,7 +59,8 @@ PUBLIC: Final = frozenset(
 """Paths served without a token (and every path under ``/static/``): they hold no data."""
 COLLECTOR_ROUTES: Final = "/api/v1/control/collectors/{collector_id}"
 """The paths (and those below) that a collector token may call, for its own id."""
-_COLLECTOR_PATH: Final = re.compile(r"/api/v1/control/collectors/([^/]+)(?:/|$)")
+_COLLECTOR_PATH: Final = re.compile(r"/api/v1/control/collectors/([^/]+)/[^/]")
+"""The routes below a collector (not the collector itself: removing it is an admin's)."""
 MIN_TOKEN: Final = 16
 _GRANT: Final = re.compile(r"(read|admin|collector)(?::(\d{1,10}))?")
 _MAX_ID: Final = 2**32 - 1

@@ -8,13 +8,18 @@ Routes (prefix ``/api/v1/control``)::
     POST /collectors/{collector_id}/heartbeat  HeartbeatIn -> HeartbeatOut
     GET  /collectors/{collector_id}/sessions               -> SessionsOut (+ sessions_total)
     GET  /collectors/{collector_id}/profiles               -> ProfilesOut
+    DELETE /collectors/{collector_id}                      -> 204 (admin only)
     GET  /inventory                                        -> InventoryOut
     GET  /migrations?since=<time>                          -> MigrationsOut
 
 Errors are JSON ``{"detail": ...}``: 422 for a body or path that does not validate
 (collector_id 0 included), 404 for a collector no host has, 409 for a registration that
-contradicts the inventory (a host name already taken by another collector_id). Handlers are
-glue: the work is ``analysis.inventory_state``'s, the JSON shapes ``api.models_control``'s.
+contradicts the inventory (a host name already taken by another collector_id, or a new name
+for a host of the inventory file). A collector may rename its host to a free name; an
+administrator removes a collector (and its host) with ``DELETE /collectors/{collector_id}``
+— a collector's own token cannot (``api.auth``: only the routes below it are a collector's).
+Handlers are glue: the work is ``analysis.inventory_state``'s, the JSON shapes
+``api.models_control``'s.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import time
 from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Path, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from vspan.analysis.inventory_state import (
     MAX_COLLECTOR_ID,
@@ -119,7 +124,11 @@ def sessions(
 ) -> SessionsOut:
     """The SPAN sessions that concern the VMs on the collector's host, and how many exist."""
     host, vms = state.collector_view(collector_id)
-    return SessionsOut(sessions=as_dicts(sessions_for(host, vms)), sessions_total=sessions_total())
+    return SessionsOut(
+        sessions=as_dicts(sessions_for(host, vms)),
+        sessions_total=sessions_total(),
+        registered=collector_id in state.registrations(),
+    )
 
 
 @router.get("/collectors/{collector_id}/profiles", responses=_NOT_FOUND)
@@ -127,6 +136,19 @@ def profiles(collector_id: CollectorId, state: StateDep, profiles_for: ProfilesD
     """The port-profiles bound to the VMs on the collector's host."""
     host, vms = state.collector_view(collector_id)
     return ProfilesOut(profiles=as_dicts(profiles_for(host, vms)))
+
+
+@router.delete(
+    "/collectors/{collector_id}",
+    status_code=204,
+    responses=_NOT_FOUND,
+    response_class=Response,
+)
+def remove_collector(collector_id: CollectorId, state: StateDep, now: ClockDep) -> Response:
+    """Forget a collector and its host (admin): its VMs are gone from the host, its
+    registration and heartbeats dropped. A collector still running registers again."""
+    state.remove_collector(collector_id, now())
+    return Response(status_code=204)
 
 
 @router.get("/inventory")

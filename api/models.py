@@ -154,17 +154,28 @@ class MigrationHistoryOut(BaseModel):
 
 
 class CaptureOut(BaseModel):
-    """What a collector captured and dropped before sending, as its latest heartbeat said
-    (counters since the collector started)."""
+    """What a collector captured, lost and left out on purpose before sending, as its latest
+    heartbeat said (counters since the collector started)."""
 
-    time: float = Field(description="the collector's clock, seconds since the epoch")
-    received: float = Field(description="when the analyzer got the heartbeat")
+    time: Time = Field(description="the collector's clock when it sent the heartbeat")
+    received: Time = Field(description="when the analyzer got the heartbeat")
     frames: int = Field(description="frames captured on the VM ports")
     bytes: int
     truncated: int = Field(description="frames sent cut to the snap length")
-    sampled_out: int = Field(description="frames left out by 1:N sampling")
+    exported: int | None = Field(
+        description="frames mirrored to an analyzer; null: the collector does not say"
+    )
+    waiting: int = Field(description="frames exported and not sent yet (a TCP sender that "
+                         "cannot connect holds them)")  # fmt: skip
     drops: dict[str, int] = Field(
-        description="frames captured and not sent, by cause: kernel (capture ring full), ..."
+        description="frames lost, by cause: kernel (capture ring full), runts, queue_full, "
+        "send_error, stopped (the collector's senders), unsent (a session destination it "
+        "could not open)"
+    )
+    not_mirrored: dict[str, int] = Field(
+        description="frames left out on purpose, not lost, by reason: duplicates (the copy of "
+        "a frame between two VMs of the host delivered to the receiver: exported once, at the "
+        "sender), unselected, filtered (SPAN sessions), sampled_out"
     )
 
 

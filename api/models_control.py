@@ -130,26 +130,56 @@ class ConfigOut(BaseModel):
     profiles: list[dict[str, Any]]
 
 
+_DELIBERATE = frozenset({"duplicates", "unselected", "filtered", "sampled_out"})
+"""Reasons of an older collector's ``dropped`` that are not losses (``not_mirrored``)."""
+
+
 class HeartbeatIn(_Strict):
-    """``POST /collectors/{id}/heartbeat``: capture counters (monotonic) at ``time``."""
+    """``POST /collectors/{id}/heartbeat``: capture counters (monotonic) at ``time``.
+
+    Collectors older than issue 17 sent ``kernel_drops``, ``sampled_out`` and ``dropped``
+    (losses and frames left out on purpose mixed): they are still accepted, and sorted into
+    ``drops`` and ``not_mirrored``.
+    """
 
     time: float = Field(description="the collector's clock, seconds since the epoch")
-    frames: NonNegativeInt = 0
+    frames: NonNegativeInt = Field(0, description="frames captured on the VM ports")
     bytes: NonNegativeInt = 0
-    truncated: NonNegativeInt = 0
-    kernel_drops: NonNegativeInt = 0
-    sampled_out: NonNegativeInt = 0
-    dropped: dict[Reason, NonNegativeInt] = Field(
-        default_factory=dict, max_length=32, description="frames not sent, by reason"
-    )
+    truncated: NonNegativeInt = Field(0, description="frames sent cut to the snap length")
+    exported: NonNegativeInt | None = Field(None, description="frames mirrored to an analyzer")
+    waiting: NonNegativeInt = Field(0, description="frames exported, not yet sent")
+    drops: dict[Reason, NonNegativeInt] = Field(
+        default_factory=dict, max_length=32,
+        description="frames lost, by cause: kernel (capture ring full), runts, queue_full, "
+        "send_error, stopped, unsent",
+    )  # fmt: skip
+    not_mirrored: dict[Reason, NonNegativeInt] = Field(
+        default_factory=dict, max_length=32,
+        description="frames left out on purpose, by reason: duplicates (intra-host delivery "
+        "copies), unselected, filtered, sampled_out",
+    )  # fmt: skip
     per_port: dict[PortName, NonNegativeInt] = Field(
         default_factory=dict, max_length=MAX_VIF, description="frames"
     )
+    kernel_drops: NonNegativeInt = Field(0, description="older collectors: drops.kernel")
+    sampled_out: NonNegativeInt = Field(0, description="older collectors: sampled out")
+    dropped: dict[Reason, NonNegativeInt] = Field(
+        default_factory=dict, max_length=32, description="older collectors: both kinds"
+    )
 
     def to_heartbeat(self, received: float) -> Heartbeat:
-        """The heartbeat as the inventory state keeps it."""
-        fields = self.model_dump()
-        return Heartbeat(received=received, **fields)
+        """The heartbeat as the inventory state keeps it (older fields sorted out)."""
+        drops, not_mirrored = dict(self.drops), dict(self.not_mirrored)
+        legacy = {**self.dropped, "kernel": self.kernel_drops, "sampled_out": self.sampled_out}
+        for reason, n in legacy.items():
+            if n:
+                into = not_mirrored if reason in _DELIBERATE else drops
+                into[reason] = into.get(reason, 0) + n
+        return Heartbeat(
+            time=self.time, received=received, frames=self.frames, bytes=self.bytes,
+            truncated=self.truncated, exported=self.exported, waiting=self.waiting,
+            drops=drops, not_mirrored=not_mirrored, per_port=dict(self.per_port),
+        )  # fmt: skip
 
 
 class HeartbeatOut(BaseModel):
@@ -164,6 +194,11 @@ class SessionsOut(BaseModel):
 
     sessions: list[dict[str, Any]]
     sessions_total: int = Field(0, description=_TOTAL)
+    registered: bool = Field(
+        True,
+        description="whether the collector registered with this analyzer since it started "
+        "(false: a host of the inventory file that must register its ports again)",
+    )
 
 
 class ProfilesOut(BaseModel):

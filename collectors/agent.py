@@ -29,7 +29,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from vspan.collectors.control_client import ControlClient, heartbeat_payload
+from vspan.collectors import agent_report
+from vspan.collectors._ratelog import RateLimitedLog
+from vspan.collectors.control_sync import ControlPlane, ControlSync, ControlSyncConfig
 from vspan.collectors.forward import Forwarder, ForwarderConfig, Sender
 from vspan.collectors.mirror import Mirror
 from vspan.collectors.model import CaptureSource, Port, PortBatch, PortDirectory
@@ -62,6 +64,9 @@ class CollectorSettings:
     """How often the port directory is asked again."""
     heartbeat_interval_s: float = 10.0
     """How often counters go to the control plane."""
+    register_retry_max_s: float = 30.0
+    """Longest wait between two attempts to register (the first waits a refresh interval,
+    each next one twice as long)."""
     analyzer: Destination | None = None
     """The collector's own analyzer as a session would name it: a session destination
     equal to it (host text, port, transport) is that analyzer's stream, not a second one."""
@@ -87,7 +92,7 @@ class Collector:
         directory: PortDirectory,
         sender: Sender,
         sessions: SessionSet | None = None,
-        control: ControlClient | None = None,
+        control: ControlPlane | None = None,
         refresh: Any = None,
         wall: Callable[[], float] = time.time,
         senders: SenderFactory = make_sender,
@@ -102,6 +107,18 @@ class Collector:
         self.sessions_total = 0
         """Sessions on the analyzer, for any host (the control plane's last answer)."""
         self.control = control
+        self.sync = (
+            None
+            if control is None
+            else ControlSync(
+                control,
+                ControlSyncConfig(
+                    retry_initial_s=settings.refresh_interval_s,
+                    retry_max_s=max(settings.register_retry_max_s, settings.refresh_interval_s),
+                ),
+            )
+        )
+        """The registration with the control plane, kept (None without one)."""
         self.wall = wall
         """The wall clock, only for the heartbeat's timestamp and the ``boot_id`` of a start
         (quarter seconds: boots increase, see ``forward.boot_id_at``); ``step`` takes ``now``."""
@@ -126,7 +143,9 @@ class Collector:
         self.selection_version = 0
         """Counts the selections applied (a port or session change)."""
         self.errors: dict[str, int] = {}
-        """Control-plane and refresh failures by kind (the data path goes on)."""
+        """Refresh failures and sessions the collector could not apply, by kind (the data
+        path goes on; the control plane's own are ``sync.errors``)."""
+        self._logs = {kind: RateLimitedLog(log) for kind in ("refresh", "sessions")}
 
     @property
     def forwarder(self) -> Forwarder:
@@ -180,10 +199,9 @@ class Collector:
         if batch is not None and len(batch.frames):
             exported = self._export(batch, now)
         self.routes.flush_due(now)
-        control = self.control
-        if control is not None and now >= self._next_heartbeat:
+        if self.sync is not None and now >= self._next_heartbeat:
             self._next_heartbeat = now + self.settings.heartbeat_interval_s
-            self._call("heartbeat", lambda: control.heartbeat(self.heartbeat()))
+            self.sync.heartbeat(now, self.heartbeat())
         return exported
 
     def _export(self, batch: PortBatch, now: float) -> int:
@@ -198,6 +216,11 @@ class Collector:
 
     # --- ports and sessions -------------------------------------------------------------
 
+    def refresh_ports(self, now: float) -> None:
+        """Look at the ports now, not at the next refresh, and tell the control plane if
+        they changed (``vspan demo`` does so before it stops)."""
+        self._update_ports(now)
+
     def _update_ports(self, now: float) -> None:
         self._next_refresh = now + self.settings.refresh_interval_s
         if self._refresh is not None:
@@ -205,35 +228,38 @@ class Collector:
                 self._refresh()
             except VspanError as exc:
                 self._count("refresh")
-                if self.errors["refresh"] in (1, 10) or self.errors["refresh"] % 100 == 0:
-                    log.warning("port discovery failed (%d times): %s", self.errors["refresh"], exc)
+                self._logs["refresh"].failure(now, "port discovery failed: %s", exc)
                 return
         ports = self.directory.ports()
         changed = ports != self.ports or not self.steps
         if changed:
             self._apply_ports(ports)
         self.routes.retry()  # destinations whose sender could not start before
-        if self.control is None:
+        if self.sync is None:
             return
-        # Register when the ports change (the reply carries the sessions), else ask for
-        # them, so that sessions created or deleted on the analyzer reach this host within
-        # a refresh interval.
-        control = self.control
-        if changed:
-            reply = self._call("register", lambda: control.register(self.settings.host, ports))
-        else:
-            reply = self._call("sessions", control.session_state)
-        if not isinstance(reply, dict) or not isinstance(doc := reply.get("sessions"), list):
+        # Register when the ports change or the analyzer does not know them (the reply
+        # carries the sessions), else ask for the sessions, so that sessions created or
+        # deleted on the analyzer reach this host within a refresh interval.
+        reply = self.sync.refresh(now, self.settings.host, ports, changed=changed)
+        if reply is not None:
+            self._take_sessions(reply, now)
+
+    def _take_sessions(self, reply: dict[str, Any], now: float) -> None:
+        """Apply the sessions of a control-plane answer when they changed."""
+        doc, total = reply.get("sessions"), reply.get("sessions_total")
+        if not isinstance(doc, list) or (doc, total) == self._session_doc:
             return
-        total = reply.get("sessions_total")
-        if (doc, total) != self._session_doc:
-            parsed = self._call("sessions", lambda: SessionSet.from_json_value(doc))
-            if isinstance(parsed, SessionSet):
-                self._session_doc = (doc, total)
-                self.pushed_sessions = parsed
-                # the analyzer has at least those it sent (all, if it does not say)
-                self.sessions_total = max(total if isinstance(total, int) else 0, len(doc))
-                self._apply_selection()
+        try:
+            parsed = SessionSet.from_json_value(doc)
+        except VspanError as exc:
+            self._count("sessions")
+            self._logs["sessions"].failure(now, "control plane: sessions refused: %s", exc)
+            return
+        self._session_doc = (doc, total)
+        self.pushed_sessions = parsed
+        # the analyzer has at least those it sent (all, if it does not say)
+        self.sessions_total = max(total if isinstance(total, int) else 0, len(doc))
+        self._apply_selection()
 
     def _apply_ports(self, ports: Sequence[Port]) -> None:
         old = {p.name: p for p in self.ports}
@@ -273,56 +299,16 @@ class Collector:
     # --- counters -----------------------------------------------------------------------
 
     def counters(self) -> dict[str, Any]:
-        """Everything counted so far (the heartbeat's body and the stats line's source).
-
-        ``exported`` and ``dropped`` count each captured frame once: exported to some route,
-        else the reason it was not (with the default sender's lost messages). ``sent``
-        counters are the collector's analyzer's; ``destinations`` has those of each session
-        destination, and the frames exported to it.
-        """
-        cap = self.source.counters
-        sent = self.forwarder.sender.counters
-        mirror = self.mirror.counters
-        return {
-            "frames": cap.frames,
-            "bytes": cap.bytes,
-            "truncated": cap.truncated + mirror.truncated + sent.dropped.get("truncated", 0),
-            "kernel_drops": cap.kernel_drops,
-            "sampled_out": cap.sampled_out + mirror.dropped.get("sampled_out", 0),
-            "dropped": {  # frames not sent, by reason (truncated frames were sent)
-                **{k: v for k, v in mirror.dropped.items() if k != "sampled_out"},
-                **{k: v for k, v in sent.dropped.items() if k != "truncated"},
-            },
-            "per_port": dict(cap.per_port),
-            "exported": mirror.exported,
-            "messages_sent": sent.messages_sent,
-            "frames_sent": sent.frames_sent,
-            "bytes_sent": sent.bytes_sent,
-            "ports": len(self.ports),
-            "errors": dict(self.errors),
-            "sessions": len(self.sessions.sessions),
-            "sessions_total": self.sessions_total,
-            "destinations": self.routes.summary(mirror.routes),
-        }
+        """Everything counted so far (``agent_report.counters``)."""
+        return agent_report.counters(self)
 
     def heartbeat(self) -> dict[str, Any]:
         """The heartbeat body of the control plane (``time`` from the wall clock given)."""
-        totals = self.counters()
-        body = heartbeat_payload(self.source.counters, self.wall(), totals["dropped"])
-        body["truncated"] = totals["truncated"]
-        body["sampled_out"] = totals["sampled_out"]
-        return body
+        return agent_report.heartbeat(self)
 
     def stats_line(self) -> str:
-        """One line for the terminal."""
-        c = self.counters()
-        dropped = ", ".join(f"{k} {v}" for k, v in sorted(c["dropped"].items()) if v) or "none"
-        return (
-            f"{self.settings.host}: {c['ports']} ports, captured {c['frames']:,} frames, "
-            f"exported {c['exported']:,}, sent {c['frames_sent']:,} in "
-            f"{c['messages_sent']:,} messages, truncated {c['truncated']:,}, "
-            f"kernel drops {c['kernel_drops']:,}, dropped: {dropped}"
-        )
+        """One line for the terminal (``agent_report.stats_line``)."""
+        return agent_report.stats_line(self)
 
     def sessions_line(self) -> str:
         """What is mirrored, in one line: the sessions in force and the ports they select."""
@@ -341,23 +327,7 @@ class Collector:
 
     def destination_lines(self) -> list[str]:
         """One line per session destination: what went there."""
-        lines = []
-        for url, c in self.counters()["destinations"].items():
-            lost = ", ".join(f"{k} {v}" for k, v in sorted(c["dropped"].items()) if v) or "none"
-            lines.append(
-                f"{self.settings.host} -> {url}: exported {c['exported']:,}, sent "
-                f"{c['frames_sent']:,} in {c['messages_sent']:,} messages, truncated "
-                f"{c['truncated']:,}, dropped: {lost}"
-            )
-        return lines
-
-    def _call(self, kind: str, fn: Any) -> object:
-        try:
-            return fn()
-        except VspanError as exc:
-            self._count(kind)
-            log.warning("control plane %s failed: %s", kind, exc)
-            return None
+        return agent_report.destination_lines(self)
 
     def _count(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1

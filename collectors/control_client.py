@@ -9,8 +9,9 @@ Standard library only (``urllib.request``), so the collector stays light. Every 
 With a ``token`` (the analyzer's ``collector:ID`` token for this collector), every request
 carries it as ``Authorization: Bearer``; without one an analyzer with tokens answers 401.
 
-``status`` is the HTTP status (None when no answer came), so a collector can re-register
-after a 404 (the analyzer restarted) and retry later after a connection error.
+``status`` is the HTTP status (None when no answer came): ``control_sync`` registers again
+after a 404 (the analyzer restarted and does not know the collector) and retries later,
+with backoff, after a connection error or a refusal.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from vspan.collectors.model import CaptureCounters, Port
+from vspan.collectors.model import Port
 from vspan.errors import ConfigError, VspanError
 from vspan.inventory import format_mac
 
-__all__ = ["PREFIX", "ControlClient", "ControlError", "heartbeat_payload", "port_payload"]
+__all__ = ["PREFIX", "ControlClient", "ControlError", "port_payload"]
 
 PREFIX = "/api/v1/control"
 
@@ -52,22 +53,6 @@ def port_payload(port: Port) -> dict[str, Any]:
         "profile": port.profile,
         "ifindex": port.ifindex,
         "bridge": port.bridge,
-    }
-
-
-def heartbeat_payload(
-    counters: CaptureCounters, now: float, dropped: Mapping[str, int] | None = None
-) -> dict[str, Any]:
-    """A capture source's counters as the heartbeat request carries them."""
-    return {
-        "time": now,
-        "frames": counters.frames,
-        "bytes": counters.bytes,
-        "truncated": counters.truncated,
-        "kernel_drops": counters.kernel_drops,
-        "sampled_out": counters.sampled_out,
-        "dropped": dict(dropped or {}),
-        "per_port": dict(counters.per_port),
     }
 
 
@@ -96,7 +81,7 @@ class ControlClient:
         return _object(self._call("POST", "register", body), "register")
 
     def heartbeat(self, counters: Mapping[str, Any]) -> None:
-        """Report capture counters (see ``heartbeat_payload``)."""
+        """Report capture counters (``agent_report.heartbeat``: ``HeartbeatIn``)."""
         self._call("POST", "heartbeat", dict(counters))
 
     def sessions(self) -> list[dict[str, Any]]:
@@ -104,9 +89,10 @@ class ControlClient:
         return _list(self._call("GET", "sessions"), "sessions")
 
     def session_state(self) -> dict[str, Any]:
-        """``{"sessions": [...], "sessions_total": N}``: the SPAN sessions that concern this
-        collector's VMs, and how many the analyzer has for all hosts (absent from older
-        analyzers)."""
+        """``{"sessions": [...], "sessions_total": N, "registered": bool}``: the SPAN sessions
+        that concern this collector's VMs, how many the analyzer has for all hosts, and
+        whether this analyzer has a registration of the collector (the last two absent from
+        older analyzers)."""
         doc = _object(self._call("GET", "sessions"), "sessions")
         _list(doc, "sessions")
         return doc

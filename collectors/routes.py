@@ -25,6 +25,7 @@ from typing import Any
 from vspan.batch import FrameBatch
 from vspan.collectors.forward import (
     DROP_REASONS,
+    LOSS_REASONS,
     Forwarder,
     ForwarderConfig,
     SendCounters,
@@ -35,7 +36,7 @@ from vspan.collectors.forward import (
 )
 from vspan.collectors.sessions import Destination
 
-__all__ = ["DestinationCounters", "Routes", "SenderFactory", "make_sender"]
+__all__ = ["DestinationCounters", "Routes", "SenderFactory", "make_sender", "sender_state"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,19 @@ def make_sender(destination: Destination, max_message: int | None) -> Sender:
     if destination.transport == "tcp":
         return TcpSender(addr, max_message=max_message or 8900)
     return UdpSender(addr, max_message=max_message or 1400)
+
+
+def sender_state(counters: SendCounters) -> str:
+    """A sender's connection for people: empty for UDP; ``connected``; ``connecting, 57
+    failed attempts, last: connection refused``."""
+    if not counters.state:
+        return ""
+    parts = [counters.state]
+    if counters.state == "connecting" and counters.failed_attempts:
+        parts.append(f"{counters.failed_attempts:,} failed attempts")
+    if counters.state != "connected" and counters.last_error:
+        parts.append(f"last: {counters.last_error}")
+    return ", ".join(parts)
 
 
 @dataclass
@@ -67,10 +81,20 @@ class DestinationCounters:
         s.frames_sent += other.frames_sent
         s.bytes_sent += other.bytes_sent
         s.frames_dropped += other.frames_dropped
+        s.waiting += other.waiting
         s.connects += other.connects
         s.errors += other.errors
         for reason in DROP_REASONS:
             s.dropped[reason] += other.dropped.get(reason, 0)
+        for reason in LOSS_REASONS:
+            s.frames_lost[reason] += other.frames_lost.get(reason, 0)
+        s.state, s.failed_attempts = other.state, other.failed_attempts
+        s.last_error = other.last_error
+
+    def lost(self) -> dict[str, int]:
+        """Frames lost on the way to the destination, by reason (``unsent``: its sender could
+        not start)."""
+        return {**self.sent.frames_lost, "unsent": self.unsent}
 
 
 class Routes:
@@ -166,21 +190,25 @@ class Routes:
 
     def summary(self, exported: Mapping[Destination | None, int]) -> dict[str, dict[str, Any]]:
         """``counters`` as plain data keyed by destination URL, with the frames ``exported``
-        to each (the mirror's count by route)."""
+        to each (the mirror's count by route): what was sent, what is ``waiting`` (in the
+        forwarder and the sender), what was ``lost`` (frames, by reason) in how many
+        ``lost_messages``, the sender's state."""
         out = {}
         for destination, c in self.counters().items():
             s = c.sent
+            forwarder = self.forwarders.get(destination)
+            pending = 0 if forwarder is None else forwarder.pending_frames
             out[destination.url] = {
                 "exported": exported.get(destination, 0),
                 "messages_sent": s.messages_sent,
                 "frames_sent": s.frames_sent,
                 "bytes_sent": s.bytes_sent,
                 "truncated": s.dropped["truncated"],
-                "dropped": {
-                    **{k: v for k, v in s.dropped.items() if k != "truncated"},
-                    "unsent": c.unsent,
-                },
-                "running": destination in self.forwarders,
+                "waiting": pending + s.waiting,
+                "lost": c.lost(),
+                "lost_messages": {k: s.dropped[k] for k in LOSS_REASONS},
+                "sender": sender_state(s) if forwarder is not None else "",
+                "running": forwarder is not None,
             }
         return out
 

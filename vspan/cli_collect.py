@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import socket
@@ -190,6 +191,11 @@ def run(args: argparse.Namespace) -> int:
     from vspan.cli_kernels import say
     from vspan.collectors import warmup
 
+    # What the parts log (the control plane unreachable, a TCP connection that cannot be
+    # made, and when they work again) goes to stderr beside the stats lines.
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="vspan collect: %(levelname)s: %(message)s"
+    )
     collector, stats_every = _build(args)
     warmup.warm(say)  # the first run on this machine compiles the kernels, and says so
     stopping: list[int] = []

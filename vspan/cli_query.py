@@ -42,7 +42,7 @@ TOKEN_ENV: Final = "VSPAN_TOKEN"
 _TIMEOUT_S: Final = 30.0
 _BUSY: Final = ("Could not set lock", "different configuration")
 """DuckDB's words when another process (or this one) has the store open for writing."""
-_TIMES: Final = ("first", "last", "time", "last_hit")
+_TIMES: Final = ("first", "last", "time", "last_hit", "heartbeat")
 _TIME_HELP: Final = "ISO 8601, epoch seconds, or before now: 15m, 2h (or --since=-15m)"
 
 
@@ -136,6 +136,8 @@ def _run_query(args: argparse.Namespace) -> int:
         "hits": queries.HIT_COLUMNS, "migrations": queries.MIGRATION_COLUMNS,
         "collectors": (*queries.COLLECTOR_COLUMNS, "capture"),
     }[args.query]  # fmt: skip
+    if args.query == "collectors" and args.format != "json":
+        rows, columns = [_flat_capture(r) for r in rows], (*columns[:-1], *_CAPTURE_COLUMNS)
     render(_frame(rows, columns, args.format), args.format)
     if cursor is not None:
         print(f"vspan {args.command}: more rows: --cursor {cursor}", file=sys.stderr)
@@ -157,6 +159,34 @@ def _local(
         return q.json_rows(q.collectors(store)), None
     run = q.violations if query == "violations" else q.migrations
     return q.json_rows(run(store, **params, now=now)), None
+
+
+_CAPTURE_COLUMNS: Final = (
+    "heartbeat", "captured", "exported", "waiting", "capture_drops", "not_mirrored",
+)  # fmt: skip
+"""A collector's ``capture`` (its latest heartbeat) as columns of a table or CSV."""
+
+
+def _flat_capture(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``collectors`` row with its ``capture`` object as ``_CAPTURE_COLUMNS``: the
+    heartbeat's time, frames captured, exported and waiting, and the frames lost
+    (``capture_drops``) apart from those not mirrored on purpose, each as ``reason=n;...``
+    (the non-zero ones; ``none``)."""
+    capture = row.get("capture") or {}
+    out = {k: v for k, v in row.items() if k != "capture"}
+
+    def reasons(counts: dict[str, int] | None) -> str | None:
+        if counts is None:
+            return None
+        return ";".join(f"{k}={n}" for k, n in sorted(counts.items()) if n) or "none"
+
+    out |= {
+        "heartbeat": capture.get("time"), "captured": capture.get("frames"),
+        "exported": capture.get("exported"), "waiting": capture.get("waiting"),
+        "capture_drops": reasons(capture.get("drops")),
+        "not_mirrored": reasons(capture.get("not_mirrored")),
+    }  # fmt: skip
+    return out
 
 
 def _frame(rows: list[dict[str, Any]], columns: tuple[str, ...], fmt: str) -> pd.DataFrame:

@@ -111,7 +111,10 @@
       return;
     }
     const { collectors } = await get(`${API}/collectors`);
-    const sum = (drops) => Object.values(drops || {}).reduce((a, b) => a + b, 0);
+    const sum = (counts) => Object.values(counts || {}).reduce((a, b) => a + b, 0);
+    // "kernel 3, queue_full 2": the non-zero reasons, for the cell's tooltip
+    const reasons = (counts) => Object.entries(counts || {}).filter(([, n]) => n)
+      .map(([k, n]) => `${k} ${n}`).join(", ") || "none";
     fill($("#collectors tbody"), collectors, (tr, c) => {
       tr.dataset.collector = c.collector_id;
       tr.dataset.loss = c.loss;
@@ -121,7 +124,12 @@
       cell(tr, c.frames, "num");
       cell(tr, c.lost, "num");
       cell(tr, c.kernel, "num");
-      cell(tr, c.capture ? sum(c.capture.drops) : "", "num");
+      const cap = c.capture;
+      tr.dataset.captureDrops = cap ? sum(cap.drops) : "";
+      tr.dataset.notMirrored = cap ? sum(cap.not_mirrored) : "";
+      cell(tr, cap ? sum(cap.drops) : "", "num").title = cap ? reasons(cap.drops) : "";
+      cell(tr, cap ? sum(cap.not_mirrored) : "", "num").title =
+        cap ? reasons(cap.not_mirrored) : "";
       cell(tr, `${(100 * c.loss).toFixed(2)} %`, "num");
       cell(tr, c.invalid, "num");
     });

@@ -11,6 +11,7 @@ import pytest
 from vspan.analysis.endpoints import NicDirectory
 from vspan.analysis.inventory_state import (
     EventKind,
+    Heartbeat,
     InventoryConfig,
     InventoryEvent,
     InventoryState,
@@ -287,15 +288,111 @@ vms:
 def test_conflicting_registrations_are_refused(rec: Recorder) -> None:
     state = rec.state()
     state.register(1, "hv01", [db()], now=1.0)
-    with pytest.raises(RegistrationError, match=r"^host 'hv01' belongs to collector 1, not 2$"):
+    with pytest.raises(
+        RegistrationError,
+        match=r"^host 'hv01' belongs to collector 1, not 2 "
+        r"\(give each collector its own host name; an administrator removes a "
+        r"collector that is gone with DELETE /api/v1/control/collectors/1\)$",
+    ):
         state.register(2, "hv01", [], now=2.0)
-    with pytest.raises(RegistrationError, match=r"^collector 1 is host 'hv01', not 'hv09'$"):
-        state.register(1, "hv09", [], now=2.0)
     with pytest.raises(RegistrationError, match=r"^collector_id 0 out of range 1\.\.4294967295$"):
         state.register(0, "hv00", [], now=2.0)
     with pytest.raises(RegistrationError, match=r"vif 3 used by vnet2 and vnet7$"):
         state.register(3, "hv03", [db(3), app(3)], now=2.0)
-    assert [h.name for h in state.snapshot().hosts] == ["hv01"]
+    state.register(2, "hv02", [app()], now=3.0)
+    with pytest.raises(RegistrationError, match=r"^host 'hv02' belongs to collector 2, not 1 "):
+        state.register(1, "hv02", [db()], now=4.0)  # a rename onto a name taken
+    assert [h.name for h in state.snapshot().hosts] == ["hv01", "hv02"]
+
+
+def test_a_collector_renames_its_host_to_a_free_name(rec: Recorder) -> None:
+    """The README's example without ``--host-name``: two hosts named ``vm``. The second is
+    refused; the first, given its real name, renames its host (its VMs go with it, an event
+    says so), and the second can then have ``vm``."""
+    state = rec.state()
+    state.register(22, "vm", [db()], now=1.0)
+    with pytest.raises(RegistrationError, match=r"^host 'vm' belongs to collector 22, not 11 "):
+        state.register(11, "vm", [app()], now=2.0)
+    state.register(22, "h2", [db()], now=3.0)  # was: "collector 22 is host 'vm', not 'h2'"
+    state.register(11, "vm", [app()], now=4.0)
+    snap = state.snapshot()
+    assert sorted((h.collector_id, h.name) for h in snap.hosts) == [(11, "vm"), (22, "h2")]
+    assert [v.name for v in snap.vms_on("h2")] == ["db-01"]
+    assert snap.resolve_vif(22, 3).host == "h2"  # type: ignore[union-attr]
+    assert [v.name for v in snap.vms_on("vm")] == ["app-01"]
+    renamed = [e for e in rec.events if e.kind == EventKind.HOST_RENAMED]
+    assert [(e.time, e.host, e.detail) for e in renamed] == [(3.0, "h2", "collector 22: vm→h2")]
+    assert rec.moves == []  # a rename is no migration
+    assert state.counters["hosts_renamed"] == 1
+
+
+def test_a_host_of_the_inventory_file_keeps_its_name(rec: Recorder) -> None:
+    state = rec.state()
+    state.add_static(Inventory.loads("hosts:\n  - {name: hv01, collector_id: 1}\n"), 0.0)
+    with pytest.raises(
+        RegistrationError,
+        match=r"^collector 1 is host 'hv01' in the inventory "
+        r"file, not 'vm': a registration does not rename a host the file names$",
+    ):
+        state.register(1, "vm", [], now=1.0)
+
+
+def test_an_administrator_removes_a_collector_and_its_host(rec: Recorder) -> None:
+    state = rec.state()
+    state.register(1, "vm", [*web(), db()], now=1.0)
+    state.record_heartbeat(1, Heartbeat(time=1.0, received=1.5, frames=9))
+    host = state.remove_collector(1, now=2.0)
+    assert (host.name, host.collector_id) == ("vm", 1)
+    snap = state.snapshot()
+    assert (snap.hosts, snap.present_vms()) == ((), ())
+    assert snap.resolve_mac(MAC_DB) is None
+    assert (state.registrations(), state.latest_heartbeats()) == ({}, {})
+    with pytest.raises(UnknownCollectorError):
+        state.collector_view(1)
+    with pytest.raises(UnknownCollectorError):
+        state.remove_collector(1, now=3.0)
+    kinds = [(e.kind, e.vm_name) for e in rec.events if e.time == 2.0]
+    assert kinds == [(EventKind.VM_REMOVED, "web-01"), (EventKind.VM_REMOVED, "db-01"),
+                     (EventKind.HOST_REMOVED, None)]  # fmt: skip
+    state.register(2, "vm", [db()], now=4.0)  # the name is free; db-01 is back, the same VM
+    assert state.snapshot().vm(U_DB).host == "vm"  # type: ignore[union-attr]
+    assert state.counters["hosts_removed"] == 1
+
+
+def test_a_registration_does_not_change_what_the_inventory_file_says(rec: Recorder) -> None:
+    """A collector token could move any VM with any profile: a VM of the file is still seen
+    to migrate, but keeps the file's name and port-profile (counted and logged)."""
+    state = rec.state()
+    state.add_static(Inventory.loads(f"""
+hosts:
+  - {{name: hv01, collector_id: 1}}
+  - {{name: hv02, collector_id: 2}}
+vms:
+  - name: web-01
+    uuid: {U_WEB}
+    host: hv01
+    profile: web
+    nics: [{{mac: "52:54:00:00:00:01", vif: 1}}]
+  - name: db-01
+    uuid: {U_DB}
+    host: hv01
+    nics: [{{mac: "52:54:00:00:00:02", vif: 2}}]
+"""), now=0.0)  # fmt: skip
+    hostile = [PortInfo("web-01", 7, MAC_WEB, U_WEB, "trusted", "vnet7"),
+               PortInfo("renamed-db", 8, MAC_DB, None, "trusted", "vnet8")]  # fmt: skip
+    state.register(2, "hv02", hostile, now=20.0)
+    snap = state.snapshot()
+    web_vm, db_vm = snap.vm(U_WEB), snap.resolve_mac(MAC_DB)
+    assert web_vm is not None
+    assert db_vm is not None
+    assert (web_vm.host, web_vm.profile) == ("hv02", "web")  # moved; the file's profile
+    assert (db_vm.name, db_vm.host, db_vm.profile) == ("db-01", "hv02", None)
+    assert snap.vm("renamed-db") is None
+    assert state.counters["static_overrides_refused"] == 2
+    assert [(m.vm_name, m.to_host) for m in rec.moves] == [("web-01", "hv02"), ("db-01", "hv02")]
+    learned = [PortInfo("app-01", 9, MAC_APP, U_APP, "trusted", "vnet9")]
+    state.register(2, "hv02", [*hostile, *learned], now=30.0)  # a VM only collectors know
+    assert state.snapshot().vm(U_APP).profile == "trusted"  # type: ignore[union-attr]
 
 
 def test_duplicate_mac_across_hosts_is_an_event_and_newest_wins(rec: Recorder) -> None:

@@ -15,10 +15,10 @@ import pytest
 
 from vspan.analysis.inventory_state import InventoryState
 from vspan.api.control import PREFIX, create_control_app
-from vspan.collectors.control_client import ControlClient, ControlError, heartbeat_payload
-from vspan.collectors.model import CaptureCounters, Port
+from vspan.collectors.control_client import ControlClient, ControlError
+from vspan.collectors.model import Port
 from vspan.collectors.sessions import SessionSet
-from vspan.inventory import Host, Vm
+from vspan.inventory import Host, Inventory, Vm
 from vspan_testing.readstore import serve
 
 U_WEB = "6f1c2d9e-0000-4000-8000-000000000001"
@@ -63,7 +63,8 @@ class Served:
         request.add_header("Content-Type", "application/json")
         try:
             with urllib.request.urlopen(request, timeout=5) as response:
-                return response.status, json.loads(response.read())
+                text = response.read()
+                return response.status, json.loads(text) if text else None
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
 
@@ -103,7 +104,7 @@ def test_sessions_and_profiles_feed_the_collectors_session_parser(served: Served
     (selection,) = parsed.selections([WEB])
     assert selection.per_port["vnet0"].snaplen == 128
     assert client.profiles() == [{"name": "web", "rules": []}]
-    want = {"sessions": sessions, "sessions_total": 5}
+    want = {"sessions": sessions, "sessions_total": 5, "registered": True}
     assert served.call("GET", "/collectors/1/sessions") == (200, want)
     assert client.session_state() == want
 
@@ -111,9 +112,10 @@ def test_sessions_and_profiles_feed_the_collectors_session_parser(served: Served
 def test_heartbeat_is_kept_per_collector(served: Served) -> None:
     client = served.client(3)
     client.register("hv03", [])
-    counters = CaptureCounters(frames=10, bytes=900, truncated=1, per_port={"vnet0": 10})
     served.clock.now = 1010.0
-    client.heartbeat(heartbeat_payload(counters, 1009.5, {"ring_full": 2}))
+    client.heartbeat({"time": 1009.5, "frames": 10, "bytes": 900, "truncated": 1,
+                      "drops": {"queue_full": 2}, "not_mirrored": {"duplicates": 4},
+                      "per_port": {"vnet0": 10}})  # fmt: skip
     served.clock.now = 1020.0
     assert served.call("POST", "/collectors/3/heartbeat", {"time": 1019.0, "frames": 12}) == (
         200,
@@ -124,8 +126,22 @@ def test_heartbeat_is_kept_per_collector(served: Served) -> None:
         (1009.5, 1010.0, 10),
         (1019.0, 1020.0, 12),
     ]
-    assert beats[0].dropped == {"ring_full": 2}
+    assert (beats[0].drops, beats[0].not_mirrored) == ({"queue_full": 2}, {"duplicates": 4})
     assert beats[0].per_port == {"vnet0": 10}
+
+
+def test_heartbeats_of_older_collectors_are_sorted_into_losses_and_choices(
+    served: Served,
+) -> None:
+    """A collector from before issue 17 mixes losses and frames left out on purpose in
+    ``dropped``: the analyzer keeps them apart."""
+    served.client(3).register("hv03", [])
+    old = {"time": 1.0, "frames": 90, "kernel_drops": 3, "sampled_out": 5,
+           "dropped": {"duplicates": 40, "filtered": 2, "queue_full": 7}}  # fmt: skip
+    assert served.call("POST", "/collectors/3/heartbeat", old)[0] == 200
+    beat = served.state.heartbeats(3)[-1]
+    assert beat.drops == {"kernel": 3, "queue_full": 7}
+    assert beat.not_mirrored == {"duplicates": 40, "filtered": 2, "sampled_out": 5}
 
 
 def test_inventory_and_migrations_after_a_move(served: Served) -> None:
@@ -232,6 +248,35 @@ def test_collector_id_zero_and_broken_json_are_422(served: Served) -> None:
     assert doc["detail"][0]["type"] == "json_invalid"
 
 
+def test_a_host_renamed_then_removed_by_an_administrator(served: Served) -> None:
+    """Two collectors on hosts both called ``vm`` (the README's example without
+    ``--host-name``): the first renames its host to its real name, which frees ``vm``; an
+    administrator removes a collector that is gone, and its name is free again."""
+    served.client(22).register("vm", [WEB])
+    with pytest.raises(ControlError, match="host 'vm' belongs to collector 22, not 11"):
+        served.client(11).register("vm", [])
+    assert served.client(22).register("h2", [WEB])["host"] == "h2"  # was 409
+    assert served.client(11).register("vm", [DB])["host"] == "vm"
+    hosts = served.call("GET", "/inventory")[1]["hosts"]
+    assert sorted((h["collector_id"], h["name"]) for h in hosts) == [(11, "vm"), (22, "h2")]
+    assert served.call("DELETE", "/collectors/11") == (204, None)
+    reason = {"detail": "collector 11 is not registered; register it first"}
+    assert served.call("DELETE", "/collectors/11") == (404, reason)
+    assert served.call("GET", "/collectors/11/sessions") == (404, reason)
+    assert [h["name"] for h in served.call("GET", "/inventory")[1]["hosts"]] == ["h2"]
+    assert served.client(33).register("vm", [DB])["host"] == "vm"  # the name is free
+
+
+def test_a_host_of_the_inventory_file_is_known_before_it_registers(served: Served) -> None:
+    """An analyzer restarted with an inventory file knows the file's hosts, not their ports:
+    its answer says so, and the collector registers again."""
+    served.state.add_static(Inventory.loads("hosts:\n  - {name: hv01, collector_id: 1}\n"), 0.0)
+    want = {"sessions": [], "sessions_total": 5, "registered": False}
+    assert served.client(1).session_state() == want
+    served.client(1).register("hv01", [WEB])
+    assert served.client(1).session_state()["registered"] is True
+
+
 def test_unknown_collector_is_404_with_a_reason(served: Served) -> None:
     reason = {"detail": "collector 9 is not registered; register it first"}
     assert served.call("POST", "/collectors/9/heartbeat", {"time": 1.0}) == (404, reason)
@@ -252,7 +297,9 @@ def test_client_errors_name_status_and_reason(served: Served) -> None:
         served.client(2).register("hv01", [])
     assert caught.value.status == 409
     assert str(caught.value).endswith(
-        "HTTP 409 Conflict: host 'hv01' belongs to collector 1, not 2"
+        "HTTP 409 Conflict: host 'hv01' belongs to collector 1, not 2 (give each collector its "
+        "own host name; an administrator removes a collector that is gone with DELETE "
+        "/api/v1/control/collectors/1)"
     )
     bad = Port("vnet0", 0, 4096, 0, "x")
     with pytest.raises(ControlError) as caught:

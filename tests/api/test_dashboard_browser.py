@@ -38,6 +38,14 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwrig
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     with serve_views(tmp_path_factory.mktemp("dashboard")) as served:
+        # a collector's heartbeat, as a collector posts it: losses apart from frames left
+        # out on purpose (the panel once summed both as "capture drops")
+        cid = served.get("/api/v1/collectors")["collectors"][0]["collector_id"]
+        beat = {"time": served.source.clock() - 5, "frames": 1000, "exported": 897,
+                "drops": {"kernel": 2, "runts": 1, "queue_full": 0},
+                "not_mirrored": {"duplicates": 60, "unselected": 40}}  # fmt: skip
+        status, doc, _ = served.call("POST", f"/api/v1/control/collectors/{cid}/heartbeat", beat)
+        assert status == 200, doc
         yield served
 
 
@@ -140,6 +148,16 @@ def test_vm_page_collectors_and_violations(served: Served, page: tuple[Any, list
     )  # fmt: skip
     assert shown == [[c["collector_id"], c["loss"]] for c in collectors]
     assert any(loss > 0 for _, loss in shown)
+    capture = p.eval_on_selector_all(
+        "#collectors tbody tr", "els => els.map(e => [Number(e.dataset.collector),"
+        " e.dataset.captureDrops, e.dataset.notMirrored])",
+    )  # fmt: skip
+    reported = [c for c in collectors if c["capture"] is not None]
+    assert [c["capture"]["drops"] for c in reported] == [{"kernel": 2, "runts": 1, "queue_full": 0}]
+    want = {c["collector_id"]: ["3", "100"] for c in reported}  # losses only; left out apart
+    assert {cid: [d, n] for cid, d, n in capture if d} == want
+    headers = p.eval_on_selector_all("#collectors thead th", "els => els.map(e => e.textContent)")
+    assert headers[4:6] == ["capture drops", "not mirrored"]
     violations = served.get("/api/v1/violations?limit=20")["violations"]
     assert p.locator("#violations tbody tr").count() == len(violations) > 0
 

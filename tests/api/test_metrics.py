@@ -30,8 +30,9 @@ from vspan_testing.served import Client
 READ, ADMIN = "metrics-read-0123456789", "metrics-admin-0123456789"
 BOGUS_IDS = range(50_000, 50_200)
 """Collector ids that only ever send invalid messages."""
-BEAT = {"time": 1.0, "frames": 5000, "bytes": 600_000, "truncated": 7, "kernel_drops": 42,
-        "sampled_out": 3, "dropped": {"oversize": 2}}  # fmt: skip
+BEAT = {"time": 1.0, "frames": 5000, "bytes": 600_000, "truncated": 7, "exported": 4700,
+        "waiting": 9, "drops": {"kernel": 42, "queue_full": 2},
+        "not_mirrored": {"duplicates": 250, "sampled_out": 3}}  # fmt: skip
 
 
 @dataclass
@@ -155,14 +156,21 @@ def test_capture_drops_from_heartbeats(live: Live) -> None:
     drops = {
         (s["collector_id"], s["cause"]): v for s, v in got["vspan_collector_capture_drops_total"]
     }
-    assert drops == {(cid, "kernel"): 42.0, (cid, "oversize"): 2.0}
+    assert drops == {(cid, "kernel"): 42.0, (cid, "queue_full"): 2.0}  # losses only
+    left_out = {
+        (s["collector_id"], s["reason"]): v
+        for s, v in got["vspan_collector_frames_not_mirrored_total"]
+    }
+    assert left_out == {(cid, "duplicates"): 250.0, (cid, "sampled_out"): 3.0}
     assert got["vspan_collector_captured_frames_total"] == [({"collector_id": cid}, 5000.0)]
     assert got["vspan_collector_truncated_frames_total"] == [({"collector_id": cid}, 7.0)]
-    assert got["vspan_collector_sampled_out_frames_total"] == [({"collector_id": cid}, 3.0)]
+    assert got["vspan_collector_frames_waiting"] == [({"collector_id": cid}, 9.0)]
     rows = live.served.get("/api/v1/collectors", token=READ)["collectors"]
     capture = {r["collector_id"]: r["capture"] for r in rows}
-    assert capture[int(cid)]["drops"] == {"kernel": 42, "oversize": 2}
-    assert (capture[int(cid)]["frames"], capture[int(cid)]["sampled_out"]) == (5000, 3)
+    assert capture[int(cid)]["drops"] == {"kernel": 42, "queue_full": 2}
+    assert capture[int(cid)]["not_mirrored"] == {"duplicates": 250, "sampled_out": 3}
+    assert (capture[int(cid)]["frames"], capture[int(cid)]["exported"]) == (5000, 4700)
+    assert capture[int(cid)]["time"] == "1970-01-01T00:00:01.000000Z"
     assert all(capture.get(h.collector_id) is None for h in live.cap.hosts[1:])
 
 

@@ -292,9 +292,11 @@ def test_collectors_get_the_api_sessions_and_vms_gone_leave_the_counts(tmp_path:
         assert client.sessions() == [session]
         other = {"name": "other-host", "vms": ["nowhere-*"]}  # selects no VM of this host
         assert served.call("POST", "/api/v1/sessions", other)[0] == 201
-        assert client.session_state() == {"sessions": [session], "sessions_total": 2}
+        want = {"sessions": [session], "sessions_total": 2, "registered": True}
+        assert client.session_state() == want
         assert served.call("DELETE", "/api/v1/sessions/web")[0] == 204
-        assert client.session_state() == {"sessions": [], "sessions_total": 1}
+        want = {"sessions": [], "sessions_total": 1, "registered": True}
+        assert client.session_state() == want
         assert served.call("DELETE", "/api/v1/sessions/other-host")[0] == 204
         assert client.register(host.name, ports)["sessions_total"] == 0
         hosts = {h["name"]: h for h in served.get("/api/v1/hosts")["hosts"]}

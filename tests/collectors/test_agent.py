@@ -100,7 +100,7 @@ def test_frames_too_large_for_a_1500_byte_path_are_truncated_not_split(
     cut = int(np.count_nonzero(expected.caplen > room))
     assert cut > 0
     assert collector.counters()["truncated"] == cut  # sent truncated, not dropped
-    assert "truncated" not in collector.counters()["dropped"]
+    assert set(collector.counters()["lost"].values()) == {0}  # nothing lost
 
 
 class _Control:
@@ -294,7 +294,7 @@ def test_while_sessions_exist_a_host_without_selected_vms_sends_nothing(
     run(c, 0.1)
     assert a.read().marks() == []
     counts = c.counters()
-    assert (counts["exported"], counts["dropped"]["unselected"]) == (0, 2)
+    assert (counts["exported"], counts["not_mirrored"]["unselected"]) == (0, 2)
     assert control.heartbeats
     line = "hv07: SPAN sessions here: none (1 on the analyzer); 0 of 3 VM ports selected"
     assert c.sessions_line() == line
@@ -328,7 +328,7 @@ def test_configured_sessions_select_without_a_control_plane(
     frames.send((OUT, WEB, 53, 1), (DB, APP, 53, 2))
     run(c, 0.1)
     assert a.read().marks() == []
-    assert c.counters()["dropped"]["unselected"] == 2
+    assert c.counters()["not_mirrored"]["unselected"] == 2
 
 
 def test_a_filter_keeps_only_the_frames_it_accepts(analyzers: tuple[Analyzer, Analyzer]) -> None:
@@ -339,7 +339,7 @@ def test_a_filter_keeps_only_the_frames_it_accepts(analyzers: tuple[Analyzer, An
     frames.send((OUT, WEB, 9999, 1), (OUT, WEB, 53, 2), (DB, APP, 9999, 3), (DB, APP, 9998, 4))
     run(c, 0.1)
     assert a.read().marks() == [1, 3]
-    assert c.counters()["dropped"]["filtered"] == 2
+    assert c.counters()["not_mirrored"]["filtered"] == 2
 
 
 ROUTED = """\
@@ -382,13 +382,13 @@ def test_a_destination_gets_its_sessions_frames_on_a_stream_of_its_own(
     assert min(len(a_seqs), len(b_seqs)) > 1
     counts = c.counters()
     assert (counts["exported"], counts["frames_sent"]) == (9, 6)
-    assert counts["dropped"]["filtered"] == 3
-    assert counts["dropped"]["unselected"] == 3
+    assert counts["not_mirrored"]["filtered"] == 3
+    assert counts["not_mirrored"]["unselected"] == 3
     to_b = counts["destinations"][f"udp://127.0.0.1:{b.addr[1]}"]
     assert (to_b["exported"], to_b["frames_sent"], to_b["messages_sent"]) == (6, 6, len(b_seqs))
     lines = c.destination_lines()
     assert lines == [f"hv07 -> udp://127.0.0.1:{b.addr[1]}: exported 6, sent 6 in "
-                     f"{len(b_seqs)} messages, truncated 0, dropped: none"]  # fmt: skip
+                     f"{len(b_seqs)} messages, waiting 0, truncated 0, lost: none"]  # fmt: skip
 
 
 def test_a_destination_naming_the_collectors_analyzer_is_its_stream(
@@ -470,14 +470,14 @@ def test_a_destination_that_cannot_be_opened_counts_its_frames_and_is_retried(
     source.send((OUT, DB, 9999, 1), (OUT, WEB, 1, 2))
     run(c, 0.1)
     dest = f"udp://127.0.0.1:{b.addr[1]}"
-    assert c.counters()["destinations"][dest]["dropped"]["unsent"] == 1
+    assert c.counters()["destinations"][dest]["lost"]["unsent"] == 1
     assert c.routes.start_errors >= 1
     refuse[0] = False
     c.step(2.5, poll_s=0.0)  # the refresh retries it
     source.send((OUT, DB, 9999, 3))
     run(c, 3.0)
     assert (a.read().marks(), b.read().marks()) == ([2], [3])
-    assert c.counters()["destinations"][dest]["dropped"]["unsent"] == 1
+    assert c.counters()["destinations"][dest]["lost"]["unsent"] == 1
 
 
 def test_a_vm_migrating_onto_the_host_is_selected_at_the_next_refresh(

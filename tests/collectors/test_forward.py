@@ -8,6 +8,7 @@ the receiver goes away and comes back; the sender reconnects, its queue bound ho
 from __future__ import annotations
 
 import random
+import re
 import socket
 import threading
 import time
@@ -288,3 +289,50 @@ def test_boot_id_at_counts_quarter_seconds_modulo_2_32_after_the_previous_boot()
     assert boot_id_at(now - 60, after=boot_id_at(now)) == boot_id_at(now) + 1  # clock back
     assert boot_id_at(0.75, after=2**32 - 1) == 3  # after the wrap, 3 is newer
     assert boot_id_at(float(2**30), after=2**32 - 1) == 0  # 2^32 quarters wrap to 0
+
+
+def test_tcp_that_cannot_connect_says_so_and_counts_what_waits(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Nothing listens: the first failure is logged with the address and the reason, later
+    ones at a limited rate; the counters say ``connecting``, the attempts and the frames
+    waiting; the connection made once the analyzer listens is logged, with the count."""
+    closed = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    closed.bind((LOOPBACK, 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    sender = TcpSender((LOOPBACK, port), backoff_initial_s=0.005, backoff_max_s=0.01,
+                       idle_check_s=0.01, log_every_n=1000, log_every_s=3600.0)  # fmt: skip
+    forwarder = Forwarder(ForwarderConfig(collector_id=7), sender, rng=random.Random(1))
+    caplog.set_level("WARNING", logger="vspan.collectors.tcp_sender")
+    forwarder.start()
+    rx = None
+    try:
+        for i in range(3):
+            forwarder.push(batch([100, 100], 2 * i), now=float(i))
+            forwarder.flush()
+        wait_until(lambda: sender.counters.failed_attempts >= 5)
+        c = sender.counters
+        assert (c.state, c.messages_sent, c.waiting) == ("connecting", 0, 6)
+        assert c.last_error == "connection refused (is the analyzer listening on TCP there?)"
+        assert c.frames_lost == dict.fromkeys(("queue_full", "send_error", "stopped"), 0)
+        lines = [r.getMessage() for r in caplog.records]
+        assert re.fullmatch(  # waiting: 0 to 6, as the first attempt came before or after
+            rf"tcp://127\.0\.0\.1:{port}: cannot connect: connection refused \(is the analyzer "
+            r"listening on TCP there\?\); [0246] frames waiting \(the queue keeps 4 MiB at "
+            r"most, the oldest messages go first\)",
+            lines[0],
+        ), lines
+        assert len(lines) == 1  # the next failures wait for the 1,000th or an hour
+        rx = TcpReceiver(port)
+        wait_until(lambda: len(rx.messages) == 3)
+        wait_until(lambda: sender.counters.waiting == 0)
+        assert (sender.counters.state, sender.counters.failed_attempts) == ("connected", 0)
+        last = caplog.records[-1].getMessage()
+        assert last.startswith(f"tcp://127.0.0.1:{port}: connected (after ")
+        assert last.endswith(" failed attempts)")
+    finally:
+        forwarder.stop()
+        if rx is not None:
+            rx.stop()
+    assert sender.counters.state == "stopped"

@@ -297,8 +297,8 @@ def flag_supported(command: str, flag: str) -> bool:
 
 STOPPED = re.compile(
     r"^vspan collect: stopped: (?P<host>\S+)(?: -> (?P<dest>\S+))?: .*?exported (?P<exported>"
-    r"[\d,]+), sent (?P<frames>[\d,]+) in (?P<messages>[\d,]+) messages, .*dropped: "
-    r"(?P<dropped>.*)$",
+    r"[\d,]+), sent (?P<frames>[\d,]+) in (?P<messages>[\d,]+) messages, .*lost: "
+    r"(?P<lost>.*)$",
     re.MULTILINE,
 )
 SESSIONS = re.compile(r"^vspan collect: (?P<line>h\d: (?:no SPAN session|SPAN sessions).*)$", re.M)

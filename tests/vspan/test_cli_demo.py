@@ -106,6 +106,65 @@ def test_the_demo_stops_cleanly_and_summarizes(demo: dict[str, Any]) -> None:
     assert demo["runtime_s"] < DURATION_S + 60
 
 
+FRAMES = re.compile(
+    r"^vspan demo: (?P<captured>[\d,]+) frames captured on VM ports, (?P<mirrored>[\d,]+) "
+    r"mirrored \((?P<left_out>[\d,]+) not mirrored on purpose(?:: (?P<reasons>[^;)]+))?"
+    r"(?:; [^)]*)?\), (?P<sent>[\d,]+) sent, lost: (?P<lost>[^;]+); (?P<received>[\d,]+) "
+    r"received$"
+)
+STORED = re.compile(
+    r"^vspan demo: (?P<flows>[\d,]+) flows stored, (?P<denied>[\d,]+) violating the "
+    r"port-profiles; (?P<simulated>\d+) live migrations simulated, (?P<recorded>\d+) recorded "
+    r"by the analyzer(?P<why> \(.*\))?$"
+)
+
+
+def _n(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def test_the_summary_adds_up_and_says_only_what_is_true(demo: dict[str, Any]) -> None:
+    """Was: "42,797 captured, 39,126 sent" without saying why, and "10 live migrations
+    simulated, 9 recorded" without saying why either."""
+    frames = FRAMES.match(demo["stdout"][-2].rstrip("\n"))
+    assert frames is not None, demo["stdout"][-2:]
+    left_out = {k: _n(v) for k, v in re.findall(r"(\w+) ([\d,]+)", frames["reasons"] or "")}
+    assert sum(left_out.values()) == _n(frames["left_out"])
+    assert set(left_out) <= {"duplicates", "unselected", "filtered", "sampled_out"}
+    assert _n(frames["captured"]) == _n(frames["mirrored"]) + _n(frames["left_out"])
+    assert frames["lost"] == "none"
+    assert _n(frames["sent"]) == _n(frames["mirrored"]) == _n(frames["received"])
+    stored = STORED.match(demo["stdout"][-1].rstrip("\n"))
+    assert stored is not None, demo["stdout"][-1]
+    with Store(Path(demo["data"]), read_only=True) as store:
+        flows = store.query_flows(limit=None)
+        moves = store.query_migrations(limit=None)
+    assert _n(stored["flows"]) == len(flows)
+    assert _n(stored["denied"]) == int((flows["policy_verdict"] == "deny").sum())
+    assert int(stored["recorded"]) == len(moves)
+    if int(stored["recorded"]) != int(stored["simulated"]):  # a difference is explained
+        assert stored["why"], stored[0]
+
+
+def test_a_second_run_on_the_same_data_dir_counts_its_own_flows(tmp_path: Path) -> None:
+    """``--data-dir`` kept: the summary counts what this run stored, not the folder's."""
+    data = tmp_path / "data"
+    argv = [sys.executable, "-m", "vspan.cli", "demo", "--duration", "3", "--hosts", "2",
+            "--vms-per-host", "3", "--http", "127.0.0.1:0", "--data-dir", str(data),
+            "--migrate-every", "30"]  # fmt: skip
+    counted = []
+    for _ in range(2):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        stored = STORED.match(done.stdout.splitlines()[-1])
+        assert stored is not None, done.stdout
+        counted.append((_n(stored["flows"]), int(stored["recorded"])))
+    with Store(data, read_only=True) as store:
+        total = (len(store.query_flows(limit=None)), len(store.query_migrations(limit=None)))
+    assert counted[1][0] > 0
+    assert (sum(f for f, _ in counted), sum(m for _, m in counted)) == total
+
+
 def test_flows_violations_and_migrations_are_stored(demo: dict[str, Any]) -> None:
     with Store(Path(demo["data"]), read_only=True) as store:
         flows = store.query_flows(limit=None)

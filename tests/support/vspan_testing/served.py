@@ -99,7 +99,7 @@ def serve_views(
         if read_api:
             from vspan.api.app import install_read_api
 
-            install_read_api(app, store=store, now=source.clock)
+            install_read_api(app, store=store, now=source.clock, heartbeats=state.latest_heartbeats)
         sessions = install_views(app, source)
         install_control(
             app,
