@@ -27,17 +27,17 @@ from typing import TYPE_CHECKING, Literal, TypeVar, cast
 import numpy as np
 import numpy.typing as npt
 
-from vspan.analysis.columns import Decoded, Layer, Status
 from vspan.analysis.decode import decode_batch
-from vspan.analysis.endpoints import EndpointResolver
-from vspan.analysis.flowkeys import usable
-from vspan.analysis.flows import Finished, FlowConfig, FlowTable
-from vspan.analysis.hostnames import HostNames
-from vspan.analysis.records import flow_table
-from vspan.analysis.recordtable import RecordTable
+from vspan.analysis.decode.columns import Decoded, Layer, Status
+from vspan.analysis.flows.endpoints import EndpointResolver
+from vspan.analysis.flows.keys import usable
+from vspan.analysis.flows.table import Finished, FlowConfig, FlowTable
+from vspan.analysis.records.build import flow_table
+from vspan.analysis.records.hostnames import HostNames
+from vspan.analysis.records.table import RecordTable
 from vspan.batch import FrameBatch
 from vspan.inventory import InventoryView
-from vspan.pcapfile import CaptureReader
+from vspan.pcap.read import CaptureReader
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -19,13 +19,12 @@ from typing import Any, Final, Literal
 
 import pandas as pd
 
+from vspan.analysis.store.queries import json_rows, parse_time
+from vspan.analysis.store.schema import quote, vm_key
+from vspan.analysis.store.sql import FLOWS_SQL, flows_where
+from vspan.analysis.store.store import Store
 from vspan.errors import ConfigError
 from vspan.inventory import InventoryView, Vm, format_mac
-
-from .queries import json_rows, parse_time
-from .store import Store
-from .store_schema import quote, vm_key
-from .store_sql import FLOWS_SQL, flows_where
 
 __all__ = [
     "EXTERNAL",

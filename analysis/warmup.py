@@ -1,5 +1,5 @@
 """The analyzer's kernel workload: every call of a kernel the analyzer and ``vspan report``
-make, with the argument types they make it with (``vspan._kernels.warm`` runs it once per
+make, with the argument types they make it with (``vspan.kernels.warm`` runs it once per
 machine to fill the kernel cache; ``tests/vspan/test_kernels.py`` checks it misses none).
 
 It goes through ``vspan report`` over pcapng and classic pcap (with and without an
@@ -23,7 +23,7 @@ ROLE = "analyzer"
 
 def warm(say: Any = None) -> float | None:
     """Compile the analyzer's kernels unless the cache has them (see ``_kernels.warm``)."""
-    from vspan import _kernels
+    from vspan import kernels as _kernels
 
     return _kernels.warm(ROLE, run, say)
 
@@ -31,16 +31,16 @@ def warm(say: Any = None) -> float | None:
 def run() -> None:
     """Call every analyzer kernel the way vspan does."""
     from vspan.analysis.decode import decode_batch
-    from vspan.analysis.endpoints import EndpointResolver
-    from vspan.analysis.engine import Engine, EngineConfig, warm_up
-    from vspan.analysis.flowkeys import usable
-    from vspan.analysis.flows import FlowTable
+    from vspan.analysis.flows.endpoints import EndpointResolver
+    from vspan.analysis.flows.keys import usable
+    from vspan.analysis.flows.table import FlowTable
+    from vspan.analysis.records.textrows import TEXT_FORMATS, text_blocks
     from vspan.analysis.report import analyze_captures
-    from vspan.analysis.ring_comments import epb_comments
-    from vspan.analysis.textrows import TEXT_FORMATS, text_blocks
+    from vspan.analysis.ring.comments import epb_comments
+    from vspan.analysis.service.engine import Engine, EngineConfig, warm_up
     from vspan.inventory import Inventory
-    from vspan.pcapfile import CaptureReader
-    from vspan.pcapwrite import PcapngWriter
+    from vspan.pcap.read import CaptureReader
+    from vspan.pcap.write import PcapngWriter
     from vspan.synth import generate_small, write_capture, write_inventory_yaml
 
     capture = generate_small()
@@ -83,12 +83,12 @@ def _live(tmp: Path, capture: Any, inventory: Any) -> None:
     """What the live analyzer runs beyond ``vspan report``: the packet ring (its index), the
     open flows copied and turned into records, as the store writer does."""
     from vspan.analysis.decode import decode_batch
-    from vspan.analysis.endpoints import EndpointResolver
-    from vspan.analysis.engine import warm_batch
-    from vspan.analysis.flows import FlowTable
-    from vspan.analysis.records import HostNames, flow_table
-    from vspan.analysis.ring import PacketRing
-    from vspan.analysis.ring_feeder import compact
+    from vspan.analysis.flows.endpoints import EndpointResolver
+    from vspan.analysis.flows.table import FlowTable
+    from vspan.analysis.records.build import HostNames, flow_table
+    from vspan.analysis.ring.feeder import compact
+    from vspan.analysis.ring.ring import PacketRing
+    from vspan.analysis.service.engine import warm_batch
 
     ring = PacketRing(tmp / "ring", inventory=inventory)
     ring.start()

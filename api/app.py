@@ -11,7 +11,7 @@ import time
 
 from fastapi import FastAPI
 
-from vspan.analysis.store import Store
+from vspan.analysis.store.store import Store
 from vspan.api.auth import AccessPolicy
 from vspan.api.deps import Clock, CounterSamples, Heartbeats
 from vspan.api.gate import install_gate

@@ -30,7 +30,7 @@ from typing import Annotated
 from fastapi import APIRouter, FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from vspan.analysis.inventory_state import (
+from vspan.analysis.inventory.state import (
     MAX_COLLECTOR_ID,
     InventoryState,
     RegistrationError,

@@ -20,8 +20,8 @@ from typing import Annotated, Any, Generic, TypeVar
 import pandas as pd
 from fastapi import Depends, Request
 
-from vspan.analysis.inventory_state import Heartbeat, InventoryState
-from vspan.analysis.store import Store
+from vspan.analysis.inventory.state import Heartbeat, InventoryState
+from vspan.analysis.store.store import Store
 from vspan.inventory import Host, Vm
 
 T = TypeVar("T")
@@ -61,7 +61,7 @@ __all__ = [
 ]
 
 SessionsFor = Callable[[Host, Sequence[Vm]], Sequence[Mapping[str, Any]]]
-"""The SPAN sessions (JSON objects, ``vspan.collectors.sessions`` fields) that concern the
+"""The SPAN sessions (JSON objects, ``vspan.sessions`` fields) that concern the
 given VMs of a host."""
 SessionsTotal = Callable[[], int]
 """How many SPAN sessions exist, for all hosts."""

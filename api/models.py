@@ -15,7 +15,7 @@ from typing import Literal, Self, TypeVar
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
-from vspan.analysis.queries import FlowPage, json_rows
+from vspan.analysis.store.queries import FlowPage, json_rows
 
 __all__ = [
     "CaptureOut",

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator, model_validator
 
-from vspan.analysis.inventory_state import Heartbeat, InventorySnapshot, Migration, PortInfo
+from vspan.analysis.inventory.state import Heartbeat, InventorySnapshot, Migration, PortInfo
 from vspan.inventory import MAX_VIF, Host, Vm, format_mac
 
 __all__ = [
@@ -190,7 +190,7 @@ class HeartbeatOut(BaseModel):
 
 
 class SessionsOut(BaseModel):
-    """The SPAN sessions that concern a collector's VMs (``vspan.collectors.sessions``)."""
+    """The SPAN sessions that concern a collector's VMs (``vspan.sessions``)."""
 
     sessions: list[dict[str, Any]]
     sessions_total: int = Field(0, description=_TOTAL)

@@ -142,7 +142,7 @@ class MatrixOut(BaseModel):
 
 
 class SessionOut(BaseModel):
-    """A SPAN session: the fields of ``vspan.collectors.sessions``."""
+    """A SPAN session: the fields of ``vspan.sessions``."""
 
     model_config = ConfigDict(extra="allow")
     name: str

@@ -10,8 +10,8 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from vspan.analysis.service import Analyzer
-from vspan.analysis.span_sessions import SessionStore
+from vspan.analysis.inventory.span_sessions import SessionStore
+from vspan.analysis.service.analyzer import Analyzer
 from vspan.api.app import install_read_api
 from vspan.api.auth import AccessPolicy
 from vspan.api.control import install_control

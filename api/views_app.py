@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from vspan.analysis.span_sessions import SessionStore
+from vspan.analysis.inventory.span_sessions import SessionStore
 from vspan.api.dashboard import install_dashboard
 from vspan.api.routers import hosts, matrix, metrics, pcap, profiles, sessions, top, vms
 from vspan.api.routers.predictions import router as predictions_router

@@ -15,10 +15,10 @@ from typing import Annotated, Any, Protocol
 
 from fastapi import Depends
 
-from vspan.analysis.inventory_state import InventoryState
-from vspan.analysis.policy import PolicySet
-from vspan.analysis.span_sessions import SessionStore
-from vspan.analysis.store import Store
+from vspan.analysis.inventory.span_sessions import SessionStore
+from vspan.analysis.inventory.state import InventoryState
+from vspan.analysis.policy.profiles import PolicySet
+from vspan.analysis.store.store import Store
 from vspan.api.deps import AppContext
 
 __all__ = [

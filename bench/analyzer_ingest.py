@@ -37,17 +37,17 @@ import numpy as np
 import numpy.typing as npt
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests" / "support")]
+sys.path[:0] = [str(REPO / "tests" / "support")]  # vspan itself as installed
 
-from vspan.analysis.accounting import Accounting  # noqa: E402
-from vspan.analysis.columns import IPV4_MAPPED_PREFIX  # noqa: E402
-from vspan.analysis.endpoints import EndpointResolver, Endpoints  # noqa: E402
-from vspan.analysis.engine import Engine, warm_up  # noqa: E402
-from vspan.analysis.flows import FlowTable  # noqa: E402
-from vspan.analysis.ingest import ingest  # noqa: E402
-from vspan.analysis.receivers import Chunk, UdpReceiver  # noqa: E402
+from vspan.analysis.decode.columns import IPV4_MAPPED_PREFIX  # noqa: E402
+from vspan.analysis.flows.endpoints import EndpointResolver, Endpoints  # noqa: E402
+from vspan.analysis.flows.table import FlowTable  # noqa: E402
+from vspan.analysis.ingest.accounting import Accounting  # noqa: E402
+from vspan.analysis.ingest.messages import ingest  # noqa: E402
+from vspan.analysis.ingest.receivers import Chunk, UdpReceiver  # noqa: E402
+from vspan.analysis.service.engine import Engine, warm_up  # noqa: E402
 from vspan.synth import generate  # noqa: E402
-from vspan.tunnel import encode_message  # noqa: E402
+from vspan.wire.tunnel import encode_message  # noqa: E402
 from vspan_testing.decoded import decoded  # noqa: E402
 
 FRAMES_PER_MESSAGE = 64

@@ -44,8 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "support"))
 
-from vspan.collectors.afpacket import AfPacketConfig, AfPacketSource  # noqa: E402
-from vspan.collectors.model import Port  # noqa: E402
+from vspan.collectors.capture.afpacket import AfPacketConfig, AfPacketSource  # noqa: E402
+from vspan.inventory import Port  # noqa: E402
 from vspan_testing.netlab import Lab, in_netns, lab_unavailable  # noqa: E402
 
 SENDER = r"""

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's vspan
-
 from vspan.analysis.decode import decode_batch
-from vspan.analysis.export import strip_tags
+from vspan.analysis.ring.export import strip_tags
 from vspan.batch import FrameBatch
 from vspan.synth import generate, write_capture, write_inventory_yaml
 

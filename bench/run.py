@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     capture, inventory = _ensure_capture(args)
     packets = _count_packets(capture)
     wanted = set(args.tools.split(","))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}  # the checkout's vspan, not a stale install
+    env = dict(os.environ)  # vspan as installed (./run.sh bench installs the checkout first)
     rows: list[tuple[Tool, Result]] = []
     with tempfile.TemporaryDirectory(prefix="vspan-bench-") as tmp:
         ctx = Context(capture=capture, inventory=inventory, tmp=Path(tmp), env=env)

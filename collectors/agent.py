@@ -31,13 +31,14 @@ import numpy as np
 
 from vspan.collectors import agent_report
 from vspan.collectors._ratelog import RateLimitedLog
-from vspan.collectors.control_sync import ControlPlane, ControlSync, ControlSyncConfig
-from vspan.collectors.forward import Forwarder, ForwarderConfig, Sender
+from vspan.collectors.control.sync import ControlPlane, ControlSync, ControlSyncConfig
+from vspan.collectors.forward.forwarder import Forwarder, ForwarderConfig, Sender
+from vspan.collectors.forward.routes import Routes, SenderFactory, make_sender
 from vspan.collectors.mirror import Mirror
-from vspan.collectors.model import CaptureSource, Port, PortBatch, PortDirectory
-from vspan.collectors.routes import Routes, SenderFactory, make_sender
-from vspan.collectors.sessions import Destination, Selection, SessionSet
+from vspan.collectors.model import CaptureSource, PortBatch, PortDirectory
 from vspan.errors import VspanError
+from vspan.inventory import Port
+from vspan.sessions import Destination, Selection, SessionSet
 
 __all__ = ["Collector", "CollectorSettings", "PortAware"]
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
-from vspan.collectors.forward import LOSS_REASONS
-from vspan.collectors.routes import sender_state
+from vspan.collectors.forward.forwarder import LOSS_REASONS
+from vspan.collectors.forward.routes import sender_state
 
 if TYPE_CHECKING:
     from vspan.collectors.agent import Collector

@@ -19,7 +19,7 @@
       kind: bridge                   # static | libvirt | ovs | bridge
       bridges: [br0]
       uplinks: [eth*]
-    sessions:                        # SPAN sessions (collectors/sessions.py); while any exists,
+    sessions:                        # SPAN sessions (vspan/sessions.py); while any exists,
       - name: web                    # here or on the analyzer, only selected VMs are mirrored
         vms: ["web-*"]
         direction: both
@@ -32,11 +32,10 @@ import os
 import socket
 from dataclasses import dataclass
 
-from vspan.analysis.config import parse_address
 from vspan.collectors.model import PortDirectory
-from vspan.collectors.sessions import SessionSet
 from vspan.errors import ConfigError
-from vspan.yamlconf import Node, load_file
+from vspan.sessions import SessionSet
+from vspan.yamlconf import Node, load_file, parse_address
 
 __all__ = ["CollectorFile", "default_state_dir", "read_key_file"]
 
@@ -152,7 +151,7 @@ class CollectorFile:
 
     def directory(self) -> PortDirectory:
         """The port source the ``discovery:`` section names (a ``ConfigError`` if none)."""
-        from vspan.collectors.discovery import source_from_config
+        from vspan.collectors.discovery.ports import source_from_config
 
         if self.discovery is None:
             raise ConfigError("missing 'discovery' section: where do the VM ports come from?")

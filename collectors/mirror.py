@@ -56,11 +56,11 @@ import numpy as np
 import numpy.typing as npt
 
 from vspan.batch import FrameBatch, LinkType
-from vspan.collectors.model import Port, PortBatch
-from vspan.collectors.sessions import Destination, Selection
-from vspan.inventory import MAX_VIF
-from vspan.tunnel_batch import GATHER_STEP, gather_runs
-from vspan.vntag import VNTAG_LEN, EtherType, encode_vntag_array
+from vspan.collectors.model import PortBatch
+from vspan.inventory import MAX_VIF, Port
+from vspan.sessions import Destination, Selection
+from vspan.wire.tunnel_batch import GATHER_STEP, gather_runs
+from vspan.wire.vntag import VNTAG_LEN, EtherType, encode_vntag_array
 
 __all__ = [
     "DROP_REASONS",

@@ -15,32 +15,9 @@ import numpy as np
 import numpy.typing as npt
 
 from vspan.batch import FrameBatch
+from vspan.inventory import Port
 
-__all__ = ["CaptureCounters", "CaptureSource", "Port", "PortBatch", "PortDirectory"]
-
-
-@dataclass(frozen=True, slots=True)
-class Port:
-    """A vswitch port that belongs to a VM's vNIC."""
-
-    name: str
-    """Interface name on the host (``vnet3``, ``veth-web1``, ``tap...``)."""
-    ifindex: int
-    """Kernel interface index (0 for sources without one, such as pcap replay)."""
-    vif: int
-    """Virtual interface id 1..4095, stable across collector restarts."""
-    mac: int
-    """The VM's MAC on this vNIC (48-bit), 0 when unknown."""
-    vm_name: str
-    vm_uuid: str | None = None
-    profile: str | None = None
-    """Port-profile of the VM."""
-    bridge: str | None = None
-    """The vswitch (Linux bridge or OVS bridge) the port is on."""
-    iface_id: str | None = None
-    """The interface's own id where the vswitch has one (Open vSwitch
-    ``external_ids:iface-id``: libvirt's interface UUID, a Neutron port, an OVN logical
-    port); it stays the same when the VM moves, so the vif is kept under it."""
+__all__ = ["CaptureCounters", "CaptureSource", "PortBatch", "PortDirectory"]
 
 
 @dataclass(frozen=True, slots=True, eq=False)

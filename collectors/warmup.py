@@ -1,7 +1,7 @@
 """The collector's kernel workload: every kernel call ``vspan collect`` makes, with the
 argument types it makes it with — the AF_PACKET ring walk, the sessions' packet filters,
 and the capture-file reader of ``--replay`` (pcapng and classic pcap). Run once per machine
-by ``vspan._kernels.warm`` to fill the kernel cache; imports neither pandas nor the analyzer.
+by ``vspan.kernels.warm`` to fill the kernel cache; imports neither pandas nor the analyzer.
 """
 
 from __future__ import annotations
@@ -25,17 +25,18 @@ ROLE = "collector"
 
 def warm(say: Any = None) -> float | None:
     """Compile the collector's kernels unless the cache has them (``_kernels.warm``)."""
-    from vspan import _kernels
+    from vspan import kernels as _kernels
 
     return _kernels.warm(ROLE, run, say, about="a few seconds")
 
 
 def run() -> None:
     """Call every collector kernel the way vspan does."""
+    from vspan import bpf
     from vspan.batch import FrameBatch
-    from vspan.collectors import _tpacket, bpf
-    from vspan.pcapfile import CaptureReader
-    from vspan.pcapwrite import PcapngWriter, PcapWriter
+    from vspan.collectors.capture import _tpacket
+    from vspan.pcap.read import CaptureReader
+    from vspan.pcap.write import PcapngWriter, PcapWriter
 
     _tpacket._compile_kernels()
     bpf.warm_up()

@@ -32,7 +32,17 @@ import numpy.typing as npt
 
 from vspan.yamlconf import Node, load, load_file
 
-__all__ = ["MAX_VIF", "Host", "Inventory", "InventoryView", "Nic", "NicIndex", "Vm", "format_mac"]
+__all__ = [
+    "MAX_VIF",
+    "Host",
+    "Inventory",
+    "InventoryView",
+    "Nic",
+    "NicIndex",
+    "Port",
+    "Vm",
+    "format_mac",
+]
 
 MAX_VIF = 4095
 """Largest vif: the VN-Tag's svif field has 12 bits."""
@@ -42,6 +52,30 @@ def format_mac(mac: int) -> str:
     """``0x525400000001`` → ``52:54:00:00:00:01``."""
     raw = f"{mac:012x}"
     return ":".join(raw[i : i + 2] for i in range(0, 12, 2))
+
+
+@dataclass(frozen=True, slots=True)
+class Port:
+    """A vswitch port that belongs to a VM's vNIC."""
+
+    name: str
+    """Interface name on the host (``vnet3``, ``veth-web1``, ``tap...``)."""
+    ifindex: int
+    """Kernel interface index (0 for sources without one, such as pcap replay)."""
+    vif: int
+    """Virtual interface id 1..4095, stable across collector restarts."""
+    mac: int
+    """The VM's MAC on this vNIC (48-bit), 0 when unknown."""
+    vm_name: str
+    vm_uuid: str | None = None
+    profile: str | None = None
+    """Port-profile of the VM."""
+    bridge: str | None = None
+    """The vswitch (Linux bridge or OVS bridge) the port is on."""
+    iface_id: str | None = None
+    """The interface's own id where the vswitch has one (Open vSwitch
+    ``external_ids:iface-id``: libvirt's interface UUID, a Neutron port, an OVN logical
+    port); it stays the same when the VM moves, so the vif is kept under it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +115,7 @@ class Vm:
 
 class InventoryView(Protocol):
     """What readers of an inventory use: the static ``Inventory`` and the analyzer's live
-    snapshot (``vspan.analysis.inventory_snapshot``) both provide it."""
+    snapshot (``vspan.analysis.inventory.snapshot``) both provide it."""
 
     @property
     def hosts(self) -> tuple[Host, ...]: ...

@@ -15,8 +15,9 @@ from typing import Any
 import yaml
 
 from vspan.errors import ConfigError
+from vspan.wire.tunnel import DEFAULT_PORT
 
-__all__ = ["Node", "load", "load_file"]
+__all__ = ["Node", "load", "load_file", "parse_address"]
 
 _LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 """libyaml's C parser when PyYAML was built with it (the wheels are), else pure Python."""
@@ -145,3 +146,13 @@ def load_file(path: str) -> Node:
     except OSError as exc:
         raise ConfigError(f"cannot read: {exc.strerror}", path=path) from exc
     return load(text, path)
+
+
+def parse_address(text: str, *, field: str = "address") -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6; port 0: the kernel chooses) → (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(
+            f"expected ADDR:PORT (e.g. 127.0.0.1:{DEFAULT_PORT}), got {text!r}", field=field
+        )
+    return host.strip("[]"), int(port)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from vspan.analysis.capture_counters import with_capture
-from vspan.analysis.queries import collectors
+from vspan.analysis.inventory.capture_counters import with_capture
+from vspan.analysis.store.queries import collectors
 from vspan.api.deps import CountersDep, HeartbeatsDep
 from vspan.api.models import CollectorRow, CollectorsOut, rows_of
 from vspan.api.routers import PREFIX

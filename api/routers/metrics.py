@@ -12,7 +12,7 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 
-from vspan.analysis.prometheus import AnalyzerCollector
+from vspan.analysis.service.prometheus import AnalyzerCollector
 from vspan.api.views_deps import SourceDep
 
 __all__ = ["router"]

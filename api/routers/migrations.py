@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from vspan.analysis.queries import DEFAULT_LIMIT, migrations
+from vspan.analysis.store.queries import DEFAULT_LIMIT, migrations
 from vspan.api.deps import NowDep, StoreDep
 from vspan.api.models import MigrationHistoryOut, MigrationRow, rows_of
 from vspan.api.routers import INVALID, PREFIX, Since, Until, VmFilter, unprocessable

@@ -16,7 +16,7 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse
 from starlette.background import BackgroundTask
 
-from vspan.analysis.export import ExportError, export
+from vspan.analysis.ring.export import ExportError, export
 from vspan.analysis.views import window
 from vspan.api.routers import INVALID, PREFIX, Since, Until, unprocessable
 from vspan.api.views_deps import SourceDep

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from vspan.analysis.queries import DEFAULT_LIMIT, policy_hits, violations
+from vspan.analysis.store.queries import DEFAULT_LIMIT, policy_hits, violations
 from vspan.api.deps import NowDep, StoreDep
 from vspan.api.models import FlowRow, PolicyHitRow, PolicyHitsOut, ViolationsOut, rows_of
 from vspan.api.routers import INVALID, PREFIX, Since, Until, VmFilter, unprocessable

@@ -19,11 +19,11 @@ from typing import Annotated, Any, Final, Literal
 import pandas as pd
 from fastapi import APIRouter, HTTPException, Query
 
-from vspan.analysis import predict_views as pv
 from vspan.analysis import views
-from vspan.analysis.forecast import ForecastConfig
-from vspan.analysis.placement import Constraints
-from vspan.analysis.whatif import Move
+from vspan.analysis.predict import views as pv
+from vspan.analysis.predict.forecast import ForecastConfig
+from vspan.analysis.predict.placement import Constraints
+from vspan.analysis.predict.whatif import Move
 from vspan.api.models_predict import (
     Band,
     ForecastOut,

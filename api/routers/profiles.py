@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from vspan.analysis.policy_acl import format_rule
+from vspan.analysis.policy.acl import format_rule
 from vspan.api.routers import PREFIX
 from vspan.api.views_deps import SourceDep
 

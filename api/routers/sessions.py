@@ -2,7 +2,7 @@
 
 ``GET /sessions``, ``GET /sessions/{name}``, ``POST /sessions`` (201; 409 if the name is
 taken), ``PUT /sessions/{name}`` (404 if none), ``DELETE /sessions/{name}`` (204). Bodies
-are the JSON fields of ``vspan.collectors.sessions``; one that does not validate (a
+are the JSON fields of ``vspan.sessions``; one that does not validate (a
 ``filter`` libpcap rejects included) is a 422 whose detail names the field and says why
 (``filter: bad capture filter 'udp port x': ...``). Collectors apply a change within their
 refresh interval; while any session exists, a collector mirrors only what sessions select.
@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, HTTPException, Response
 
-from vspan.analysis.span_sessions import SessionConflictError, UnknownSessionError
+from vspan.analysis.inventory.span_sessions import SessionConflictError, UnknownSessionError
 from vspan.api.models_views import SessionOut, SessionsListOut
 from vspan.api.routers import PREFIX
 from vspan.api.views_deps import SessionsStoreDep

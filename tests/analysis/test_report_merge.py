@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vspan.analysis.report import analyze_captures, time_merge
-from vspan.cli_report import _summary
+from vspan.cli.report import _summary
 from vspan.inventory import Inventory
-from vspan.pcapwrite import PcapngWriter
+from vspan.pcap.write import PcapngWriter
 from vspan.synth import SynthCapture, generate_small, write_inventory_yaml
 from vspan_testing.decoded import decoded
 from vspan_testing.tshark import SHARED_PCAPS

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from vspan.batch import FrameBatch
-from vspan.pcapwrite import PcapngWriter
+from vspan.pcap.write import PcapngWriter
 from vspan.synth import generate_small
 
 US = 1_000

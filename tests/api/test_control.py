@@ -13,12 +13,11 @@ from typing import Any
 
 import pytest
 
-from vspan.analysis.inventory_state import InventoryState
+from vspan.analysis.inventory.state import InventoryState
 from vspan.api.control import PREFIX, create_control_app
-from vspan.collectors.control_client import ControlClient, ControlError
-from vspan.collectors.model import Port
-from vspan.collectors.sessions import SessionSet
-from vspan.inventory import Host, Inventory, Vm
+from vspan.collectors.control.client import ControlClient, ControlError
+from vspan.inventory import Host, Inventory, Port, Vm
+from vspan.sessions import SessionSet
 from vspan_testing.readstore import serve
 
 U_WEB = "6f1c2d9e-0000-4000-8000-000000000001"

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from vspan.analysis.config import AnalyzerConfig
-from vspan.analysis.service import Analyzer
+from vspan.analysis.service.analyzer import Analyzer
+from vspan.analysis.service.config import AnalyzerConfig
 from vspan.api.server import HttpServer, create_app
-from vspan.collectors.control_client import ControlClient
+from vspan.collectors.control.client import ControlClient
 from vspan.synth import SynthCapture, generate_small, write_inventory_yaml
-from vspan.tunnel import encode_message
+from vspan.wire.tunnel import encode_message
 from vspan_testing.hosts import replay_hosts
 from vspan_testing.served import Client
 

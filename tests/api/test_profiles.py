@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vspan.analysis.policy import load_policy
+from vspan.analysis.policy.profiles import load_policy
 from vspan_testing.served import Served, serve_views
 
 PROFILES = Path(__file__).resolve().parents[2] / "docs" / "examples" / "profiles.yaml"

@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 from fastapi import FastAPI
 
-from vspan.analysis.persist import hit_rows
-from vspan.analysis.queries import (
+from vspan.analysis.store.persist import hit_rows
+from vspan.analysis.store.queries import (
     COLLECTOR_COLUMNS,
     FLOW_COLUMNS,
     HIT_COLUMNS,
@@ -26,7 +26,7 @@ from vspan.analysis.queries import (
     json_rows,
     policy_hits,
 )
-from vspan.analysis.store import Store
+from vspan.analysis.store.store import Store
 from vspan.api.app import create_read_app
 from vspan.api.deps import get_counter_samples, get_now
 from vspan.api.models import CollectorRow, FlowRow, MigrationRow, PolicyHitRow

@@ -28,8 +28,8 @@ from typing import Any
 
 import pytest
 
-from vspan.analysis.config import AnalyzerConfig
-from vspan.analysis.service import Analyzer
+from vspan.analysis.service.analyzer import Analyzer
+from vspan.analysis.service.config import AnalyzerConfig
 from vspan.api.server import HttpServer, create_app
 from vspan_testing.netlab import in_netns, lab_unavailable
 

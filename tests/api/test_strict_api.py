@@ -10,10 +10,10 @@ from urllib.parse import quote
 
 import pytest
 
-from vspan.analysis.config import AnalyzerConfig
-from vspan.analysis.service import Analyzer
+from vspan.analysis.service.analyzer import Analyzer
+from vspan.analysis.service.config import AnalyzerConfig
 from vspan.api.server import HttpServer, create_app
-from vspan.collectors.control_client import ControlClient
+from vspan.collectors.control.client import ControlClient
 from vspan_testing.served import Client
 
 READ, ADMIN = "strict-read-0123456789", "strict-admin-0123456789"

@@ -14,12 +14,11 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from vspan.analysis.span_sessions import SessionStore
+from vspan.analysis.inventory.span_sessions import SessionStore
 from vspan.analysis.views import EXTERNAL
-from vspan.collectors.control_client import ControlClient
-from vspan.collectors.model import Port
-from vspan.collectors.sessions import SessionSet
-from vspan.inventory import Host
+from vspan.collectors.control.client import ControlClient
+from vspan.inventory import Host, Port
+from vspan.sessions import SessionSet
 from vspan_testing.served import Served, serve_views
 from vspan_testing.tshark import needs_tshark
 

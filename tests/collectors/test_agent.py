@@ -18,13 +18,14 @@ import pytest
 
 from vspan.batch import FrameBatch
 from vspan.collectors.agent import Collector, CollectorSettings
-from vspan.collectors.forward import SendCounters, Sender, UdpSender
-from vspan.collectors.model import CaptureCounters, Port, PortBatch
-from vspan.collectors.replay import ReplaySource
-from vspan.collectors.routes import make_sender
-from vspan.collectors.sessions import Destination, SessionSet
+from vspan.collectors.capture.replay import ReplaySource
+from vspan.collectors.forward.forwarder import SendCounters, Sender, UdpSender
+from vspan.collectors.forward.routes import make_sender
+from vspan.collectors.model import CaptureCounters, PortBatch
+from vspan.inventory import Port
+from vspan.sessions import Destination, SessionSet
 from vspan.synth import generate_small
-from vspan.tunnel import Message, decode_message
+from vspan.wire.tunnel import Message, decode_message
 from vspan_testing.hosts import host_capture
 
 

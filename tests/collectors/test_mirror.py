@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 
 from vspan.batch import FrameBatch
 from vspan.collectors.mirror import LocalMacs, Mirror, MirrorResult
-from vspan.collectors.model import Port, PortBatch
-from vspan.collectors.sessions import Destination, Direction, Selection, Session, SessionSet
-from vspan.inventory import MAX_VIF
-from vspan.vntag import decode_vntag
+from vspan.collectors.model import PortBatch
+from vspan.inventory import MAX_VIF, Port
+from vspan.sessions import Destination, Direction, Selection, Session, SessionSet
+from vspan.wire.vntag import decode_vntag
 
 A, B, C = 0x020000000005, 0x020000000009, 0x02000000000C
 VIF = {A: 5, B: 9, C: 12}

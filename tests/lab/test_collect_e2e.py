@@ -48,11 +48,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import pytest
 
-from vspan.analysis.accounting import Accounting, StreamStats
-from vspan.analysis.ingest import ingest
-from vspan.analysis.receivers import Chunk, ReceiverConfig, TcpReceiver, UdpReceiver
-from vspan.tunnel import decode_message
-from vspan.vntag import decode_vntag
+from vspan.analysis.ingest.accounting import Accounting, StreamStats
+from vspan.analysis.ingest.messages import ingest
+from vspan.analysis.ingest.receivers import Chunk, ReceiverConfig, TcpReceiver, UdpReceiver
+from vspan.wire.tunnel import decode_message
+from vspan.wire.vntag import decode_vntag
 from vspan_testing.netlab import CollectorProcess, Lab, Mgmt, Vm, in_netns, make_lab
 
 pytestmark = pytest.mark.root

@@ -54,7 +54,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vspan.analysis.store import Store
+from vspan.analysis.store.store import Store
 from vspan_testing.analyzer_proc import AnalyzerProcess
 from vspan_testing.netlab import CollectorProcess, Lab, Mgmt, Vm, in_netns, make_lab, vspan_command
 from vspan_testing.ovs import OvsSwitch, disable_offload, ovs_unavailable

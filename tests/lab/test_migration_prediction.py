@@ -60,10 +60,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from vspan.analysis.config import AnalyzerConfig
-from vspan.analysis.matrix import host_matrix, pair_class, vm_matrix
-from vspan.analysis.service import Analyzer
-from vspan.analysis.whatif import Move, mean_matrix, what_if
+from vspan.analysis.predict.whatif import Move, mean_matrix, what_if
+from vspan.analysis.records.matrix import host_matrix, pair_class, vm_matrix
+from vspan.analysis.service.analyzer import Analyzer
+from vspan.analysis.service.config import AnalyzerConfig
 from vspan_testing import netlab
 from vspan_testing.netlab import CollectorProcess, Lab, Mgmt, in_netns
 

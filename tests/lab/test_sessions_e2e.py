@@ -53,8 +53,8 @@ from typing import Any, NamedTuple
 import pytest
 
 from vspan.errors import DecodeError
-from vspan.tunnel import Message, decode_message
-from vspan.vntag import decode_vntag
+from vspan.wire.tunnel import Message, decode_message
+from vspan.wire.vntag import decode_vntag
 from vspan_testing.netlab import CollectorProcess, Lab, Mgmt, Vm, in_netns, make_lab, vspan_command
 
 pytestmark = pytest.mark.root

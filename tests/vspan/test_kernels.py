@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from vspan import _kernels
+from vspan import kernels as _kernels
 from vspan_testing.analyzer_proc import AnalyzerProcess
 from vspan_testing.netlab import vspan_command
 
@@ -75,9 +75,9 @@ def _cached_modules(root: Path) -> set[str]:
 
 def test_kernels_are_cached_under_the_digest_in_vspans_own_place(tmp_path: Path) -> None:
     root = tmp_path / "kernels"
-    code = "import vspan._capture as c; c.new_records(0); print('ok')"
+    code = "import vspan.pcap._layout as c; c.new_records(0); print('ok')"
     python(code, VSPAN_KERNEL_CACHE=str(root))
-    assert "vspan._capture" in _cached_modules(root)
+    assert "vspan.pcap._layout" in _cached_modules(root)
     assert (root / _kernels.DIGEST / _kernels.MARKER).is_file()
 
 
@@ -90,13 +90,13 @@ def test_numbas_own_settings_and_other_code_are_left_alone(tmp_path: Path) -> No
     code = """
 import numba
 before = numba.config.CACHE_DIR
-import vspan._capture as c
+import vspan.pcap._layout as c
 c.new_records(0)
 print(before == numba.config.CACHE_DIR)
 """
     assert python(code, NUMBA_CACHE_DIR=str(numba_dir)).strip() == "True"
     assert foreign.is_dir()
-    assert "vspan._capture" in _cached_modules(numba_dir / "vspan")  # under NUMBA_CACHE_DIR
+    assert "vspan.pcap._layout" in _cached_modules(numba_dir / "vspan")  # under NUMBA_CACHE_DIR
 
 
 def test_only_older_caches_vspan_made_are_removed(tmp_path: Path) -> None:
@@ -105,7 +105,7 @@ def test_only_older_caches_vspan_made_are_removed(tmp_path: Path) -> None:
     for d in (older, unmarked):
         d.mkdir(parents=True)
     (older / _kernels.MARKER).touch()
-    python("import vspan._capture as c; c.new_records(0)", VSPAN_KERNEL_CACHE=str(root))
+    python("import vspan.pcap._layout as c; c.new_records(0)", VSPAN_KERNEL_CACHE=str(root))
     assert not older.exists()
     assert unmarked.is_dir()  # not vspan's: kept
     assert (root / _kernels.DIGEST).is_dir()
@@ -116,7 +116,9 @@ def test_an_unusable_cache_place_falls_back_to_the_next(tmp_path: Path) -> None:
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     (tmp_path / "tmp").mkdir()
-    code = "import vspan._kernels as k, vspan._capture as c; c.new_records(0); print(k.cache_dir())"
+    code = (
+        "import vspan.kernels as k, vspan.pcap._layout as c; c.new_records(0); print(k.cache_dir())"
+    )
     out = python(
         code,
         VSPAN_KERNEL_CACHE=str(blocked / "vspan"),
@@ -126,7 +128,7 @@ def test_an_unusable_cache_place_falls_back_to_the_next(tmp_path: Path) -> None:
     )
     root = tmp_path / "tmp" / f"vspan-kernels-{os.getuid()}"
     assert Path(out.strip()) == root / _kernels.DIGEST
-    assert "vspan._capture" in _cached_modules(root)
+    assert "vspan.pcap._layout" in _cached_modules(root)
 
 
 # --- a machine's first run, as a user meets it ------------------------------------------
@@ -134,9 +136,9 @@ def test_an_unusable_cache_place_falls_back_to_the_next(tmp_path: Path) -> None:
 PRODUCT = r"""
 import json, socket, sys, time
 from pathlib import Path
-from vspan import _kernels
-from vspan.analysis.config import AnalyzerConfig
-from vspan.analysis.service import Analyzer
+from vspan import kernels as _kernels
+from vspan.analysis.service.config import AnalyzerConfig
+from vspan.analysis.service.analyzer import Analyzer
 from vspan.cli import main
 from vspan.synth import generate_small, write_capture, write_inventory_yaml
 

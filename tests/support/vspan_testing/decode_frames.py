@@ -13,9 +13,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from vspan.analysis.columns import IPV4_MAPPED_PREFIX, Layer, Status, TagKind
+from vspan.analysis.decode.columns import IPV4_MAPPED_PREFIX, Layer, Status, TagKind
 from vspan.batch import LinkType
-from vspan.vntag import ETag, VnTag, encode_etag, encode_vntag
+from vspan.wire.vntag import ETag, VnTag, encode_etag, encode_vntag
 
 Exp = dict[str, int]
 TPIDS = (0x8100, 0x88A8, 0x9100)

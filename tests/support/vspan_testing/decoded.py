@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from vspan.analysis.columns import IPV4_MAPPED_PREFIX, Decoded
+from vspan.analysis.decode.columns import IPV4_MAPPED_PREFIX, Decoded
 
 _DTYPES = {
     "ts_ns": np.int64,

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from vspan.analysis.decode import decode_batch
-from vspan.analysis.export import strip_tags
+from vspan.analysis.ring.export import strip_tags
 from vspan.batch import FrameBatch
 from vspan.collectors.agent import Collector, CollectorSettings
-from vspan.collectors.forward import UdpSender
-from vspan.collectors.replay import ReplaySource
-from vspan.pcapwrite import PcapWriter
+from vspan.collectors.capture.replay import ReplaySource
+from vspan.collectors.forward.forwarder import UdpSender
+from vspan.pcap.write import PcapWriter
 from vspan.synth import SynthCapture
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vspan.analysis.inventory_state import InventoryState
-from vspan.analysis.store import Store
+from vspan.analysis.inventory.state import InventoryState
+from vspan.analysis.store.store import Store
 from vspan.api.auth import AccessPolicy
 from vspan.api.gate import install_gate
 from vspan.api.views_app import install_views

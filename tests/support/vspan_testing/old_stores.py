@@ -14,7 +14,7 @@ from typing import Final
 
 import duckdb
 
-from vspan.analysis.store_schema import TABLES
+from vspan.analysis.store.schema import TABLES
 
 __all__ = ["V4_TABLES", "as_written_by"]
 

@@ -22,13 +22,13 @@ import pandas as pd
 from fastapi import FastAPI
 
 from vspan.analysis.decode import decode_batch
-from vspan.analysis.persist import hit_rows
-from vspan.analysis.policy import load_policy
-from vspan.analysis.policy_eval import compile_policy, evaluate
-from vspan.analysis.records import RECORD_COLUMNS
+from vspan.analysis.policy.evaluate import compile_policy, evaluate
+from vspan.analysis.policy.profiles import load_policy
+from vspan.analysis.records.build import RECORD_COLUMNS
 from vspan.analysis.report import analyze_captures
-from vspan.analysis.ring import PacketRing
-from vspan.analysis.store import Store
+from vspan.analysis.ring.ring import PacketRing
+from vspan.analysis.store.persist import hit_rows
+from vspan.analysis.store.store import Store
 from vspan.api.server import HttpServer
 from vspan.batch import FrameBatch
 from vspan.synth import SynthCapture, generate_small, write_capture, write_inventory_yaml

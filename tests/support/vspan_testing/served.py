@@ -16,9 +16,9 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from vspan.analysis.inventory_state import InventoryState
-from vspan.analysis.policy import PolicySet
-from vspan.analysis.store import Store
+from vspan.analysis.inventory.state import InventoryState
+from vspan.analysis.policy.profiles import PolicySet
+from vspan.analysis.store.store import Store
 from vspan.api.auth import AccessPolicy
 from vspan.api.control import install_control
 from vspan.api.gate import install_gate

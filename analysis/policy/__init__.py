@@ -1,0 +1,3 @@
+"""Port-profiles: loading and binding to VMs, rules, compiled ACLs, and their evaluation over
+flow records (verdicts and hits).
+"""

@@ -1,0 +1,3 @@
+"""Capture files: pcap and pcapng read into frame batches and written from them (compiled
+record walks).
+"""
