@@ -22,8 +22,10 @@ the tests fail on it (``tests/vspan/test_kernels.py`` runs the workloads of the 
 checks that every kernel call was served from the cache).
 
 vspan removes only what it made: when a new digest's directory is created, the
-directories of older digests under the same root that hold vspan's marker file
-(``VSPAN_KERNELS``) are removed.
+directories of other digests under the same root that hold vspan's marker file
+(``VSPAN_KERNELS``, touched by every process that uses its directory) and were not used for
+``KEEP_UNUSED_S`` (a week) are removed — an upgrade frees the old version's cache, while
+two installs of different versions on one machine (two virtual environments) keep theirs.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ log = logging.getLogger("vspan.kernels")
 PACKAGE: Final = Path(__file__).resolve().parent
 MARKER: Final = "VSPAN_KERNELS"
 """The file that says a directory under the cache root is one of vspan's digests."""
+KEEP_UNUSED_S: Final = 7 * 86400.0
+"""Another digest's cache is removed once unused this long (its marker's age)."""
 literal_unroll: Final = numba.literal_unroll
 
 
@@ -135,10 +139,13 @@ def cache_root() -> Path | None:
 
 
 def _remove_older(base: Path, here: Path) -> None:
+    now = time.time()
     for other in base.iterdir():
-        if other != here and other.is_dir() and (other / MARKER).is_file():
-            shutil.rmtree(other, ignore_errors=True)
-            log.info("removed the kernel cache of an older vspan: %s", other)
+        marker = other / MARKER
+        with contextlib.suppress(OSError):
+            if other != here and marker.is_file() and now - marker.stat().st_mtime > KEEP_UNUSED_S:
+                shutil.rmtree(other, ignore_errors=True)
+                log.info("removed the kernel cache of another vspan, unused for a week: %s", other)
 
 
 class _Locator(_CacheLocator):

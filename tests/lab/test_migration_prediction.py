@@ -418,6 +418,7 @@ def test_what_if_predicts_a_real_migration(lab: Lab, tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, f"the analyzer did not see {MOVED} move"
                 time.sleep(0.3)
             migrations = [m for m in analyzer.state.migrations() if m.vm_name == MOVED]
+            assert analyzer.writer.flush(30.0)  # the store writer is asynchronous
             stored_moves = analyzer.store.query_migrations(vm=MOVED, limit=None)
 
             t2, received2 = run_phase(lab, PHASE_PORT[2])

@@ -99,14 +99,19 @@ print(before == numba.config.CACHE_DIR)
     assert "vspan.pcap._layout" in _cached_modules(numba_dir / "vspan")  # under NUMBA_CACHE_DIR
 
 
-def test_only_older_caches_vspan_made_are_removed(tmp_path: Path) -> None:
+def test_only_caches_vspan_made_and_nobody_used_for_a_week_are_removed(tmp_path: Path) -> None:
     root = tmp_path / "kernels"
-    older, unmarked = root / "fedcba9876543210", root / "0123456789abcdef"
-    for d in (older, unmarked):
+    unused, recent, unmarked = (root / d for d in ("fedcba9876543210", "0011223344556677",
+                                                   "0123456789abcdef"))  # fmt: skip
+    for d in (unused, recent, unmarked):
         d.mkdir(parents=True)
-    (older / _kernels.MARKER).touch()
+    for d in (unused, recent):
+        (d / _kernels.MARKER).touch()
+    week_ago = time.time() - _kernels.KEEP_UNUSED_S - 60
+    os.utime(unused / _kernels.MARKER, (week_ago, week_ago))
     python("import vspan.pcap._layout as c; c.new_records(0)", VSPAN_KERNEL_CACHE=str(root))
-    assert not older.exists()
+    assert not unused.exists()
+    assert recent.is_dir()  # another install's, in use: kept
     assert unmarked.is_dir()  # not vspan's: kept
     assert (root / _kernels.DIGEST).is_dir()
 
