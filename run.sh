@@ -8,6 +8,10 @@ cd "$(dirname "$0")"
 HERE=$(pwd)
 VENV="$HERE/.venv"
 PY=${PYTHON:-python3}
+# vspan is imported as installed: the checkout's vspan/ folder is only the core of the
+# package (analysis/, collectors/ and api/ join it when installed), so Python must not put
+# the current directory first on its path (here and in every process the tests start).
+export PYTHONSAFEPATH=1
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 

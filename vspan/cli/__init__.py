@@ -80,6 +80,3 @@ def entry() -> None:  # pragma: no cover - the console script; tests call main()
         os._exit(status)
     sys.exit(status)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    entry()

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 __all__ = ["add_parser"]
 
 DEFAULT_HTTP = "127.0.0.1:8470"
-EXAMPLE_PROFILES = Path(__file__).resolve().parent / "examples" / "profiles.yaml"
+EXAMPLE_PROFILES = Path(__file__).resolve().parents[1] / "examples" / "profiles.yaml"
 """The example port-profiles shipped with vspan (also ``docs/examples/profiles.yaml``)."""
 
 

@@ -1,0 +1,5 @@
+"""``python -m vspan.cli``: the ``vspan`` command."""
+
+from vspan.cli import entry
+
+entry()
