@@ -64,3 +64,12 @@ def test_package_data_is_in_the_wheel(wheel_names: list[str]) -> None:
     assert static <= {n.removeprefix("vspan/api/static/") for n in wheel_names}
     assert "vspan/examples/profiles.yaml" in wheel_names
     assert "vspan/py.typed" in wheel_names
+
+
+def test_the_license_is_in_the_wheel_and_matches_the_metadata(wheel_names: list[str]) -> None:
+    licenses = [n for n in wheel_names if n.endswith(".dist-info/licenses/LICENSE")]
+    assert len(licenses) == 1
+    text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in text
+    assert "Version 2.0, January 2004" in text
+    assert 'license = "Apache-2.0"' in (REPO / "pyproject.toml").read_text()
