@@ -79,4 +79,3 @@ def entry() -> None:  # pragma: no cover - the console script; tests call main()
                 stream.flush()
         os._exit(status)
     sys.exit(status)
-
