@@ -611,5 +611,6 @@ def test_a_vm_mac_learned_from_traffic_is_registered_and_a_flapping_one_is_bound
     assert 1 <= changed <= 1 + 600 // 60, changed
     assert all(ports[0].mac == WEB for ports in control.ports[1:])
     assert disco.macs.counters["changed"] == changed - 1  # the first was learned
+    assert (c.counters()["macs"]["learned"], c.counters()["macs"]["changed"]) == (2, changed - 1)
     learned = [r.getMessage() for r in caplog.records if "learned" in r.getMessage()]
     assert len(learned) == 2  # once per port
