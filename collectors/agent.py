@@ -208,7 +208,9 @@ class Collector:
     def _export(self, batch: PortBatch, now: float) -> int:
         """Mirror a captured batch and queue its tagged frames; learn VM MACs on the way."""
         learn = getattr(self.directory, "learn_macs", None)
-        if callable(learn) and learn(batch):  # ports whose VM MAC the source did not know
+        if callable(learn) and learn(batch, now):  # a VM MAC the source did not know
+            # applied here at once (the mirror tags by it); the control plane gets it at the
+            # next refresh (``ControlSync`` registers what it was not told yet)
             self._apply_ports(self.directory.ports())
         before = self.mirror.counters.exported
         for route, result in self.mirror.process_routes(batch).items():

@@ -41,7 +41,8 @@ def counters(c: Collector) -> dict[str, Any]:
     """Everything counted so far (the heartbeat's source and the stats line's).
 
     ``sent``, ``lost`` (of the sender), ``waiting`` and ``sender`` are the collector's own
-    analyzer's; ``destinations`` has the same for each session destination.
+    analyzer's; ``destinations`` has the same for each session destination; ``macs`` what
+    discovery learned of VM MACs from the traffic (``discovery_macs``; empty without it).
     """
     cap = c.source.counters
     sent = c.forwarder.sender.counters
@@ -74,6 +75,7 @@ def counters(c: Collector) -> dict[str, Any]:
         "sessions": len(c.sessions.sessions),
         "sessions_total": c.sessions_total,
         "destinations": c.routes.summary(mirror.routes),
+        "macs": dict(learner.counters) if (learner := getattr(c.directory, "macs", None)) else {},
     }
 
 

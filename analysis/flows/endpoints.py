@@ -8,10 +8,11 @@ An endpoint is encoded in one ``uint64`` so that flow keys are plain integer col
 - ``MAC | mac``: anything else, by its MAC (the uplink's peers, gateways, unknown hosts).
 
 Resolution order per side: the tag's vif on the observing host (through the inventory, else
-as a VIF id), then the MAC (inventory, else MACs learned from tagged frames), then the MAC
-itself. Learning MAC → (host, vif) from tags is what puts the two copies of a cross-host
-packet — ``svif=a, dvif=0`` at host A and ``svif=0, dvif=b`` at host B — into one flow even
-without an inventory.
+as a VIF id), then the MAC (inventory, else MACs learned from tagged frames: the vNIC of the
+(host, vif) it was learned behind, else that VIF id), then the MAC itself. Learning MAC →
+(host, vif) from tags is what puts the two copies of a cross-host packet — ``svif=a,
+dvif=0`` at host A and ``svif=0, dvif=b`` at host B — into one flow even without an
+inventory, or with one that lacks the MAC.
 
 The learned table is bounded (``LearningConfig``), since a VM can send frames from as many
 source MACs as it likes: at most ``max_macs_per_vif`` MACs behind one (host, vif) and
@@ -174,6 +175,14 @@ class EndpointResolver:
         if self.directory is not None:
             by_mac = np.where(local, -1, self.directory.resolve_macs(mac))
             by_vif = np.where(local, self.directory.resolve_vifs(host, vif), -1)
+            # A MAC learned behind a vif of the inventory is that vNIC's, as the tag makes
+            # the copy at its own host: a MAC the inventory does not have (a bridge VM's
+            # before its collector registers it, a macvlan or nested VM behind the port).
+            taught = learned & _PAYLOAD
+            by_learned = self.directory.resolve_vifs(
+                (taught >> _VIF_BITS).astype(np.uint32), (taught & _VIF_MASK).astype(np.uint32)
+            )
+            by_mac = np.where((by_mac < 0) & known, by_learned, by_mac)
             nic = np.maximum(by_vif, by_mac)
             hit = nic >= 0
             ep[hit] = KIND_NIC | nic[hit].astype(np.uint64)

@@ -204,6 +204,9 @@ class VmBook:
                 vm.nics.append(index)
                 changes.append(f"nic {format_mac(mac)} vif {vif} added")
             nic = self._nics[index]
+            if mac and not nic.mac:  # a MAC its collector learned from the traffic since
+                nic.mac = mac
+                changes.append(f"nic vif {vif} MAC {format_mac(mac)}")
             if nic.bound and nic.host == cid and nic.vif != vif:
                 changes.append(f"vif {format_mac(mac)} {nic.vif}→{vif}")
             self._seq += 1
@@ -219,12 +222,19 @@ class VmBook:
         return changes
 
     def _nic_of(self, vm: _VmRec, mac: int, collector_id: int, vif: int) -> int | None:
-        """The VM's vNIC with ``mac``; without a MAC, the MAC-less one at (host, vif)."""
+        """The VM's vNIC with ``mac``; else its vNIC bound at (host, vif) when either MAC is
+        unknown (0): a vNIC registered before its collector learned the MAC from traffic
+        (a Linux bridge port), or one reported without it by a collector that has not
+        learned it again yet (restarted). Its vNIC index, and so its flows, stay the same."""
+        at_port = None
         for i in vm.nics:
             nic = self._nics[i]
             if nic.mac == mac and (mac or (nic.host, nic.vif) == (collector_id, vif)):
                 return i
-        return None
+            here = nic.bound and (nic.host, nic.vif) == (collector_id, vif)
+            if here and not (nic.mac and mac):
+                at_port = i
+        return at_port
 
     def _claim_mac(self, vm: _VmRec, mac: int, host: str, now: float) -> None:
         owner = self._mac_owner.get(mac)

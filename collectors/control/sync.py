@@ -6,7 +6,10 @@ registration is a state this module keeps true, every refresh interval (``refres
 - not registered yet — the first attempt failed (the analyzer was not up), or it refused
   (a host name taken: 409) — the collector registers again, with exponential backoff from
   ``retry_initial_s`` to ``retry_max_s``, until it works;
-- the ports changed: it registers them at once;
+- the ports are not those it last registered — compared with what the analyzer was told,
+  not with the collector's own view, so a VM MAC learned from traffic between two refreshes
+  (``discovery_macs``: applied to the mirror at once) is registered too: it registers them
+  at once (when the ports changed since the previous refresh, even during a backoff);
 - else it asks for its sessions. An answer that says the analyzer does not know this collector
   — a 404 (``collector 11 is not registered``: the analyzer restarted), or ``registered:
   false`` (a restarted analyzer whose inventory file names the host) — makes it register
@@ -76,6 +79,8 @@ class ControlSync:
         """Failed requests by kind: ``register``, ``sessions``, ``heartbeat``."""
         self.next_attempt = 0.0
         """When an unregistered collector tries again (``now`` of ``refresh``)."""
+        self.reported: tuple[str, tuple[Port, ...]] | None = None
+        """The host name and ports of the last registration the analyzer accepted."""
         self._backoff = self.config.retry_initial_s
         cfg = self.config
         self._logs = {
@@ -87,8 +92,9 @@ class ControlSync:
         self, now: float, host: str, ports: Sequence[Port], *, changed: bool
     ) -> dict[str, Any] | None:
         """Register when needed, else ask for the sessions; the answer (with ``sessions``
-        and ``sessions_total``), or None when there is none to apply."""
-        if self.registered and not changed:
+        and ``sessions_total``), or None when there is none to apply. ``changed``: the
+        ports changed since the previous call (an unregistered collector tries at once)."""
+        if self.registered and self.reported == (host, tuple(ports)):
             try:
                 state = self.control.session_state()
             except VspanError as exc:
@@ -137,6 +143,7 @@ class ControlSync:
             self._backoff = min(self._backoff * 2, self.config.retry_max_s)
             return None
         self.registered = True
+        self.reported = (host, tuple(ports))
         self.registrations += 1
         self._backoff = self.config.retry_initial_s
         self._logs["register"].success(

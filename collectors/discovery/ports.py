@@ -39,8 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Final
 
-import numpy as np
-
+from vspan.collectors.discovery.macs import MacLearner, MacLearningConfig
 from vspan.collectors.discovery.sources import (
     DEFAULT_UPLINKS,
     BridgeSource,
@@ -50,7 +49,6 @@ from vspan.collectors.discovery.sources import (
     run_command,
 )
 from vspan.collectors.discovery.vifs import VifTable, port_identity
-from vspan.collectors.mirror import read_macs
 from vspan.collectors.model import PortBatch, PortDirectory
 from vspan.inventory import MAX_VIF, Port
 from vspan.yamlconf import Node, load, load_file
@@ -59,6 +57,7 @@ __all__ = [
     "SOURCE_KINDS",
     "CommandRunner",
     "Discovery",
+    "MacLearningConfig",
     "StaticSource",
     "parse_static",
     "run_command",
@@ -136,15 +135,21 @@ class Discovery:
     """A source merged with the vif table; ``refresh()`` reports what changed.
 
     ``ports()`` (a ``PortDirectory`` itself) returns the ports of the last refresh with
-    their vifs, and with MACs learned from traffic (``learn_macs``) where the source had
-    none. A port whose vif, VM or MAC changed counts as removed and added.
+    their vifs, and with the MACs learned from traffic (``learn_macs``, by the rule of
+    ``discovery_macs``) where the source has none. A port whose vif, VM or MAC changed
+    counts as removed and added.
     """
 
-    def __init__(self, source: PortDirectory, vifs: VifTable) -> None:
+    def __init__(
+        self, source: PortDirectory, vifs: VifTable, *, macs: MacLearningConfig | None = None
+    ) -> None:
         self.source = source
         self.vifs = vifs
         self._ports: dict[str, Port] = {}
-        self._learned: dict[str, int] = {}
+        self.macs = MacLearner(macs)
+        """The MACs learned, for the ports whose source gives none."""
+        self._learning: dict[int, str] = {}
+        """vif → name of the ports whose source gives no MAC."""
         self.refreshes = 0
         """Completed ``refresh()`` calls."""
 
@@ -159,41 +164,25 @@ class Discovery:
         assigned = self.vifs.assign(wanted)
         current: dict[str, Port] = {}
         for port, (identity, _) in zip(found, wanted, strict=True):
-            learned = self._learned.get(port.name, 0) if port.mac == 0 else 0
+            learned = self.macs.mac(port.name) if port.mac == 0 else 0
             current[port.name] = replace(port, vif=assigned[identity], mac=port.mac or learned)
-        self._learned = {n: m for n, m in self._learned.items() if n in current}
+        self._learning = {current[p.name].vif: p.name for p in found if p.mac == 0}
+        self.macs.keep(set(self._learning.values()))
         added = [p for n, p in current.items() if self._ports.get(n) != p]
         removed = [p for n, p in self._ports.items() if current.get(n) != p]
         self._ports = current
         self.refreshes += 1
         return (sorted(added, key=lambda p: p.vif), sorted(removed, key=lambda p: p.vif))
 
-    def learn_macs(self, batch: PortBatch) -> list[Port]:
-        """Take the VM MAC of ports that have none from frames their VM sent.
-
-        The source MAC of the first frame a VM sent on the port is taken (one numpy pass,
-        then a loop over the few ports that learned something). Returns the updated ports
-        (hand ``ports()`` to ``Mirror.set_ports`` again); the vif does not change (it was
-        keyed by the port name, the MAC being unknown).
-        """
-        unknown = {p.vif: p for p in self._ports.values() if p.mac == 0}
-        if not unknown or len(batch.frames) == 0:
-            return []
-        frames = batch.frames
-        vif = batch.vif.astype(np.int64)
-        rows = np.flatnonzero(batch.from_vm & (frames.caplen >= 12) & np.isin(vif, list(unknown)))
-        _, src = read_macs(frames, rows)
-        usable = (src != 0) & ((src >> np.uint64(40)) & np.uint64(1) == 0)  # a unicast MAC
-        rows, src = rows[usable], src[usable]
-        if rows.size == 0:
-            return []
-        first_vifs, first = np.unique(vif[rows], return_index=True)
-        macs = src[first]
+    def learn_macs(self, batch: PortBatch, now: float) -> list[Port]:
+        """Learn the VM MAC of the ports whose source gives none from the frames their VMs
+        sent (``discovery_macs``); the ports whose MAC is new or changed (hand ``ports()``
+        to ``Mirror.set_ports`` again). The vif does not change: it is keyed by the port
+        name, the MAC being unknown to the source."""
         updated: list[Port] = []
-        for port_vif, mac in zip(first_vifs.tolist(), macs.tolist(), strict=True):
-            port = replace(unknown[port_vif], mac=int(mac))
-            self._ports[port.name] = port
-            self._learned[port.name] = port.mac
+        for name, mac in self.macs.observe(batch, now, self._learning).items():
+            port = replace(self._ports[name], mac=mac)
+            self._ports[name] = port
             updated.append(port)
         return updated
 

@@ -7,6 +7,7 @@ filter keeps what it accepts, a destination gets its session's frames on a strea
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 from collections.abc import Iterator
@@ -538,3 +539,79 @@ def test_boot_ids_are_the_start_second_and_increase_across_restarts(
     assert boots == [quarters, quarters + 1]
     assert seen <= set(boots)
     assert quarters in seen
+
+
+# --- VM MACs learned from traffic reach the control plane ----------------------------------
+
+
+class _Recording(_Control):
+    """A control plane that keeps the ports of every registration."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ports: list[list[Port]] = []
+
+    def register(self, host: str, ports: object) -> dict[str, object]:
+        assert isinstance(ports, list)
+        self.ports.append(list(ports))
+        return super().register(host, ports)
+
+
+class _Bridge:
+    """A Linux bridge's ports as discovery finds them: no VM MAC (taps, unnamed netns)."""
+
+    def ports(self) -> list[Port]:
+        return [Port("tap0", 10, 0, 0, "tap0", bridge="br0"),
+                Port("tap1", 11, 0, 0, "tap1", bridge="br0")]  # fmt: skip
+
+
+def test_a_vm_mac_learned_from_traffic_is_registered_and_a_flapping_one_is_bounded(
+    tmp_path: Path, analyzers: tuple[Analyzer, Analyzer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """tap0's VM sends from WEB: at the next refresh the control plane is told, once. tap1's
+    VM then sends from a new MAC every second for 10 minutes: its MAC changes at most once a
+    minute, and so do the registrations (on main the learned MAC never reached the control
+    plane: the collector's own view already had it at the refresh)."""
+    from vspan.collectors.discovery.ports import Discovery
+    from vspan.collectors.discovery.vifs import VifTable
+
+    a, _ = analyzers
+    source = Frames()
+    disco = Discovery(_Bridge(), VifTable(tmp_path))
+    control = _Recording()
+    c = Collector(
+        CollectorSettings(collector_id=7, host="hv07", refresh_interval_s=1),
+        source=source, directory=disco, sender=UdpSender(a.addr),
+        control=control, refresh=disco.refresh,
+    )  # fmt: skip
+    c.start(now=0.0)
+    STARTED.append(c)
+    vif = {p.name: p.vif for p in disco.ports()}
+    assert [[p.mac for p in ports] for ports in control.ports] == [[0, 0]]
+
+    def sent(port: str, *srcs: int) -> None:
+        data = [udp(OUT, src, 53, i) for i, src in enumerate(srcs)]
+        batch = FrameBatch.from_frames(data, ts_ns=np.arange(len(data)))
+        n = len(data)
+        source.queue.append(PortBatch(batch, np.full(n, vif[port], np.uint16), np.ones(n, bool)))
+
+    caplog.set_level(logging.INFO, "vspan.collectors.discovery")
+    sent("tap0", WEB, WEB)
+    c.step(0.1, poll_s=0.0)
+    assert {p.name: p.mac for p in c.ports} == {"tap0": WEB, "tap1": 0}  # the mirror's, at once
+    for t in range(2, 12):
+        sent("tap0", WEB)
+        c.step(float(t), poll_s=0.0)
+    assert [[p.mac for p in ports] for ports in control.ports] == [[0, 0], [WEB, 0]]
+    rng = np.random.default_rng(3)
+    for t in range(12, 612):
+        sent("tap0", WEB)
+        sent("tap1", int(rng.integers(1, 1 << 40)) << 1 & ~(1 << 40))  # unicast MACs
+        c.step(float(t), poll_s=0.0)
+    changed = len(control.ports) - 2
+    assert 1 <= changed <= 1 + 600 // 60, changed
+    assert all(ports[0].mac == WEB for ports in control.ports[1:])
+    assert disco.macs.counters["changed"] == changed - 1  # the first was learned
+    assert (c.counters()["macs"]["learned"], c.counters()["macs"]["changed"]) == (2, changed - 1)
+    learned = [r.getMessage() for r in caplog.records if "learned" in r.getMessage()]
+    assert len(learned) == 2  # once per port

@@ -11,8 +11,15 @@ import tracemalloc
 import numpy as np
 
 from vspan.analysis.decode.columns import Decoded, TagKind
-from vspan.analysis.flows.endpoints import KIND_MAC, KIND_VIF, EndpointResolver, LearningConfig
+from vspan.analysis.flows.endpoints import (
+    KIND_MAC,
+    KIND_NIC,
+    KIND_VIF,
+    EndpointResolver,
+    LearningConfig,
+)
 from vspan.analysis.ingest.receivers import Chunk, ReceiverConfig, TcpReceiver
+from vspan.analysis.inventory.state import InventoryState, PortInfo
 from vspan.analysis.service.engine import Engine, EngineConfig
 from vspan.wire.tunnel import encode_message
 from vspan.wire.vntag import VnTag, encode_vntag
@@ -44,6 +51,29 @@ def test_a_mac_seen_behind_a_tagged_vif_resolves_to_it_elsewhere() -> None:
     assert eps.src.tolist() == [vif_ep(1, 7)]
     assert eps.dst.tolist() == [vif_ep(2, 9)]
     assert r.learned == 2  # A behind (1, 7), C behind (2, 9)
+
+
+def test_a_mac_the_inventory_lacks_resolves_to_the_vnic_it_was_learned_behind() -> None:
+    """A VM behind a Linux bridge port is registered without a MAC (not learned yet), or
+    sends from a second MAC (a macvlan): the copy of its packet at the receiver's host names
+    it by that MAC only. It is the vNIC of the vif the MAC was learned behind, as the
+    sender's copy (by its tag) is — one endpoint, so both copies make one flow (on main the
+    receiver's copy was a VIF endpoint, another flow)."""
+    state = InventoryState()
+    state.register(1, "hv01", [PortInfo("vm-a", 7, 0, None, None, "tap7")], now=1.0)
+    state.register(2, "hv02", [PortInfo("vm-b", 9, B, None, None, "tap9")], now=1.0)
+    r = EndpointResolver(state)
+    a_nic = int(state.resolve_vifs([1], [7])[0])
+    sent = r.resolve(sender_copies([1, 1], [7, 7], [A, C], dst=B))
+    assert sent.src.tolist() == [int(KIND_NIC) | a_nic] * 2
+    rx = decoded(2, tag_kind=TagKind.VNTAG, host=2, svif=0, dvif=9, tag_d=1, src_mac=[A, C],
+                 dst_mac=B)  # fmt: skip
+    assert r.resolve(rx).src.tolist() == sent.src.tolist()
+    # A MAC the inventory gives a VM wins over where it was learned.
+    state.register(2, "hv02", [PortInfo("vm-b", 9, B, None, None, "tap9"),
+                               PortInfo("vm-c", 10, C, None, None, "tap10")], now=2.0)  # fmt: skip
+    c_nic = int(state.resolve_macs([C])[0])
+    assert r.resolve(rx).src.tolist() == [int(KIND_NIC) | a_nic, int(KIND_NIC) | c_nic]
 
 
 def test_the_newest_frame_of_a_mac_wins_within_a_batch_and_across_batches() -> None:

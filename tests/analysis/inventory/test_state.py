@@ -454,3 +454,26 @@ def test_readers_see_whole_snapshots_while_writers_register() -> None:
         thread.join(timeout=10)
     assert set(seen) <= {1, 2}
     assert len(state.migrations()) == 199  # every registration but the first moves it
+
+
+def test_a_mac_learned_after_the_first_registration_keeps_the_vnic(rec: Recorder) -> None:
+    """A Linux bridge VM is registered without a MAC, then with the MAC its collector
+    learned from the traffic: the same vNIC gets it (its index, and so its flows, unchanged:
+    on main a second vNIC replaced the first, splitting the flows open at that moment). A
+    collector restarted, which has not learned it again, does not take it away."""
+    state = rec.state()
+    state.register(1, "hv01", [PortInfo("vm-a", 4, 0, None, None, "tap4")], now=1.0)
+    nic = int(state.resolve_vifs([1], [4])[0])
+    state.register(1, "hv01", [PortInfo("vm-a", 4, MAC_WEB, None, None, "tap4")], now=2.0)
+    snap = state.snapshot()
+    assert int(snap.resolve_vifs([1], [4])[0]) == nic
+    assert int(snap.resolve_macs([MAC_WEB])[0]) == nic
+    assert [(n.mac, n.vif) for n in snap.vm("vm-a").nics] == [(MAC_WEB, 4)]  # type: ignore[union-attr]
+    assert (rec.events[-1].kind, rec.events[-1].detail) == (
+        EventKind.VM_CHANGED, "nic vif 4 MAC 52:54:00:00:00:01",
+    )  # fmt: skip
+    state.register(1, "hv01", [PortInfo("vm-a", 4, 0, None, None, "tap4")], now=3.0)
+    snap = state.snapshot()
+    assert (int(snap.resolve_vifs([1], [4])[0]), int(snap.resolve_macs([MAC_WEB])[0])) == (nic, nic)
+    assert rec.events[-1].kind == EventKind.VM_CHANGED  # nothing happened since
+    assert len(rec.events) == 3  # host added, VM added, MAC

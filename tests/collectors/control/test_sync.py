@@ -6,6 +6,7 @@ logs. The control plane is a fake that answers as the real one does (its errors 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -28,9 +29,12 @@ class Plane:
         self.known = False
         self.conflict: str | None = None
         self.calls: list[str] = []
+        self.ports: list[list[Port]] = []
+        """The ports of each registration that reached it."""
 
     def register(self, host_name: str, ports: Sequence[Port]) -> dict[str, Any]:
         self.calls.append(f"register {host_name}")
+        self.ports.append(list(ports))
         if self.down:
             raise REFUSED
         if self.conflict is not None:
@@ -160,3 +164,28 @@ def test_sessions_failing_for_another_reason_keep_the_registration() -> None:
     assert s.refresh(2.0, "hv01", PORTS, changed=False) is None
     assert s.registered  # a connection refused says nothing about the registration
     assert s.errors == {"sessions": 1}
+
+
+def test_ports_the_analyzer_was_not_told_are_registered_whatever_the_collector_saw() -> None:
+    """A VM MAC learned from traffic is applied by the collector between two refreshes, so
+    at the refresh its ports look unchanged to it: what counts is what the analyzer was told
+    (on main, such a MAC never reached the analyzer)."""
+    plane = Plane()
+    s = sync(plane)
+    bare = [Port("tap0", 11, 1, 0, "tap0", bridge="br0")]
+    assert s.refresh(0.0, "hv01", bare, changed=True) is not None
+    learned = [replace(bare[0], mac=0x525400000001)]
+    assert s.refresh(2.0, "hv01", learned, changed=False) is not None
+    assert plane.calls == ["register hv01", "register hv01"]
+    assert plane.ports[-1] == learned
+    s.refresh(4.0, "hv01", learned, changed=False)  # told already: only the sessions
+    assert plane.calls[-1] == "sessions"
+    plane.down = True
+    again = [replace(bare[0], mac=0x525400000002)]
+    s.refresh(6.0, "hv01", again, changed=False)  # refused: not told, tried again later
+    assert s.reported == ("hv01", tuple(learned))
+    plane.down = False
+    assert s.refresh(7.0, "hv01", again, changed=False) is None  # the backoff: 2 s
+    assert s.refresh(8.0, "hv01", again, changed=False) is not None
+    assert plane.ports[-1] == again
+    assert s.reported == ("hv01", tuple(again))

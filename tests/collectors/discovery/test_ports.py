@@ -378,9 +378,9 @@ def test_learn_macs_from_frames_the_vm_sent(tmp_path: Path) -> None:
         np.array([1, 1, 1, 1], np.uint16),
         np.array([False, True, True, True]),
     )
-    (learned,) = disco.learn_macs(batch)
+    (learned,) = disco.learn_macs(batch, 0.0)
     assert (learned.name, learned.vif, learned.mac) == ("veth1", 1, 0x02000000BEEF)
-    assert disco.learn_macs(batch) == []  # nothing unknown anymore
+    assert disco.learn_macs(batch, 1.0) == []  # learned: the first MAC it sent from stays
     assert disco.refresh() == ([], [])  # the source still says 0; the learned MAC stays
     assert {p.name: p.mac for p in disco.ports()}["veth1"] == 0x02000000BEEF
 
