@@ -33,9 +33,16 @@ apt_install() {  # apt_install CMD PACKAGE [CMD PACKAGE]...: install packages wh
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+find_python() {  # find_python 3.13: a working interpreter of that version (pyenv's too), or nothing
+    local c
+    for c in "python$1" "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$1".*/bin/python"$1"; do
+        if "$c" -c 'import sys' >/dev/null 2>&1; then echo "$c"; return 0; fi
+    done
+}
+
 setup_python() {
     if [ ! -x "$VENV/bin/python" ]; then
-        say "creating the virtual environment in .venv"
+        say "creating the virtual environment in ${VENV#"$HERE"/}"
         "$PY" -m venv "$VENV" || { apt_install python3-venv python3-venv; "$PY" -m venv "$VENV"; }
     fi
     say "installing vspan and its dependencies"
@@ -76,9 +83,40 @@ case "$cmd" in
         # On the installed package, by the names users import (the checkout's folders
         # become vspan.* only when installed), from outside the checkout.
         (cd "$VENV" && "$VENV/bin/mypy" --config-file "$HERE/pyproject.toml" -p vspan)
-        say "pytest"
+        # The suite runs on the default Python and, at the same time, on the newest one vspan
+        # supports (VSPAN_TEST_ALSO, default 3.13; empty: the default Python only), each in
+        # its own virtual environment (.venv, .venv-3.13).
+        also=${VSPAN_TEST_ALSO-3.13}
+        version() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])'; }
+        other="" also_py=""
+        if [ -n "$also" ] && [ "$also" != "$(version "$VENV/bin/python")" ]; then
+            also_py=$(find_python "$also")
+            if [ -n "$also_py" ]; then
+                other=$also
+                PY=$also_py VENV="$HERE/.venv-$other" setup_python
+            else
+                say "no Python $also here: the suite runs on $(version "$VENV/bin/python") only"
+            fi
+        fi
         cd "$HERE"
-        exec "$VENV/bin/pytest" -q "$@"
+        if [ -n "$other" ]; then
+            say "pytest on Python $other, in the background (its output: .pytest-$other.log)"
+            basetemp=$(mktemp -d -t "vspan-pytest-$other-XXXXXX")
+            "$HERE/.venv-$other/bin/pytest" -q -p no:cacheprovider --basetemp="$basetemp" "$@" \
+                >"$HERE/.pytest-$other.log" 2>&1 &
+            other_pid=$!
+        fi
+        say "pytest on Python $(version "$VENV/bin/python")"
+        status=0
+        "$VENV/bin/pytest" -q "$@" || status=$?
+        if [ -n "$other" ]; then
+            other_status=0
+            wait "$other_pid" || other_status=$?
+            say "pytest on Python $other (exit $other_status): the end of .pytest-$other.log"
+            tail -n 25 "$HERE/.pytest-$other.log"
+            [ "$other_status" -eq 0 ] || status=$other_status
+        fi
+        exit "$status"
         ;;
     bench)
         apt_install tshark tshark argus argus-server ra argus-client nfpcapd nfdump softflowd softflowd tcpdump tcpdump
