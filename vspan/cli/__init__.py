@@ -46,9 +46,31 @@ def _build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+ANALYZER_PACKAGES: Final = frozenset(
+    {"pandas", "pyarrow", "dpkt", "pyshark", "fastapi", "uvicorn", "rich", "duckdb",
+     "prometheus_client"}
+)  # fmt: skip
+"""What ``vspan[analyzer]`` adds to the base install (a collector's)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vspan`` console script; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in ANALYZER_PACKAGES:
+            raise
+        what = f"vspan {argv[0]}" if argv else "vspan"
+        print(
+            f"{what}: needs the analyzer's packages ({exc.name} is not installed): "
+            "pip install 'vspan[analyzer]'",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _main(argv: list[str]) -> int:
     parser = _build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     try:
