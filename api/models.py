@@ -191,18 +191,26 @@ class CollectorRow(_Row):
         description="messages the analyzer's own socket dropped because its buffer was full "
         "(sequence gaps charged to the analyzer, never to the network)"
     )
+    missed_while_down: int = Field(
+        description="messages the collector sent while the analyzer was stopped: the gap in "
+        "its sequence at the analyzer's restart (after a crash, also the messages received "
+        "since the last counters save, at most 10 s of them); never network loss",
+    )
     duplicates: int
     reordered: int
     frames: int
     bytes: int
-    loss: float = Field(description="lost (network) / expected messages, 0..1")
+    loss: float = Field(
+        description="lost (network) / expected messages (missed while down included), 0..1"
+    )
     messages_per_s: float | None = Field(description="over the last two samples; null: unknown")
     frames_per_s: float | None
     bytes_per_s: float | None
     invalid: int = Field(description="messages rejected")
     drops: dict[str, int] = Field(
         description="messages missing or rejected, by cause: lost (network), kernel (the "
-        "analyzer's socket), and each reason of rejection"
+        "analyzer's socket), missed_while_down (the analyzer was stopped), and each reason of "
+        "rejection"
     )
     capture: CaptureOut | None = Field(
         None, description="the collector's capture counters (latest heartbeat); null: none"

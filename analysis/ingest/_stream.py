@@ -4,7 +4,9 @@ Part of ``analysis.accounting`` (import from there; its docstring describes the 
 state is the highest ``seq`` seen and a ring of the last ``WINDOW`` seqs received, indexed
 by ``seq % WINDOW`` (``WINDOW`` divides 2^32, so wrap-around needs no care). ``observe``
 applies the seqs of one batch and says, per message, whether it is accepted (new) or
-dropped (a duplicate, or ``stale``: too far behind to tell).
+dropped (a duplicate, or ``stale``: too far behind to tell). A stream brought back at the
+analyzer's start (``resumed``) charges the gap before its next message to
+``missed_while_down``, not to ``lost``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class StreamStats:
     highest: int
     """Highest seq seen (modulo 2^32)."""
     first_seen: float
+    """``now`` when this analyzer began to track it (its start, for a restored one)."""
     last_seen: float
     received: int = 0
     """Valid messages, dropped ones included: expected = received - duplicates - stale +
@@ -49,12 +52,20 @@ class StreamStats:
     """Messages that arrived after a higher seq (each one taken back from ``lost``)."""
     stale: int = 0
     """Messages ``WINDOW`` or more behind the highest seq (dropped, not ingested)."""
+    missed_while_down: int = 0
+    """Seqs skipped over by the first message after the analyzer restarted: sent while it was
+    not receiving (or received after its last counters save, if it crashed)."""
     frames: int = 0
     """Frames of the accepted messages."""
     bytes: int = 0
     """Bytes of the accepted messages (whole datagrams)."""
     span: int = 0
     """Seqs from the stream's first message to ``highest``, capped at ``WINDOW``."""
+    resumed: bool = False
+    """Restored at the analyzer's start, and no message has moved it forward since: the next
+    step forward is over the messages the analyzer missed while it was down."""
+    missed_gap: tuple[int, int] | None = None
+    """(``highest`` when restored, the first seq after it): the seqs counted as missed."""
     seen: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(WINDOW, np.bool_))
 
     def observe(self, seqs: I64) -> Mask:
@@ -66,7 +77,7 @@ class StreamStats:
         step = (seqs - prev) % MOD
         if (step > 0).all() and (step < HALF).all():  # only forward: one vectorized step
             advance = int(step.sum())
-            self.lost += advance - k
+            self.lost += advance - k - self._resume(int(seqs[0]), int(step[0]))
             self._clear(advance)
             self.highest = int(seqs[-1])
             recent = seqs[(self.highest - seqs) % MOD < WINDOW]
@@ -92,7 +103,7 @@ class StreamStats:
         self.received += 1
         ahead = (s - self.highest) % MOD
         if 0 < ahead < HALF:
-            self.lost += ahead - 1
+            self.lost += ahead - 1 - self._resume(s, ahead)
             self._clear(ahead)
             self.seen[s % WINDOW] = True
             self.highest = s
@@ -108,15 +119,35 @@ class StreamStats:
         self.seen[s % WINDOW] = True
         self.reordered += 1
         if back < self.span:  # after the stream's first message: it was counted missing
-            if self.lost > 0:
+            if self._was_missed(s):
+                self.missed_while_down -= 1
+            elif self.lost > 0:
                 self.lost -= 1
             else:  # it was charged to the kernel, wrongly: it was only late
                 self.kernel -= 1
         return True
 
+    def _resume(self, s: int, ahead: int) -> int:
+        """The first step forward of a restored stream, onto ``s``, ``ahead`` seqs on: its
+        gap is counted as missed while down (returned, to be kept out of ``lost``)."""
+        if not self.resumed:
+            return 0
+        self.resumed = False
+        self.missed_while_down += ahead - 1
+        self.missed_gap = (self.highest, s)
+        return ahead - 1
+
+    def _was_missed(self, s: int) -> bool:
+        """Whether ``s`` is one of the seqs counted as missed while down."""
+        if self.missed_gap is None or self.missed_while_down <= 0:
+            return False
+        low, high = self.missed_gap
+        return 0 < (s - low) % MOD < (high - low) % MOD
+
 
 COUNTS: Final = (
-    "received", "lost", "kernel", "duplicates", "reordered", "stale", "frames", "bytes",
+    "received", "lost", "kernel", "missed_while_down", "duplicates", "reordered", "stale",
+    "frames", "bytes",
 )  # fmt: skip
 """The summable counters of a stream (kept per collector when the stream is forgotten)."""
 if not set(COUNTS) <= {f.name for f in fields(StreamStats)}:  # pragma: no cover - a typo

@@ -24,12 +24,20 @@ sequence is not tracked and which is not newer (modulo 2^32, as seqs are) than t
 collector's current boot is a replay of an old boot: its messages are dropped and counted as
 ``stale_boot``. Together with the duplicate window this means that, while the analyzer
 runs, an authenticated message is ingested at most once, whatever is replayed and when.
-Across a restart of the analyzer, ``restore_boots`` brings back each keyed collector's
-current boot (saved in the store), so older boots stay refused; the seq window is not
-saved, so up to ``WINDOW`` messages of the current boot sent before the restart could be
-taken once more as late ones if replayed then. Collectors without a key are not
-authenticated, so nothing stops anyone from sending in their name; their boots are taken
-as they come.
+Collectors without a key are not authenticated, so nothing stops anyone from sending in
+their name; their boots are taken as they come.
+
+**Across a restart of the analyzer** ``restore`` brings back what the store saved (the
+counters, every 10 s and at stop): each collector's current sequence with its counters and
+highest seq, and for a keyed collector its current boot, so older boots stay refused. The
+first message of a restored sequence then reveals the messages the collector sent while the
+analyzer was not receiving: that gap is counted as ``missed_while_down``, neither ``lost``
+(the network) nor ``kernel``. After a crash the last save is up to its interval old, so the
+messages received between it and the crash count as missed too. A collector that comes
+back with a new boot has nothing missed (its new sequence starts at its first message), one
+that does not come back nothing counted. The seq window is not saved, so up to ``WINDOW``
+messages of the current boot sent before the restart could be taken once more as late ones
+if replayed then.
 
 **Where a message went missing**: a gap in a sequence is a message the analyzer never got,
 lost on the network *or* dropped by the analyzer's own socket when its buffer was full. The
@@ -60,7 +68,7 @@ clock.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from typing import Final
 
@@ -72,6 +80,7 @@ from vspan.analysis.ingest._stream import COUNTS, HALF, MOD, WINDOW, StreamStats
 from vspan.analysis.ingest.messages import REASON_CODES, REASON_NAMES, Ingested
 
 __all__ = [
+    "SAVED_COLUMNS",
     "UNKNOWN_COLLECTOR",
     "WINDOW",
     "Accounting",
@@ -140,8 +149,10 @@ class CollectorStats:
 
 
 _STREAM_COLUMNS: Final = tuple(
-    f.name for f in fields(StreamStats) if f.name not in {"seen", "span"}
+    f.name for f in fields(StreamStats) if f.name not in {"seen", "span", "resumed", "missed_gap"}
 )
+SAVED_COLUMNS: Final = ("collector_id", "boot_id", "highest", "last_seen", *COUNTS)
+"""What ``restore`` reads of a saved sequence (``highest`` null: its boot only)."""
 
 
 def _newer(boot: int, than: int) -> bool:
@@ -197,13 +208,16 @@ class Accounting:
             self._bound()
         return accepted
 
-    def _charge_kernel(self, stream: StreamStats, gaps: int) -> None:
-        """Charge up to ``gaps`` new gaps of ``stream`` to pending kernel drops."""
-        take = min(gaps, self._kernel_pending)
-        if take > 0:
-            stream.lost -= take
-            stream.kernel += take
-            self._kernel_pending -= take
+    def _charge_kernel(self, stream: StreamStats, lost: int, missed: int) -> None:
+        """Charge new gaps of ``stream`` to pending kernel drops: first the ``missed`` ones
+        found at the analyzer's restart (what its socket dropped since its start was among
+        them), then the ``lost`` ones."""
+        for name, gaps in (("missed_while_down", missed), ("lost", lost)):
+            take = min(gaps, self._kernel_pending)
+            if take > 0:
+                setattr(stream, name, getattr(stream, name) - take)
+                stream.kernel += take
+                self._kernel_pending -= take
 
     def add_rejected(
         self,
@@ -229,15 +243,40 @@ class Accounting:
             stats.invalid[reason] = stats.invalid.get(reason, 0) + messages
             self._bound()
 
-    def restore_boots(self, boots: Mapping[int, int], now: float) -> None:
-        """The current boot of collectors with a key, as saved before a restart of the
-        analyzer: from their first message on, older boots are refused as replays."""
+    def restore(self, saved: pd.DataFrame, now: float, *, keyed: Collection[int] = ()) -> int:
+        """Bring back the sequences saved before a restart of the analyzer (``SAVED_COLUMNS``,
+        one row per collector: its current boot). The newest (by ``last_seen``) first, at
+        most ``max_streams``; a row without ``highest`` brings back only the boot of a keyed
+        collector. Collectors in ``keyed`` have a key: their boot is restored in any case.
+        Returns the sequences restored."""
+        keyed = set(keyed)
+        order = saved.sort_values("last_seen", ascending=False, na_position="last", kind="stable")
+        restored = 0
         with self._lock:
-            for cid, boot in boots.items():
-                col = self._collector(cid, now)
-                col.keyed = True
+            for row in order.to_dict(orient="records"):
+                cid, boot, highest = int(row["collector_id"]), int(row["boot_id"]), row["highest"]
+                seen = now if pd.isna(row["last_seen"]) else float(row["last_seen"])
+                has_key = cid in keyed
+                stream = not pd.isna(highest) and restored < self.config.max_streams
+                if not (stream or has_key) or (cid, boot) in self._streams:
+                    continue
+                col = self._collector(cid, seen)
+                col.keyed |= has_key
                 if col.current is None:
                     col.current, col.current_since = boot, now
+                if not stream:
+                    continue
+                state = StreamStats(
+                    cid, boot, highest=int(highest), first_seen=now, last_seen=seen, resumed=True
+                )
+                for name in COUNTS:
+                    setattr(state, name, 0 if pd.isna(row[name]) else int(row[name]))
+                self._streams[(cid, boot)] = state
+                col.boots.add(boot)
+                col.boot_id, col.last_seen = boot, seen
+                restored += 1
+            self._bound()
+        return restored
 
     # --- counting (lock held) -----------------------------------------------------------
 
@@ -282,17 +321,19 @@ class Accounting:
                 col.stale_boot += hi - lo
                 continue
             stream.last_seen = now
-            lost_before = stream.lost
+            lost_before, missed_before = stream.lost, stream.missed_while_down
             if hi - lo == 1:
                 if stream.observe_one(one_seq[lo]):
                     accepted[rows[lo]] = True
                     stream.frames += one_count[lo]
                     stream.bytes += one_size[lo]
-                self._charge_kernel(stream, stream.lost - lost_before)
+                self._charge_kernel(stream, stream.lost - lost_before,
+                                    stream.missed_while_down - missed_before)  # fmt: skip
                 continue
             at = rows[lo:hi]
             ok = stream.observe(seqs[lo:hi])
-            self._charge_kernel(stream, stream.lost - lost_before)
+            self._charge_kernel(stream, stream.lost - lost_before,
+                                stream.missed_while_down - missed_before)  # fmt: skip
             accepted[at] = ok
             stream.frames += int(ing.count[at[ok]].sum())
             stream.bytes += int(ing.size[at[ok]].sum())

@@ -65,8 +65,8 @@ def with_capture(rows: pd.DataFrame, beats: Mapping[int, Heartbeat]) -> pd.DataF
     if extra:
         added = pd.DataFrame({"collector_id": pd.array(extra, dtype="int64")})
         added["time"] = pd.to_datetime([beats[c].received for c in extra], unit="s", utc=True)
-        for column in ("restarts", "received", "lost", "kernel", "duplicates", "reordered",
-                       "frames", "bytes", "invalid"):  # fmt: skip
+        for column in ("restarts", "received", "lost", "kernel", "missed_while_down",
+                       "duplicates", "reordered", "frames", "bytes", "invalid"):  # fmt: skip
             added[column] = 0
         added["loss"] = 0.0
         for column in ("messages_per_s", "frames_per_s", "bytes_per_s"):

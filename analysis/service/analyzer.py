@@ -58,6 +58,7 @@ from vspan.analysis.store.persist import (
     history_rows,
     identity_change,
     migration_rows,
+    saved_streams,
 )
 from vspan.analysis.store.store import Store
 from vspan.analysis.store.writer import StoreWriter
@@ -223,8 +224,7 @@ class Analyzer:
             registered=registered,
             warm=self._warm_kernels,
         )
-        if keys:
-            self._guard("restore_boots", lambda: self._restore_boots(set(keys), now))
+        self._guard("restore_streams", lambda: self._restore_streams(set(keys or ()), now))
         self.engine.start()
         rcfg = ReceiverConfig(
             rcvbuf=cfg.udp_rcvbuf,
@@ -285,22 +285,19 @@ class Analyzer:
         """Where the receivers listen (with the ports the kernel chose for port 0)."""
         return {("udp" if isinstance(r, UdpReceiver) else "tcp"): r.address for r in self.receivers}
 
-    def _restore_boots(self, keyed: set[int], now: float) -> None:
-        """Give the accounting each keyed collector's boot of the last counters saved, so
-        that a replay of an older boot is refused from the start (see ``accounting``)."""
+    def _restore_streams(self, keyed: set[int], now: float) -> None:
+        """Give the accounting each collector's sequence as last saved (and each keyed
+        collector's boot, so that a replay of an older one is refused from the start): the
+        first message after this start reveals what was sent while the analyzer was down."""
         assert self.engine is not None
-        rows = self.store.query(
-            "SELECT c.collector_id, c.boot_id FROM collector_counters c JOIN ("
-            "SELECT collector_id, max(time) AS t FROM collector_counters GROUP BY collector_id"
-            ") m ON c.collector_id = m.collector_id AND c.time = m.t"
+        newest = self.store.query(
+            "SELECT * FROM collector_counters QUALIFY rank() OVER "
+            '(PARTITION BY "collector_id" ORDER BY "time" DESC) = 1'
         )
-        newest: dict[int, int] = {}
-        for cid, boot in zip(rows["collector_id"].tolist(), rows["boot_id"].tolist(), strict=True):
-            if cid in keyed:  # the newest of the boots of that sample, in serial order
-                old = newest.get(cid)
-                if old is None or 0 < (boot - old) % (1 << 32) < 1 << 31:
-                    newest[cid] = boot
-        self.engine.accounting.restore_boots(newest, now)
+        restored = self.engine.accounting.restore(saved_streams(newest, keyed), now, keyed=keyed)
+        if restored:
+            log.info("tunnel: %d collector sequences resumed where the last run saved them",
+                     restored)  # fmt: skip
 
     def registered_collectors(self) -> npt.NDArray[np.int64]:
         """collector_ids of the inventory's hosts (file or control plane): what
@@ -425,7 +422,8 @@ class Analyzer:
         """Everything counted, for metrics and the CLI. ``drops`` says where frames and
         messages went missing, each under its cause: ``lost`` (messages the collectors' sequences
         say the network lost), ``kernel`` (datagrams the analyzer's socket dropped: its buffer
-        was full), ``backpressure`` (frames the packet ring and flows the store did not keep
+        was full), ``missed_while_down`` (messages sent while the analyzer was stopped, found
+        at its restart), ``backpressure`` (frames the packet ring and flows the store did not keep
         because their queue was full)."""
         out: dict[str, Any] = {"errors": dict(self.errors)}
         kernel = sum(r.counters().get("kernel_drops", 0) for r in self.receivers)
@@ -440,14 +438,15 @@ class Analyzer:
         out["recorder"] = {"recovered": self.recorder.recovered}
         out["ring"] = {**self.ring.metrics(), **feeder}
         out["inventory"] = dict(self.state.counters)
-        lost = 0
+        totals = dict.fromkeys(("lost", "missed_while_down"), 0)
         if self.engine is not None:
             out["engine"] = self.engine.counters()
             out["collectors"] = self.engine.accounting.collectors().to_dict(orient="records")
-            lost = self.engine.accounting.totals()["lost"]
+            totals = self.engine.accounting.totals()
         out["drops"] = {
-            "lost": lost,
+            "lost": totals["lost"],
             "kernel": kernel,
+            "missed_while_down": totals["missed_while_down"],
             "backpressure": {
                 "ring_frames": feeder["frames_dropped{backpressure}"],
                 "store_flows": writer.get("dropped{flows}", 0),

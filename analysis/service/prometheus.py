@@ -57,6 +57,13 @@ _COLLECTOR: Final = (  # column of Accounting.collectors(), metric (counter), he
         "vspan_collector_kernel_dropped_messages",
         "Tunnel messages of the collector the analyzer's socket dropped (its buffer was full).",
     ),
+    (
+        "missed_while_down",
+        "vspan_collector_messages_missed_while_down",
+        "Tunnel messages the collector sent while the analyzer was stopped (the sequence gap "
+        "found at its restart); after a crash also those received since its last counters "
+        "save, at most 10 s of them. Not network loss.",
+    ),
     ("duplicates", "vspan_collector_duplicate_messages", "Duplicate tunnel messages."),
     ("reordered", "vspan_collector_reordered_messages", "Tunnel messages out of order."),
     ("stale", "vspan_collector_stale_messages", "Tunnel messages too far behind to place."),

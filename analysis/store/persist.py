@@ -14,11 +14,13 @@ of their own) are no rows of ``inventory_history``.
 from __future__ import annotations
 
 import uuid as uuidlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from typing import Final
 
 import numpy as np
 import pandas as pd
 
+from vspan.analysis.ingest.accounting import SAVED_COLUMNS
 from vspan.analysis.inventory.snapshot import EventKind, InventoryEvent, Migration
 from vspan.analysis.store.schema import vm_key
 from vspan.analysis.store.sql import vm_keys
@@ -29,6 +31,7 @@ __all__ = [
     "hit_rows",
     "identity_change",
     "migration_rows",
+    "saved_streams",
     "uuid_or_none",
 ]
 
@@ -114,8 +117,17 @@ def identity_change(event: InventoryEvent) -> tuple[str, str, str | None] | None
     return old, new, uuid_or_none(event.vm_uuid)
 
 
+_SAMPLED: Final = (
+    "received", "lost", "kernel", "missed_while_down", "duplicates", "reordered", "stale",
+    "frames", "bytes",
+)  # fmt: skip
+"""The counters of a stream a ``collector_counters`` row keeps."""
+
+
 def collector_rows(streams: pd.DataFrame, invalid: pd.DataFrame, now: float) -> pd.DataFrame:
-    """``collector_counters`` samples: one row per (collector, boot) of the accounting."""
+    """``collector_counters`` samples: one row per (collector, boot) of the accounting
+    (``Accounting.streams()``), with what a restart needs to resume it (``saved_streams``):
+    its highest seq and when it was last seen."""
     if streams.empty:
         return pd.DataFrame()
     by_collector: dict[int, dict[str, int]] = {}
@@ -126,9 +138,44 @@ def collector_rows(streams: pd.DataFrame, invalid: pd.DataFrame, now: float) -> 
         "collector_id": streams["collector_id"].astype(np.int64).to_numpy(),
         "boot_id": streams["boot_id"].astype(np.int64).to_numpy(),
     })  # fmt: skip
-    for column in ("received", "lost", "kernel", "duplicates", "reordered", "frames", "bytes"):
+    for column in _SAMPLED:
         out[column] = streams[column].astype(np.int64).to_numpy() if column in streams else 0
     out["invalid"] = pd.Series(
         [by_collector.get(int(c), {}) for c in out["collector_id"]], index=out.index, dtype=object
     )
+    out["highest_seq"] = streams["highest"].astype(np.int64).to_numpy()
+    out["last_seen"] = _utc(streams["last_seen"].astype(np.float64).to_numpy())
     return out
+
+
+def _newest_boot(boots: list[int]) -> int:
+    """The newest of a collector's boots in serial order, modulo 2^32 (vspan's collectors
+    take the time of their start as ``boot_id``: the newest started last)."""
+    newest = boots[0]
+    for boot in boots[1:]:
+        if 0 < (boot - newest) % (1 << 32) < 1 << 31:
+            newest = boot
+    return newest
+
+
+def saved_streams(newest: pd.DataFrame, keyed: Collection[int] = ()) -> pd.DataFrame:
+    """What ``Accounting.restore`` brings back at the analyzer's start, from the rows of each
+    collector's newest ``collector_counters`` sample (``newest``): per collector its newest
+    boot (``SAVED_COLUMNS``), once. A collector missing from the last sample of all had been
+    forgotten (evicted) before the analyzer stopped: it is not restored, unless it has a key
+    (in ``keyed``) — then its boot only, as is a row saved before schema 6 (no highest seq)."""
+    if newest.empty:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in SAVED_COLUMNS})
+    frame = newest.rename(columns={"highest_seq": "highest"})
+    for column in ("highest", "last_seen", *_SAMPLED):  # older samples lack some
+        if column not in frame:
+            frame[column] = None
+    last = frame["time"] == frame["time"].max()
+    frame = frame[last | frame["collector_id"].isin(list(keyed))].copy()
+    frame.loc[~last[frame.index], "highest"] = None  # forgotten then: the boot of a keyed one
+    boots = frame.groupby("collector_id")["boot_id"].agg(lambda b: _newest_boot(b.tolist()))
+    frame = frame[frame["boot_id"].to_numpy() == boots.reindex(frame["collector_id"]).to_numpy()]
+    seen = pd.to_datetime(frame["last_seen"], utc=True)
+    frame["last_seen"] = (seen - pd.Timestamp(0, tz="UTC")).dt.total_seconds()
+    out: pd.DataFrame = frame[list(SAVED_COLUMNS)]
+    return out.reset_index(drop=True)

@@ -78,9 +78,9 @@ MIGRATION_COLUMNS: Final = (
     "time", "vm_name", "vm_uuid", "from_host", "to_host", "source", *FOLLOWED_COLUMNS,
 )  # fmt: skip
 COLLECTOR_COLUMNS: Final = (
-    "collector_id", "restarts", "time", "received", "lost", "kernel", "duplicates", "reordered",
-    "frames",
-    "bytes", "loss", "messages_per_s", "frames_per_s", "bytes_per_s", "invalid", "drops",
+    "collector_id", "restarts", "time", "received", "lost", "kernel", "missed_while_down",
+    "duplicates", "reordered", "frames", "bytes", "loss", "messages_per_s", "frames_per_s",
+    "bytes_per_s", "invalid", "drops",
 )  # fmt: skip
 _SCOPES: Final = TABLES["flows"].column("scope").check
 _UNITS: Final[dict[str, Decimal]] = {
@@ -91,7 +91,9 @@ _RELATIVE: Final = re.compile(r"-?(\d+(?:\.\d*)?)(ms|s|m|h|d|w)")
 _EPOCH: Final = re.compile(r"\d+(?:\.\d*)?")
 _MAX_NS: Final = 2**63 - 1
 _EPOCH_START: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_COUNTERS: Final = ("received", "lost", "kernel", "duplicates", "reordered", "frames", "bytes")
+_COUNTERS: Final = (
+    "received", "lost", "kernel", "missed_while_down", "duplicates", "reordered", "frames", "bytes",
+)  # fmt: skip
 
 
 def parse_time(text: str | int | float, now: float, *, field: str = "time") -> int:
@@ -301,9 +303,10 @@ def collectors(samples: Store | pd.DataFrame) -> pd.DataFrame:
     ``restarts`` (its boots, less one), ``loss`` (lost / expected messages), rates since its
     sample before (None without one, or when the sums went down: a restart whose earlier boot
     the sample lacks), ``invalid`` (messages rejected) and ``drops`` (``{reason: messages}``:
-    ``lost`` (by the network), ``kernel`` (by the analyzer's socket) and each reason of
-    rejection; non-zero only). ``samples``: the store's
-    ``collector_counters``, or live samples in its columns (``persist.collector_rows``)."""
+    ``lost`` (by the network), ``kernel`` (by the analyzer's socket), ``missed_while_down``
+    (sent while the analyzer was stopped) and each reason of rejection; non-zero only).
+    ``samples``: the store's ``collector_counters``, or live samples in its columns
+    (``persist.collector_rows``)."""
     if isinstance(samples, Store):
         frame = samples.query(_LAST_TWO)
         maps = [None if v is None else dict(v) for v in frame["invalid"]]  # (key, value) pairs
@@ -315,7 +318,8 @@ def collectors(samples: Store | pd.DataFrame) -> pd.DataFrame:
         if pd.api.types.is_integer_dtype(frame["time"].dtype):
             frame["time"] = pd.to_datetime(frame["time"], unit="ns", utc=True)
     keys = ["collector_id", "time"]
-    frame["kernel"] = frame["kernel"].fillna(0) if "kernel" in frame else 0  # older samples
+    for name in ("kernel", "missed_while_down"):  # NULL or absent in older samples
+        frame[name] = frame[name].fillna(0) if name in frame else 0
     group = frame.astype(dict.fromkeys(_COUNTERS, "int64")).groupby(keys, sort=True)
     out = group[list(_COUNTERS)].sum().reset_index()
     out["restarts"] = group["boot_id"].nunique().to_numpy() - 1
@@ -330,15 +334,15 @@ def collectors(samples: Store | pd.DataFrame) -> pd.DataFrame:
     for name, counter in (("messages", "received"), ("frames", "frames"), ("bytes", "bytes")):
         rate = (out[counter] - before[counter]) / seconds
         out[f"{name}_per_s"] = rate.astype("float64").where(rising)
-    expected = (out["received"] - out["duplicates"] + out["lost"] + out["kernel"]).astype("float64")
+    sent = out["received"] - out["duplicates"] + out["lost"] + out["kernel"]
+    expected = (sent + out["missed_while_down"]).astype("float64")
     out["loss"] = (out["lost"] / expected.where(expected > 0)).fillna(0.0)
     reasons = [invalid[key] for key in out[keys].itertuples(index=False, name=None)]
     out["invalid"] = pd.array([sum(r.values()) for r in reasons], dtype="Int64")
+    causes = out[["lost", "kernel", "missed_while_down"]].to_dict(orient="records")
     drops = [
-        {k: n for k, n in sorted({"lost": lost, "kernel": kernel, **r}.items()) if n}
-        for lost, kernel, r in zip(
-            out["lost"].tolist(), out["kernel"].tolist(), reasons, strict=True
-        )
+        {k: n for k, n in sorted({**cause, **r}.items()) if n}
+        for cause, r in zip(causes, reasons, strict=True)
     ]
     out["drops"] = pd.Series(drops, index=out.index, dtype=object)
     latest = out.groupby("collector_id", sort=True).tail(1)

@@ -35,7 +35,7 @@ __all__ = [
     "vm_key",
 ]
 
-SCHEMA_VERSION: Final = 5
+SCHEMA_VERSION: Final = 6
 """Version of the tables below; stored in ``meta`` as ``schema_version``."""
 INGEST_COLUMN: Final = "ingest_time"
 """When the store wrote the row: every table with a ``time_column`` has it, and retention
@@ -108,6 +108,17 @@ MIGRATIONS: Final[dict[int, tuple[str, ...]]] = {
             '"rule", {key}, "vm_uuid", "vm_name", "verdict", "flows", "packets", "bytes", '
             '"last_hit", {ingest}',
         ),
+    ),
+    # What a restarted analyzer needs to resume each collector's sequence, and the cause of
+    # loss it then finds (rows of version 5 have them NULL: nothing is resumed from those).
+    5: tuple(
+        f'ALTER TABLE collector_counters ADD COLUMN "{name}" {kind}'
+        for name, kind in (
+            ("highest_seq", "UINTEGER"),
+            ("last_seen", "TIMESTAMPTZ"),
+            ("missed_while_down", "UBIGINT"),
+            ("stale", "UBIGINT"),
+        )
     ),
 }
 """Statements that upgrade version ``k`` to ``k + 1``."""
@@ -347,6 +358,13 @@ COLLECTOR_COUNTERS = Table(
         _c("time", "TIMESTAMPTZ", _TS, "sample time", null=False),
         _c("collector_id", "UINTEGER", "UInt32", "collector", null=False),
         _c("boot_id", "UINTEGER", "UInt32", "collector boot (a new one restarts seq)", null=False),
+        _c(
+            "highest_seq",
+            "UINTEGER",
+            "UInt32",
+            "highest seq of the boot received (a restarted analyzer resumes there)",
+        ),
+        _c("last_seen", "TIMESTAMPTZ", _TS, "the boot's latest message (restored newest first)"),
         _c("received", "UBIGINT", "UInt64", "messages received", null=False),
         _c("lost", "UBIGINT", "UInt64", "messages the network lost (seq gaps)", null=False),
         _c(
@@ -355,8 +373,21 @@ COLLECTOR_COUNTERS = Table(
             "UInt64",
             "messages the analyzer's socket dropped (seq gaps charged to its full buffer)",
         ),
+        _c(
+            "missed_while_down",
+            "UBIGINT",
+            "UInt64",
+            "messages sent while the analyzer was not receiving (the seq gap at its restart; "
+            "after a crash also those received since its last counters save, at most 10 s)",
+        ),
         _c("duplicates", "UBIGINT", "UInt64", "duplicate messages", null=False),
         _c("reordered", "UBIGINT", "UInt64", "messages out of order", null=False),
+        _c(
+            "stale",
+            "UBIGINT",
+            "UInt64",
+            "messages too far behind the highest seq to place (dropped)",
+        ),
         _c("frames", "UBIGINT", "UInt64", "frames received", null=False),
         _c("bytes", "UBIGINT", "UInt64", "frame bytes received", null=False),
         _c(

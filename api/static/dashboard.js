@@ -120,10 +120,12 @@
       tr.dataset.loss = c.loss;
       tr.dataset.lost = c.lost;
       tr.dataset.kernel = c.kernel;
+      tr.dataset.missedWhileDown = c.missed_while_down;
       cell(tr, c.collector_id);
       cell(tr, c.frames, "num");
       cell(tr, c.lost, "num");
       cell(tr, c.kernel, "num");
+      cell(tr, c.missed_while_down, "num");
       const cap = c.capture;
       tr.dataset.captureDrops = cap ? sum(cap.drops) : "";
       tr.dataset.notMirrored = cap ? sum(cap.not_mirrored) : "";
@@ -142,10 +144,12 @@
     if (!drops) return;
     const back = drops.backpressure || {};
     line.dataset.kernel = drops.kernel;
+    line.dataset.missedWhileDown = drops.missed_while_down;
     line.dataset.ringFrames = back.ring_frames;
     line.dataset.storeFlows = back.store_flows;
     line.textContent = `analyzer drops — socket buffer full: ${drops.kernel} datagrams; ` +
-      `packet ring behind: ${back.ring_frames} frames; store behind: ${back.store_flows} flows`;
+      `packet ring behind: ${back.ring_frames} frames; store behind: ${back.store_flows} flows; ` +
+      `sent while it was stopped: ${drops.missed_while_down} messages`;
   }
 
   async function drawViolations() {

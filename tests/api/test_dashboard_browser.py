@@ -156,8 +156,15 @@ def test_vm_page_collectors_and_violations(served: Served, page: tuple[Any, list
     assert [c["capture"]["drops"] for c in reported] == [{"kernel": 2, "runts": 1, "queue_full": 0}]
     want = {c["collector_id"]: ["3", "100"] for c in reported}  # losses only; left out apart
     assert {cid: [d, n] for cid, d, n in capture if d} == want
+    missed = p.eval_on_selector_all(
+        "#collectors tbody tr", "els => els.map(e => Number(e.dataset.missedWhileDown))"
+    )
+    assert missed == [c["missed_while_down"] for c in collectors]
+    assert any(missed)
     headers = p.eval_on_selector_all("#collectors thead th", "els => els.map(e => e.textContent)")
-    assert headers[4:6] == ["capture drops", "not mirrored"]
+    assert headers[2:7] == [
+        "lost on the network", "dropped here", "missed while down", "capture drops", "not mirrored",
+    ]  # fmt: skip
     violations = served.get("/api/v1/violations?limit=20")["violations"]
     assert p.locator("#violations tbody tr").count() == len(violations) > 0
 

@@ -174,8 +174,11 @@ def test_collectors_from_the_store_and_from_a_live_source(served: Served) -> Non
     assert [r["collector_id"] for r in rows] == [1, 2, 3]
     first = rows[0]
     assert (first["messages_per_s"], first["bytes_per_s"], first["drops"]) == (
-        100.0, 90_000.0, {"bad_auth": 2, "lost": 5},
+        100.0, 90_000.0, {"bad_auth": 2, "lost": 5, "missed_while_down": 4},
     )  # fmt: skip
+    # sent 300 - 1 duplicate + 5 lost + 4 missed: the network lost 5 of 308, not 9
+    assert (first["missed_while_down"], first["lost"]) == (4, 5)
+    assert first["loss"] == pytest.approx(5 / 308)
     live = served.data.counters[served.data.counters.collector_id == 2]
     served.app.dependency_overrides[get_counter_samples] = lambda: live
     try:

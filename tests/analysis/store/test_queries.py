@@ -330,11 +330,14 @@ def test_collectors_latest_counters_rates_loss_and_drops(data: ReadData, store: 
     got = collectors(store)
     assert tuple(got.columns) == COLLECTOR_COLUMNS
     rows = {r["collector_id"]: r for r in json_rows(got)}
+    # collector 1: 4 messages sent while the analyzer was stopped, apart from the network's
+    # 5: the loss is 5 of the 300 - 1 duplicate + 5 + 4 messages sent
     assert rows[1] | {"time": None} == {
         "collector_id": 1, "restarts": 0, "time": None, "received": 300, "lost": 5, "kernel": 0,
-        "duplicates": 1, "reordered": 2, "frames": 3000, "bytes": 270_000,
-        "loss": pytest.approx(5 / 304), "messages_per_s": 100.0, "frames_per_s": 1000.0,
-        "bytes_per_s": 90_000.0, "invalid": 2, "drops": {"bad_auth": 2, "lost": 5},
+        "missed_while_down": 4, "duplicates": 1, "reordered": 2, "frames": 3000,
+        "bytes": 270_000, "loss": pytest.approx(5 / 308), "messages_per_s": 100.0,
+        "frames_per_s": 1000.0, "bytes_per_s": 90_000.0, "invalid": 2,
+        "drops": {"bad_auth": 2, "lost": 5, "missed_while_down": 4},
     }  # fmt: skip
     # collector 2: the analyzer's socket dropped 6 of its messages; the network lost none
     assert (rows[2]["messages_per_s"], rows[2]["loss"], rows[2]["drops"]) == (

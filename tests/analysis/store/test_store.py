@@ -386,7 +386,7 @@ def test_a_version_1_store_is_upgraded_in_place(tmp_path: Path) -> None:
         counters = store.query("SELECT * FROM collector_counters LIMIT 0").columns
     assert {"delay_us", "ingest_time"} <= set(columns)
     assert "kernel" in counters
-    assert str(version.iloc[0, 0]) == str(SCHEMA_VERSION) == "5"
+    assert str(version.iloc[0, 0]) == str(SCHEMA_VERSION) == "6"
 
 
 def test_rows_of_a_version_2_store_count_as_ingested_at_the_upgrade(

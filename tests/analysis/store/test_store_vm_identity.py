@@ -193,7 +193,7 @@ def test_a_version_4_store_with_rows_is_upgraded(tmp_path: Path) -> None:
 
     with Store(old, retention_days=None) as store:
         version = store.query("SELECT value FROM meta WHERE key = 'schema_version'")
-        assert version["value"].tolist() == [str(SCHEMA_VERSION)] == ["5"]
+        assert version["value"].tolist() == [str(SCHEMA_VERSION)] == ["6"]
         history = store.query_inventory_history(order="vm_name")
         assert _plain(history[["vm_key", "vm_name", "vif", "mac", "profile"]]) == [
             [DB, "db", None, None, None], [WEB, "web", 3, "52:54:00:00:00:01", "lab"],

@@ -1,7 +1,8 @@
 """Stores as earlier versions of vspan wrote them, made from a store of today.
 
 ``as_written_by(path, version)`` turns the store in ``path`` into what vspan wrote at schema
-``version``: version 4 kept ``inventory_history``, ``migrations`` and ``policy_hits`` by a
+``version``: version 5 had no ``collector_counters.highest_seq``, ``last_seen``,
+``missed_while_down`` nor ``stale`` (``V6_COUNTER_COLUMNS``); version 4 kept ``inventory_history``, ``migrations`` and ``policy_hits`` by a
 ``vm_uuid`` that could not be NULL (``V4_TABLES``, the DDL vspan 4 ran, word for word; those
 tables come back empty), version 3 had no ``collector_counters.kernel``, version 2 no
 ``ingest_time`` either, version 1 no ``flows.delay_us`` either.
@@ -16,7 +17,10 @@ import duckdb
 
 from vspan.analysis.store.schema import TABLES
 
-__all__ = ["V4_TABLES", "as_written_by"]
+__all__ = ["V4_TABLES", "V6_COUNTER_COLUMNS", "as_written_by"]
+
+V6_COUNTER_COLUMNS: Final = ("highest_seq", "last_seen", "missed_while_down", "stale")
+"""The columns version 6 added to ``collector_counters``."""
 
 V4_TABLES: Final = {
     "inventory_history": """CREATE TABLE IF NOT EXISTS "inventory_history" (
@@ -56,11 +60,14 @@ V4_TABLES: Final = {
 
 
 def as_written_by(path: Path, version: int) -> None:
-    """The store in ``path`` (closed) as vspan wrote it at schema ``version`` (1..4)."""
+    """The store in ``path`` (closed) as vspan wrote it at schema ``version`` (1..5)."""
     con = duckdb.connect(str(path / "vspan.duckdb"))
+    for column in V6_COUNTER_COLUMNS:
+        con.execute(f'ALTER TABLE collector_counters DROP COLUMN "{column}"')
     for table, ddl in V4_TABLES.items():
-        con.execute(f'DROP TABLE "{table}"')
-        con.execute(ddl)
+        if version <= 4:
+            con.execute(f'DROP TABLE "{table}"')
+            con.execute(ddl)
     if version <= 3:
         con.execute('ALTER TABLE collector_counters DROP COLUMN "kernel"')
     for table in TABLES.values():

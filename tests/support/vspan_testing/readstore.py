@@ -71,17 +71,18 @@ def _migrations(cap: SynthCapture, t0: int) -> pd.DataFrame:
 def _counters(t0: int) -> pd.DataFrame:
     """Samples as the analyzer writes them (``persist.collector_rows``): a row per (collector,
     boot) at each sample time, the collector's rejected messages repeated on each row."""
-    rows = [  # seconds, collector, boot, received, lost, dup, reordered, frames, bytes, invalid
-        (0, 1, 7, 100, 0, 0, 0, 0, 1000, 90_000, {}),
-        (2, 1, 7, 300, 5, 0, 1, 2, 3000, 270_000, {"bad_auth": 2}),
-        (0, 2, 9, 50, 0, 0, 0, 0, 400, 40_000, {"bad_magic": 1}),
-        (4, 2, 9, 250, 0, 6, 0, 0, 2400, 240_000, {"bad_magic": 1}),
-        (0, 3, 1, 500, 3, 0, 0, 0, 5000, 500_000, {}),
-        (1, 3, 1, 500, 3, 0, 0, 0, 5000, 500_000, {"unknown_collector": 4}),
-        (1, 3, 2, 10, 0, 0, 0, 0, 90, 9_000, {"unknown_collector": 4}),
+    rows = [  # seconds, collector, boot, received, lost, kernel, missed while down, dup,
+        # reordered, frames, bytes, invalid
+        (0, 1, 7, 100, 0, 0, 0, 0, 0, 1000, 90_000, {}),
+        (2, 1, 7, 300, 5, 0, 4, 1, 2, 3000, 270_000, {"bad_auth": 2}),
+        (0, 2, 9, 50, 0, 0, 0, 0, 0, 400, 40_000, {"bad_magic": 1}),
+        (4, 2, 9, 250, 0, 6, 0, 0, 0, 2400, 240_000, {"bad_magic": 1}),
+        (0, 3, 1, 500, 3, 0, 0, 0, 0, 5000, 500_000, {}),
+        (1, 3, 1, 500, 3, 0, 0, 0, 0, 5000, 500_000, {"unknown_collector": 4}),
+        (1, 3, 2, 10, 0, 0, 0, 0, 0, 90, 9_000, {"unknown_collector": 4}),
     ]
-    names = ["time", "collector_id", "boot_id", "received", "lost", "kernel", "duplicates",
-             "reordered", "frames", "bytes", "invalid"]  # fmt: skip
+    names = ["time", "collector_id", "boot_id", "received", "lost", "kernel",
+             "missed_while_down", "duplicates", "reordered", "frames", "bytes", "invalid"]  # fmt: skip
     frame = pd.DataFrame(rows, columns=names)
     frame["time"] = t0 + frame["time"] * SECOND
     return frame
