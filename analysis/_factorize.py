@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from vspan.pcap._layout import kernel
+from vspan.kernels import kernel
 
 __all__ = ["factorize"]
 

@@ -42,8 +42,7 @@ from vspan.analysis.decode._l4 import l4_headers
 from vspan.analysis.decode._link import MAX_STACK, link_layers, tag_stacks
 from vspan.analysis.decode.columns import NO_MAC, Decoded
 from vspan.batch import FrameBatch
-from vspan.kernels import literal_unroll
-from vspan.pcap._layout import kernel
+from vspan.kernels import kernel, literal_unroll
 
 __all__ = ["MAX_STACK", "decode_batch"]
 

@@ -15,7 +15,7 @@ Stages read frame bytes with the readers below, which take absolute offsets into
 buffer. numba does not check bounds: a read past a frame would see the next frame's bytes,
 or fault past the buffer; so a stage reads a byte only once it checked it was captured.
 
-``decode._decode`` holds every stage compiled in; ``vspan.pcap._layout.kernel`` keys numba's
+``decode._decode`` holds every stage compiled in; ``vspan.kernels.kernel`` keys numba's
 cache by a digest of all sources, so an edit of a ``_decode_*`` module alone still
 recompiles it.
 
@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vspan.analysis.decode.columns import Layer, Status
-from vspan.pcap._layout import kernel
+from vspan.kernels import kernel
 
 __all__ = [
     "CAP",

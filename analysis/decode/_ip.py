@@ -46,7 +46,7 @@ from vspan.analysis.decode._common import (
     wrap32,
 )
 from vspan.analysis.decode.columns import IPV4_MAPPED_PREFIX, Decoded
-from vspan.pcap._layout import kernel
+from vspan.kernels import kernel
 
 __all__ = ["MAX_EXT", "ipv4_headers", "ipv6_extensions", "ipv6_headers"]
 

@@ -36,7 +36,7 @@ from vspan.analysis.decode._common import (
     fold,
 )
 from vspan.analysis.decode.columns import ICMP_ECHO_TYPES, Decoded
-from vspan.pcap._layout import kernel
+from vspan.kernels import kernel
 
 __all__ = ["l4_headers"]
 

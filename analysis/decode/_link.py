@@ -38,7 +38,7 @@ from vspan.analysis.decode._common import (
 )
 from vspan.analysis.decode.columns import Decoded, TagKind
 from vspan.batch import LinkType
-from vspan.pcap._layout import kernel
+from vspan.kernels import kernel
 from vspan.wire.vntag import ETAG_FIELDS, ETAG_LAYOUT, ETAG_LEN, VNTAG_LAYOUT, VNTAG_LEN, EtherType
 
 __all__ = ["MAX_STACK", "link_layers", "tag_stacks"]

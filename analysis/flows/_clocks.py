@@ -27,7 +27,7 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from vspan.pcap._layout import kernel
+from vspan.kernels import kernel
 
 __all__ = [
     "CLOCK",

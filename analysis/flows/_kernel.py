@@ -57,7 +57,7 @@ from vspan.analysis.flows._rows import (
     rebuild_index,
     remove_rows,
 )
-from vspan.pcap._layout import kernel
+from vspan.kernels import kernel
 
 __all__ = [
     "CLOCK_SHIFT",

@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from vspan.analysis.decode.columns import ICMP_ECHO_TYPES
-from vspan.pcap._layout import kernel
+from vspan.kernels import kernel
 
 __all__ = [
     "ICMP_TYPE_CODE",

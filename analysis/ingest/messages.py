@@ -38,7 +38,7 @@ from vspan.batch import FrameBatch, LinkType
 from vspan.wire.tunnel import (
     AUTH_LEN,
     FLAG_AUTH,
-    HEADER_FIELDS,
+    HEADER_DTYPE,
     HEADER_LEN,
     KNOWN_FLAGS,
     MAGIC,
@@ -50,25 +50,13 @@ from vspan.wire.tunnel import (
     VNTAG_ETHERTYPE,
 )
 
-__all__ = ["HEADER_DTYPE", "OK", "REASON_CODES", "REASON_NAMES", "Ingested", "ingest"]
+__all__ = ["OK", "REASON_CODES", "REASON_NAMES", "Ingested", "ingest"]
 
 U8 = npt.NDArray[np.uint8]
 U32 = npt.NDArray[np.uint32]
 I64 = npt.NDArray[np.int64]
 Mask = npt.NDArray[np.bool_]
 
-# spec/tunnel.md, "Message": the header as a numpy record, same names as HEADER_FIELDS.
-HEADER_DTYPE: Final = np.dtype(
-    list(
-        zip(
-            HEADER_FIELDS,
-            (">u2", "u1", "u1", ">u4", ">u4", ">u4", ">u4", ">u2", ">u2"),
-            strict=True,
-        )
-    )
-)
-if HEADER_DTYPE.itemsize != HEADER_LEN:  # pragma: no cover - a bug in the table above
-    raise AssertionError(f"HEADER_DTYPE is {HEADER_DTYPE.itemsize} bytes, not {HEADER_LEN}")
 
 OK: Final = 0
 """The reason code of a valid message."""

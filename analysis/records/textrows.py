@@ -23,7 +23,7 @@ import numpy.typing as npt
 
 from vspan.analysis._factorize import factorize
 from vspan.analysis.records.table import Floats, Ints, RecordTable, Seconds, Times
-from vspan.pcap._layout import kernel
+from vspan.kernels import kernel
 
 __all__ = ["TEXT_FORMATS", "text_blocks"]
 

@@ -17,7 +17,8 @@ import numpy.typing as npt
 
 from vspan.analysis._factorize import factorize
 from vspan.batch import FrameBatch
-from vspan.pcap._layout import kernel, u16, u32
+from vspan.kernels import kernel
+from vspan.pcap._layout import u16, u32
 
 __all__ = ["epb_comments"]
 

@@ -27,7 +27,8 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
-from vspan.pcap._layout import Fields, field_offsets, kernel, layout
+from vspan.fields import Fields, field_offsets, layout
+from vspan.kernels import kernel
 
 __all__ = [
     "BLOCK_DESC_FIELDS",

@@ -1,9 +1,6 @@
-"""Pieces shared by the capture-file readers and writers (private to vspan).
-
-Layouts are ``(field, numpy type)`` tables in wire order; ``layout`` turns one into a
-packed numpy dtype and ``struct_format`` into a ``struct`` format, so readers, writers and
-numba kernels all take their offsets from the same table.
-"""
+"""Pieces shared by the capture-file readers and writers (private to vspan): the record
+rows the walkers fill, why a walker stopped, byte readers for kernels. Layouts are
+``vspan.fields`` tables."""
 
 from __future__ import annotations
 
@@ -20,15 +17,10 @@ __all__ = [
     "MAX_CAPLEN",
     "MESSAGES",
     "REC_COLUMNS",
-    "Fields",
     "Parsed",
     "Stop",
-    "field_offsets",
     "grow",
-    "kernel",
-    "layout",
     "new_records",
-    "struct_format",
     "u16",
     "u32",
     "wrap_i64",
@@ -36,29 +28,9 @@ __all__ = [
 
 U8 = npt.NDArray[np.uint8]
 I64 = npt.NDArray[np.int64]
-Fields = tuple[tuple[str, str], ...]
 
 MAX_CAPLEN: Final = 262144
 """Captured lengths above ``max(snaplen, MAX_CAPLEN)`` mark a corrupt record (as libpcap)."""
-
-_STRUCT_CODES: Final = {"u1": "B", "u2": "H", "u4": "I", "i4": "i", "u8": "Q", "i8": "q"}
-
-
-def layout(fields: Fields, order: str = "<") -> np.dtype[np.void]:
-    """The packed numpy dtype of a ``(field, type)`` table in byte order ``order``."""
-    return np.dtype([(name, order + code) for name, code in fields])
-
-
-def struct_format(fields: Fields, order: str = "<") -> str:
-    """The ``struct`` format of a ``(field, type)`` table in byte order ``order``."""
-    return order + "".join(_STRUCT_CODES[code] for _, code in fields)
-
-
-def field_offsets(fields: Fields) -> dict[str, int]:
-    """Byte offset of each field of a ``(field, type)`` table."""
-    found = layout(fields).fields
-    assert found is not None
-    return {name: int(spec[1]) for name, spec in found.items()}
 
 
 def wrap_i64(value: int) -> int:

@@ -17,6 +17,8 @@ from typing import Final
 import numpy as np
 import numpy.typing as npt
 
+from vspan.fields import Fields, field_offsets, layout, struct_format
+from vspan.kernels import kernel
 from vspan.pcap._layout import (
     MAX_CAPLEN,
     MESSAGES,
@@ -29,17 +31,12 @@ from vspan.pcap._layout import (
     REC_TS_HI,
     REC_TS_LO,
     TOUCH_STEP,
-    Fields,
     Parsed,
     Stop,
     end_records,
-    field_offsets,
     grow,
-    kernel,
-    layout,
     load_lines,
     new_records,
-    struct_format,
     u16,
     u32,
     wrap_i64,

@@ -28,6 +28,8 @@ import numpy.typing as npt
 
 from vspan.batch import FrameBatch
 from vspan.errors import CaptureFileError
+from vspan.fields import Fields, field_offsets, layout
+from vspan.kernels import kernel
 from vspan.pcap._layout import (
     MAX_CAPLEN,
     MESSAGES,
@@ -40,14 +42,10 @@ from vspan.pcap._layout import (
     REC_TS_HI,
     REC_TS_LO,
     TOUCH_STEP,
-    Fields,
     Parsed,
     Stop,
     end_records,
-    field_offsets,
     grow,
-    kernel,
-    layout,
     load_lines,
     new_records,
     u32,

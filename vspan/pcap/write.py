@@ -21,7 +21,8 @@ import numpy as np
 import numpy.typing as npt
 
 from vspan.batch import FrameBatch
-from vspan.pcap._layout import kernel, layout, struct_format
+from vspan.fields import layout, struct_format
+from vspan.kernels import kernel
 from vspan.pcap._pcapng import (
     BLOCK_TRAILER_LEN,
     EPB_FIELDS,

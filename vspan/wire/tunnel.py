@@ -21,13 +21,16 @@ import numpy.typing as npt
 
 from vspan.batch import FrameBatch, LinkType
 from vspan.errors import TunnelError
+from vspan.fields import Fields, layout, names, struct_format
 
 __all__ = [
     "AUTH_LEN",
     "DEFAULT_PORT",
     "FLAG_AUTH",
     "HEADER",
+    "HEADER_DTYPE",
     "HEADER_FIELDS",
+    "HEADER_LAYOUT",
     "HEADER_LEN",
     "KNOWN_FLAGS",
     "MAGIC",
@@ -35,6 +38,7 @@ __all__ = [
     "MIN_FRAME",
     "REASONS",
     "RECORD_DTYPE",
+    "RECORD_LAYOUT",
     "RECORD_LEN",
     "VERSION",
     "VNTAG_ETHERTYPE",
@@ -59,27 +63,32 @@ VNTAG_ETHERTYPE: Final = 0x8926
 _U16: Final = 0xFFFF
 _U32: Final = 0xFFFF_FFFF
 
-# spec/tunnel.md, "Message": the 24-byte header, field names in wire order.
-HEADER_FIELDS: Final = (
-    "magic",
-    "version",
-    "flags",
-    "length",
-    "collector_id",
-    "boot_id",
-    "seq",
-    "count",
-    "reserved",
+# spec/tunnel.md, "Message": the 24-byte header, big-endian, in wire order. The struct of
+# ``encode_message``/``parse_header`` and the numpy dtype of batches (``HEADER_DTYPE``) are
+# both derived from this one table.
+HEADER_LAYOUT: Final[Fields] = (
+    ("magic", "u2"),
+    ("version", "u1"),
+    ("flags", "u1"),
+    ("length", "u4"),
+    ("collector_id", "u4"),
+    ("boot_id", "u4"),
+    ("seq", "u4"),
+    ("count", "u2"),
+    ("reserved", "u2"),
 )
-HEADER: Final = struct.Struct("!HBBIIIIHH")
+HEADER_FIELDS: Final = names(HEADER_LAYOUT)
+HEADER: Final = struct.Struct(struct_format(HEADER_LAYOUT, ">"))
+HEADER_DTYPE: Final = layout(HEADER_LAYOUT, ">")
 
 # spec/tunnel.md, "Record table entry": one fixed-width row per frame, in frame order.
-RECORD_DTYPE: Final = np.dtype([("ts_ns", ">u8"), ("cap_len", ">u2"), ("orig_len", ">u2")])
+RECORD_LAYOUT: Final[Fields] = (("ts_ns", "u8"), ("cap_len", "u2"), ("orig_len", "u2"))
+RECORD_DTYPE: Final = layout(RECORD_LAYOUT, ">")
 
 if (
     HEADER.size != HEADER_LEN
-    or len(HEADER.unpack(bytes(HEADER_LEN))) != len(HEADER_FIELDS)
-    or RECORD_DTYPE.itemsize != RECORD_LEN
+    or HEADER_DTYPE.itemsize != HEADER_LEN
+    or (RECORD_DTYPE.itemsize != RECORD_LEN)
 ):  # pragma: no cover - a bug in the tables above
     raise AssertionError("tunnel layout tables do not match the spec's sizes")
 

@@ -29,7 +29,7 @@ from vspan.batch import FrameBatch
 from vspan.wire.tunnel import (
     AUTH_LEN,
     FLAG_AUTH,
-    HEADER_FIELDS,
+    HEADER_DTYPE,
     HEADER_LEN,
     MAGIC,
     MIN_FRAME,
@@ -40,7 +40,6 @@ from vspan.wire.tunnel import (
 )
 
 __all__ = [
-    "HEADER_DTYPE",
     "MessagePlan",
     "concat_batches",
     "encode_batch",
@@ -54,23 +53,6 @@ I64 = npt.NDArray[np.int64]
 _U16: Final = 0xFFFF
 _SEQ_MOD: Final = 1 << 32
 _MAX_KEY: Final = 64
-
-# spec/tunnel.md, "Message": the 24-byte header as a structured dtype, fields in wire order.
-HEADER_DTYPE: Final = np.dtype(
-    [
-        ("magic", ">u2"),
-        ("version", "u1"),
-        ("flags", "u1"),
-        ("length", ">u4"),
-        ("collector_id", ">u4"),
-        ("boot_id", ">u4"),
-        ("seq", ">u4"),
-        ("count", ">u2"),
-        ("reserved", ">u2"),
-    ]
-)
-if HEADER_DTYPE.itemsize != HEADER_LEN or tuple(HEADER_DTYPE.names or ()) != HEADER_FIELDS:
-    raise AssertionError("HEADER_DTYPE does not match spec/tunnel.md")  # pragma: no cover
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -28,7 +28,7 @@ from vspan.collectors.capture._tpacket import (
     gather,
 )
 from vspan.errors import ConfigError
-from vspan.pcap._layout import field_offsets
+from vspan.fields import field_offsets
 
 BLOCK_DESC = struct.Struct("<IIIIIIQIIII")  # struct tpacket_block_desc + tpacket_hdr_v1
 TPACKET3_HDR = struct.Struct("<IIIIIIHHIIHH8x")  # struct tpacket3_hdr (hv1 inlined)
