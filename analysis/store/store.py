@@ -30,10 +30,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self
 
 import duckdb
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -57,12 +56,14 @@ from vspan.analysis.store.sql import (
     insert_sql,
     schema_of,
     select_sql,
-    time_param,
     upsert_sql,
     vm_rekey_sql,
     with_vm_keys,
 )
 from vspan.inventory import InventoryView
+
+if TYPE_CHECKING:
+    from vspan.analysis.store.retention import RetentionResult
 
 Columns = Sequence[str] | None
 """The columns a query reads (None: all)."""
@@ -71,7 +72,6 @@ __all__ = [
     "FILE_NAME",
     "RETENTION_BASES",
     "AppendResult",
-    "RetentionResult",
     "Store",
     "StoreError",
     "StoreSize",
@@ -80,7 +80,6 @@ __all__ = [
 log = logging.getLogger("vspan.store")
 
 FILE_NAME: Final = "vspan.duckdb"
-_DAY_NS: Final = 86_400 * 10**9
 _ROW_ERRORS: Final = (duckdb.DataError, duckdb.IntegrityError, duckdb.InvalidInputException)
 """What the database says about the values of a row (split the insert to find the rows);
 anything else (I/O, a closed file) fails the append as a whole."""
@@ -105,14 +104,6 @@ class StoreSize:
     """The database file and its write-ahead log, as the file system says."""
     used_bytes: int
     """Blocks holding data, plus the log; freed blocks are reused before the file grows."""
-
-
-@dataclass(frozen=True, slots=True)
-class RetentionResult:
-    """Rows ``apply_retention`` deleted per table (by age and by size), and the size after."""
-
-    deleted: dict[str, int]
-    size: StoreSize
 
 
 class Store:
@@ -507,89 +498,24 @@ class Store:
         return StoreSize(self.path.stat().st_size + wal_bytes, used + wal_bytes)
 
     def apply_retention(self, now: object) -> RetentionResult:
-        """Delete rows older than ``retention_days`` before ``now`` — by ``ingest_time``, or
-        by the rows' own time with ``retention_basis="capture"``; then, if the file is over
-        ``max_bytes``, the oldest flows (by the same basis), as many as the live data is
-        over 90 % of it at its present bytes per row. Space comes back a row group (122,880
-        rows) at a time and freed blocks are reused before the file grows, so the file
-        stays bounded. Every deletion is counted (``counters()["deleted"]``) and logged."""
-        deleted = dict.fromkeys(TABLES, 0)
-        now_ns = int(time_param(now).value)
-        if self.retention_days is not None:
-            cutoff = now_ns - int(self.retention_days * _DAY_NS)
-            for spec in TABLES.values():
-                if spec.time_column is not None:
-                    column = self._age_column(spec)
-                    n = self._delete(spec, (column,), (self._value(spec, column, cutoff),))
-                    deleted[spec.name] += self._deleted(
-                        spec.name, "age", n, f"{column} before {_iso(cutoff)}", logging.INFO
-                    )
-        self._checkpoint()
-        size, rows = self.size(), self.count("flows")
-        if self.max_bytes is not None and size.file_bytes > self.max_bytes and rows:
-            keep = int(rows * min(1.0, self.max_bytes * 0.9 / max(size.used_bytes, 1)))
-            if keep < rows:
-                spec = TABLES["flows"]
-                key = tuple(dict.fromkeys((self._age_column(spec), "last_ns")))
-                order = ", ".join(f"{quote(c)} DESC" for c in key)
-                nth = self.query(
-                    f"SELECT {', '.join(map(quote, key))} FROM flows ORDER BY {order} "
-                    "LIMIT 1 OFFSET ?",
-                    [keep],
-                )
-                last = tuple(_scalar(nth[c].iloc[0]) for c in key)
-                n = self._delete(spec, key, last, inclusive=True)
-                why = (
-                    f"store {size.file_bytes:,} bytes over max_store_bytes {self.max_bytes:,}: "
-                    f"the oldest by {', '.join(key)}, up to {', '.join(map(str, last))}"
-                )
-                deleted["flows"] += self._deleted("flows", "size", n, why, logging.WARNING)
-                self._checkpoint()
-                size = self.size()
-        return RetentionResult({k: v for k, v in deleted.items() if v}, size)
+        """Delete what ``retention_days`` and ``max_bytes`` say is too old or too much
+        (``retention.apply_retention``)."""
+        from vspan.analysis.store.retention import apply_retention
 
-    def _age_column(self, spec: Table) -> str:
-        """The column retention ages ``spec``'s rows by."""
-        if self.retention_basis == "ingest":
-            return INGEST_COLUMN
-        return spec.time_column or INGEST_COLUMN
+        return apply_retention(self, now)
 
-    @staticmethod
-    def _value(spec: Table, column: str, ns: int) -> object:
-        """``ns`` as the column holds it: an integer, or a UTC timestamp."""
-        return ns if spec.column(column).duckdb == "BIGINT" else time_param(ns)
-
-    def _delete(
-        self,
-        spec: Table,
-        key: tuple[str, ...],
-        bound: tuple[object, ...],
-        *,
-        inclusive: bool = False,
-    ) -> int:
-        """Delete the rows whose ``key`` sorts before ``bound`` (or equal, ``inclusive``)."""
-        names = ", ".join(map(quote, key))
-        marks = ", ".join("?" * len(key))
-        op = "<=" if inclusive else "<"
-        sql = f"DELETE FROM {quote(spec.name)} WHERE ({names}) {op} ({marks})"
+    def execute(self, sql: str, params: Sequence[object] = ()) -> tuple[Any, ...] | None:
+        """Run one statement under the store's lock; its first row (read to the end)."""
         with self._lock:
-            row = _one(self._connection().execute(sql, list(bound)))
-        return int(row[0]) if row is not None else 0
+            return _one(self._connection().execute(sql, list(params)))
 
-    def _deleted(self, table: str, why: str, rows: int, detail: str, level: int) -> int:
-        """Count and log one deletion; ``rows``."""
-        if rows:
-            self._counts.add("deleted", table, {why: rows})
-            log.log(
-                level,
-                "store %s: deleted %d rows (%s, basis %s): %s",
-                table,
-                rows,
-                "retention_days" if why == "age" else "max_store_bytes",
-                self.retention_basis,
-                detail,
-            )
-        return rows
+    def count_deleted(self, table: str, why: str, rows: int) -> None:
+        """Count rows retention deleted from ``table`` (``counters()["deleted"]``)."""
+        self._counts.add("deleted", table, {why: rows})
+
+    def checkpoint(self) -> None:
+        """Write the log into the file (freed blocks become reusable)."""
+        self._checkpoint()
 
     def _checkpoint(self) -> None:
         with self._lock:
@@ -598,15 +524,6 @@ class Store:
 
 def _no_open_flows() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=object) for c in TABLES["flows"].names})
-
-
-def _scalar(value: object) -> object:
-    """A value read back as DuckDB binds it (numpy integers as ``int``)."""
-    return int(value) if isinstance(value, np.integer) else value
-
-
-def _iso(ns: int) -> str:
-    return pd.Timestamp(ns, unit="ns", tz="UTC").isoformat()
 
 
 def _one(result: duckdb.DuckDBPyConnection) -> tuple[Any, ...] | None:
