@@ -241,6 +241,7 @@ def test_tcp_reconnects_and_the_queue_bound_holds() -> None:
         assert sender.queued == (10, 10 * message_size)
         assert sender.counters.dropped["queue_full"] == 15
         assert sender.counters.frames_dropped == 15
+        wait_until(lambda: sender.counters.errors >= 1)  # it tried the absent receiver
         rx2 = TcpReceiver(rx.port)
         wait_until(lambda: len(rx2.messages) == 10)
         assert [m.seq for m in rx.messages] == [0, 1, 2, 3, 4]
@@ -250,6 +251,7 @@ def test_tcp_reconnects_and_the_queue_bound_holds() -> None:
         assert (c.connects, c.messages_sent, c.frames_sent) == (2, 15, 15)
         assert c.bytes_sent == 15 * message_size
         assert c.errors >= 1  # refused connection attempts while the receiver was away
+        assert c.failed_attempts == 0  # reset by the reconnection
         assert sender.queued == (0, 0)
     finally:
         forwarder.stop()
