@@ -27,14 +27,12 @@ import queue
 import secrets
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
 
 from vspan.analysis import warmup
 from vspan.analysis.decode.columns import Decoded
@@ -49,10 +47,10 @@ from vspan.analysis.policy.evaluate import CompiledPolicy, PolicyCounters, compi
 from vspan.analysis.policy.profiles import PolicySet, load_policy
 from vspan.analysis.ring.feeder import RingFeeder
 from vspan.analysis.ring.ring import PacketRing
+from vspan.analysis.service._lanes import RingIndex, run_calls
 from vspan.analysis.service.config import AnalyzerConfig, load_keys
 from vspan.analysis.service.engine import Engine, EngineConfig, warm_up
 from vspan.analysis.service.recorder import FlowRecorder
-from vspan.analysis.store.append import AppendResult
 from vspan.analysis.store.persist import (
     collector_rows,
     history_rows,
@@ -73,38 +71,6 @@ log = logging.getLogger(__name__)
 
 RING_CLOCK_SKEW_S = 60.0
 """How far ahead of the analyzer's clock capture time may age the packet ring."""
-
-Call = Callable[[], object]
-"""A write to run on the store writer's thread."""
-
-
-def _run_calls(calls: Sequence[Call]) -> AppendResult:
-    """Run each queued write; the rows they wrote, and what the store could not keep (of
-    the writes that say), for the writer's counters."""
-    written, coerced, rejected = 0, Counter[str](), Counter[str]()
-    for call in calls:
-        done = call()
-        if isinstance(done, AppendResult):
-            written += done.written
-            coerced.update(done.coerced)
-            rejected.update(done.rejected)
-        elif isinstance(done, int):
-            written += done
-    return AppendResult(written, dict(coerced), dict(rejected))
-
-
-class _RingIndex:
-    """The packet ring's index, mirrored into the store through the writer's thread."""
-
-    def __init__(self, store: Store, writer: StoreWriter) -> None:
-        self._store = store
-        self._lane = writer.lane("ring_index", _run_calls)
-
-    def replace_ring_segment(self, segment: Mapping[str, object], keys: pd.DataFrame) -> None:
-        self._lane.submit(lambda: self._store.replace_ring_segment(segment, keys))
-
-    def forget_ring_segments(self, names: Sequence[str]) -> None:
-        self._lane.submit(lambda: self._store.forget_ring_segments(names))
 
 
 class Analyzer:
@@ -135,11 +101,11 @@ class Analyzer:
             salt=secrets.randbits(64),
             snapshot=self.data_dir / "open-flows.parquet",
         )
-        self._recovery = self.writer.lane("flows_recovered", _run_calls)
-        self._history = self.writer.lane("inventory_history", _run_calls)
-        self._migrations = self.writer.lane("migrations", _run_calls)
-        self._counters = self.writer.lane("collector_counters", _run_calls)
-        self._retention = self.writer.lane("retention", _run_calls)
+        self._recovery = self.writer.lane("flows_recovered", run_calls)
+        self._history = self.writer.lane("inventory_history", run_calls)
+        self._migrations = self.writer.lane("migrations", run_calls)
+        self._counters = self.writer.lane("collector_counters", run_calls)
+        self._retention = self.writer.lane("retention", run_calls)
         self._flows_order = threading.Lock()
         """Held from reading the inventory to queueing flows, and while queueing a VM's
         new key (``_on_flows``, ``_on_event``)."""
@@ -149,7 +115,7 @@ class Analyzer:
             segment_bytes=config.ring_segment_bytes,
             max_bytes=config.ring_max_bytes,
             max_age_s=config.ring_max_age,
-            store=_RingIndex(self.store, self.writer),
+            store=RingIndex(self.store, self.writer),
             clock_from_frames=False,  # the maintenance thread's trim moves it, bounded
         )
         self.feeder = RingFeeder(self.ring, max_bytes=config.ring_queue_bytes)
