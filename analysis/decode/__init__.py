@@ -2,9 +2,9 @@
 
 ``decode_batch`` allocates the columns with numpy and fills them in one call of a compiled
 kernel (numba, the GIL released) that decodes the batch a chunk of frames at a time, each
-chunk in stages: link layer and tag stack (``_decode_link``), IPv4 or IPv6 and IPv6
-extension headers (``_decode_ip``), then TCP, UDP, SCTP, ICMP or ICMPv6 (``_decode_l4``).
-Each stage is a loop over the frames of the chunk (``_decode_common`` says why); it reads
+chunk in stages: link layer and tag stack (``decode._link``), IPv4 or IPv6 and IPv6
+extension headers (``decode._ip``), then TCP, UDP, SCTP, ICMP or ICMPv6 (``decode._l4``).
+Each stage is a loop over the frames of the chunk (``decode._common`` says why); it reads
 only bytes it checked were captured, and writes only the columns it decodes: the others
 keep 0 or their sentinel.
 

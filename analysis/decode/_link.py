@@ -3,7 +3,7 @@
 ``link_layers`` reads the link header of Ethernet, Linux cooked v1 and v2, NULL and RAW
 frames; ``tag_stacks`` walks the tags after an EtherType and fills ``ethertype``. Header
 layouts are the tables below; those of the tags come from ``vspan.wire.vntag``. (Private; the
-stages are described in ``_decode_common``.)
+stages are described in ``decode._common``.)
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Export frames of the packet ring to a pcapng (or classic pcap) file for Wireshark.
 
-``export`` asks the ring's index (``ring_index``) which segments can hold what is wanted,
+``export`` asks the ring's index (``ring.index``) which segments can hold what is wanted,
 reads only those, a chunk at a time (``CaptureReader``), decodes each chunk with
 ``decode_batch`` and selects frames with numpy masks:
 

@@ -8,7 +8,7 @@ verdicts are given), cut where a segment reaches ``segment_bytes``. Closed segme
 deleted oldest first while the ring is over ``max_bytes`` or older than ``max_age_s``; age
 is measured against the newest frame seen (capture time, so replays are deterministic), or,
 with ``clock_from_frames=False``, against the time ``trim`` is given.
-Each segment has an index (``ring_index``), mirrored into the store when one is given.
+Each segment has an index (``ring.index``), mirrored into the store when one is given.
 
 A full or failing disk never escapes ``append``: the ``OSError`` is counted
 (``ring_errors{enospc}``, ``{edquot}``, ``{eio}``, ``{oserror}``), the segment is cut back
@@ -384,7 +384,7 @@ class PacketRing:
         ips: Iterable[int] | None = None,
     ) -> list[Path]:
         """Segments that may hold frames in ``[since, until)`` (ns) of one of ``hosts``
-        (collector_ids) and one of ``ips`` (``ring_index.ip_key``) and, when any of
+        (collector_ids) and one of ``ips`` (``ring.index.ip_key``) and, when any of
         ``vifs`` ((host, vif) pairs), ``vms`` (UUIDs) or ``macs`` is given, of that VM."""
         query = SegmentQuery(
             since_ns=since,

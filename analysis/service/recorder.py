@@ -2,10 +2,10 @@
 
 The engine hands over flows as rows of its table (``flows.Finished``) with the inventory
 snapshot of that moment; everything else happens on the store writer's thread
-(``store_writer``), so the engine never waits on pandas, the port-profiles or DuckDB:
+(``store.writer``), so the engine never waits on pandas, the port-profiles or DuckDB:
 
 * **finished flows** (lane ``flows``): flow records (``records.flow_table``: VM names, hosts,
-  scope), the VMs' UUIDs, the port-profiles' verdicts and hits (``policy_eval``), one insert
+  scope), the VMs' UUIDs, the port-profiles' verdicts and hits (``policy.evaluate``), one insert
   into ``flows`` and one upsert of ``policy_hits``; then they leave the open-flow view;
 * **open flows** (lane ``open_flows``, newest snapshot only): the same records and verdicts
   (no hits: a flow is counted once, when it ends), handed to ``Store.set_open_flows`` so that

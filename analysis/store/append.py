@@ -4,7 +4,7 @@ refuses, and everything counted — one bad value never fails an append.
 DuckDB casts a whole ``INSERT … SELECT`` or nothing: one empty string in a UUID column, one
 ``scope`` outside its CHECK list, one NULL in a NOT NULL column, and every row of the append
 is refused. ``prepare`` looks at every column of the table the frame has, by the column's
-type in ``store_schema``, and returns what DuckDB will accept:
+type in ``store.schema``, and returns what DuckDB will accept:
 
 - a value the column's type cannot hold (not a UUID, an integer out of the type's range, a
   non-number, a string outside the CHECK list, a non-string in a text column): in a

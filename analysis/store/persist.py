@@ -2,7 +2,7 @@
 
 Each function takes the domain objects (inventory events, migrations, policy hits, the
 receivers' accounting) and returns a DataFrame with the columns of one store table
-(``store_schema``). A VM is kept under its ``vm_key`` — its UUID, or its name when it has none
+(``store.schema``). A VM is kept under its ``vm_key`` — its UUID, or its name when it has none
 (a VM a collector found behind a Linux bridge) — so every VM event, migration and policy hit
 has a row; one without a VM name or UUID cannot be stored, and the store counts it
 (``rejected{null_vm_key}``) and logs it. ``identity_change`` says when a VM's earlier rows

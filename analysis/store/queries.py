@@ -273,8 +273,8 @@ def migrations(
     until: str | int | float | None = None, limit: int = DEFAULT_LIMIT, now: float,
 ) -> pd.DataFrame:  # fmt: skip
     """The latest ``limit`` migrations (``MIGRATION_COLUMNS``), oldest first, each with
-    whether the VM's port-profile followed it (``migration_report.policy_followed``); ``vm``
-    by UUID or by a name the VM has had (``vm_uuid`` is null for a VM without one)."""
+    whether the VM's port-profile followed it (``inventory.migration_report.policy_followed``);
+    ``vm`` by UUID or by a name the VM has had (``vm_uuid`` is null for a VM without one)."""
     rows = store.query_migrations(
         vm=_text(vm, "vm"), since=_time(since, now, "since"), until=_time(until, now, "until"),
         limit=_limit(limit), order="-time",

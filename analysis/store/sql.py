@@ -1,4 +1,4 @@
-"""The SQL the store sends, built from ``store_schema``: inserts and WHERE clauses.
+"""The SQL the store sends, built from ``store.schema``: inserts and WHERE clauses.
 
 Every value reaches DuckDB as a bound parameter; identifiers come only from the schema
 tables (quoted). Filters are validated here, once, with errors that say what was expected.
@@ -40,7 +40,7 @@ __all__ = [
 PROTOCOLS: Final = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132}
 """Protocol names accepted where a number is expected."""
 VM_TABLES: Final = tuple(t.name for t in TABLES.values() if "vm_key" in t.names)
-"""The tables that keep rows per VM, by ``vm_key`` (``store_schema``)."""
+"""The tables that keep rows per VM, by ``vm_key`` (``store.schema``)."""
 _SUMMED: Final = ("flows", "packets", "bytes")
 """The running totals of ``policy_hits``."""
 
@@ -299,7 +299,7 @@ def events_where(
 
 
 def vm_keys(uuids: pd.Series, names: pd.Series) -> pd.Series:
-    """The ``vm_key`` of each row's VM (``store_schema.vm_key``): its UUID, else ``name:`` and
+    """The ``vm_key`` of each row's VM (``store.schema.vm_key``): its UUID, else ``name:`` and
     its name; None where it has neither. Each distinct UUID is read once."""
     given = uuids.astype(object).where(uuids.notna(), None)
     distinct = pd.unique(given.dropna())

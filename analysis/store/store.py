@@ -1,14 +1,14 @@
 """The embedded store: one DuckDB file in the data directory, no server.
 
-``Store`` owns ``DATA_DIR/vspan.duckdb``: it creates the tables of ``store_schema`` (or
+``Store`` owns ``DATA_DIR/vspan.duckdb``: it creates the tables of ``store.schema`` (or
 upgrades them; a file from a newer vspan is refused), appends DataFrames through DuckDB's
 zero-copy ``register`` and one ``INSERT … SELECT`` each (committed before the call returns:
 a row reported as stored survives a crash of the process), answers filtered queries with
-parameterised SQL only (``store_sql``), and enforces retention by age and by size. Writes
+parameterised SQL only (``store.sql``), and enforces retention by age and by size. Writes
 go through one lock; reads use a cursor of their own, so a long query does not hold up
-appends. ``store_writer.StoreWriter`` keeps the appends off the receive loop.
+appends. ``store.writer.StoreWriter`` keeps the appends off the receive loop.
 
-An append never fails as a whole for a bad value: ``store_append.prepare`` checks every
+An append never fails as a whole for a bad value: ``store.append.prepare`` checks every
 column first (a value that does not fit a nullable column becomes NULL, a row that cannot
 be stored is left out, each counted by column or reason), and an insert the database still
 refuses is split in halves until only the rows it refuses are left out
@@ -39,7 +39,6 @@ import pyarrow as pa
 from vspan.analysis.store.append import AppendResult, StoreCounts, insert_in_parts, prepare
 from vspan.analysis.store.schema import (
     INGEST_COLUMN,
-    MIGRATIONS,
     RETENTION_BASES,
     SCHEMA_VERSION,
     TABLES,
@@ -60,6 +59,7 @@ from vspan.analysis.store.sql import (
     vm_rekey_sql,
     with_vm_keys,
 )
+from vspan.analysis.store.upgrade import MIGRATIONS
 from vspan.inventory import InventoryView
 
 if TYPE_CHECKING:
@@ -261,7 +261,7 @@ class Store:
 
     def rekey_vm(self, old: str, new: str, uuid: str | None = None) -> dict[str, int]:
         """The rows of the VM ``old`` (a ``vm_key``) moved to the key ``new``, with ``uuid``
-        (``store_sql.vm_rekey_sql``), in one transaction; the rows moved per table."""
+        (``store.sql.vm_rekey_sql``), in one transaction; the rows moved per table."""
         moved: dict[str, int] = {}
         with self._lock:
             con = self._connection()
@@ -287,7 +287,7 @@ class Store:
 
     def _stamped(self, spec: Table, df: pd.DataFrame) -> pd.DataFrame:
         """``df`` with the ingest time of now, in the tables that keep one, and with its
-        VMs' ``vm_key`` (``store_sql.with_vm_keys``) in those that keep rows per VM."""
+        VMs' ``vm_key`` (``store.sql.with_vm_keys``) in those that keep rows per VM."""
         df = with_vm_keys(df) if "vm_key" in spec.names else df
         if INGEST_COLUMN not in spec.names:
             return df

@@ -9,7 +9,7 @@ Standard library only (``urllib.request``), so the collector stays light. Every 
 With a ``token`` (the analyzer's ``collector:ID`` token for this collector), every request
 carries it as ``Authorization: Bearer``; without one an analyzer with tokens answers 401.
 
-``status`` is the HTTP status (None when no answer came): ``control_sync`` registers again
+``status`` is the HTTP status (None when no answer came): ``control.sync`` registers again
 after a 404 (the analyzer restarted and does not know the collector) and retries later,
 with backoff, after a connection error or a refusal.
 """

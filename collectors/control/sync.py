@@ -42,7 +42,7 @@ _FORGOTTEN = 404
 
 
 class ControlPlane(Protocol):
-    """What ``ControlSync`` asks of the control plane (``control_client.ControlClient``)."""
+    """What ``ControlSync`` asks of the control plane (``control.client.ControlClient``)."""
 
     def register(self, host_name: str, ports: Sequence[Port]) -> dict[str, Any]: ...
 

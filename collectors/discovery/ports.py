@@ -7,9 +7,9 @@ changed since the last ``refresh()``. Sources, chosen by ``kind`` in the collect
 (``SOURCE_KINDS``):
 
 - ``static``: a YAML file listing this host's VMs (``StaticSource``, format below);
-- ``libvirt``: domain XML, from a folder or from ``virsh`` (``discovery_sources``);
-- ``ovs``: Open vSwitch ``Interface`` rows and their ``external_ids`` (``discovery_sources``);
-- ``bridge``: Linux bridge ports from sysfs, VMs from network namespaces (``discovery_sources``).
+- ``libvirt``: domain XML, from a folder or from ``virsh`` (``discovery.sources``);
+- ``ovs``: Open vSwitch ``Interface`` rows and their ``external_ids`` (``discovery.sources``);
+- ``bridge``: Linux bridge ports from sysfs, VMs from network namespaces (``discovery.sources``).
 
 Static file::
 

@@ -1,18 +1,18 @@
 """A virtual datacenter as live capture sources, one per host, with ground truth.
 
-``SimulatedDatacenter`` holds hosts and VMs in tiers (``simulator_model``) and cuts the
+``SimulatedDatacenter`` holds hosts and VMs in tiers (``simulator.model``) and cuts the
 simulated time into windows of ``tick_s × time_scale`` seconds. Window ``k`` is generated
 once, in order, from ``(seed, k)`` alone: maybe a live migration (a VM moves to another host,
 same MAC and IPs, a new vif there), then new flows and segments of long-lived connections at
 the rates of the traffic model (daily and weekly rhythm of the *simulated* clock, bursts,
 some traffic the example port-profiles deny). Frames are built by the synth generator
-(``synth_packets.plan_frames``, ``synth_frames.build_frames``; see ``simulator_window``) and
+(``synth.packets.plan_frames``, ``synth.frames.build_frames``; see ``simulator.window``) and
 stripped of the VN-Tag, so they are what the VM ports show: a packet between two VMs once on
 the sender's port (``from_vm``) and once on the receiver's, on one host or two; a packet to
 or from the outside on its VM's port only.
 
 ``SimulatedDatacenter.source`` gives one host's ``SimulatedHostSource``
-(``simulator_source``), a ``CaptureSource`` and ``PortDirectory`` paced by a clock; the
+(``simulator.source``), a ``CaptureSource`` and ``PortDirectory`` paced by a clock; the
 content never depends on the clock.
 """
 

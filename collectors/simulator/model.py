@@ -5,7 +5,7 @@ Sans-I/O and clock-free. ``make_vms`` draws the VMs; ``SERVICES`` says who talks
 port-profiles deny it); ``rhythm`` gives a service's level at a simulated instant;
 ``pick_pair`` and ``pick_server`` draw the client and server VMs of a service's flows. The
 flows, pooled segments and port frames of one window of simulated time are drawn from this
-model by ``simulator_window``.
+model by ``simulator.window``.
 """
 
 from __future__ import annotations

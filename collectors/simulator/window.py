@@ -1,10 +1,10 @@
 """One window of simulated time of the datacenter simulator: flows, segments, port frames.
 
-Sans-I/O and clock-free, driven by the traffic model (``simulator_model``). ``make_pools``
+Sans-I/O and clock-free, driven by the traffic model (``simulator.model``). ``make_pools``
 opens the long-lived connections (connection pools) once. For one window, ``plan_new_flows``
-draws new flows (turned into packets by ``synth_packets.plan_frames``), ``pool_packets`` the
+draws new flows (turned into packets by ``synth.packets.plan_frames``), ``pool_packets`` the
 segments of the long-lived connections, and ``port_frames`` builds the bytes with
-``synth_frames.build_frames``, strips the VN-Tag and places each frame on its VM port: what a
+``synth.frames.build_frames``, strips the VN-Tag and places each frame on its VM port: what a
 vswitch port shows.
 """
 

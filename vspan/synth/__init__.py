@@ -7,7 +7,7 @@ packet (``d=0``, both vifs), two of a cross-host packet (``d=0, svif`` at the se
 then ``d=1, dvif`` at the receiver's host 20–200 µs later), one of an external packet. The
 ground truth counts each packet once. Everything derives from ``seed``; no clock is read.
 
-Layers: ``synth_plan`` (flows), ``synth_packets`` (packets and copies), ``synth_frames``
+Layers: ``synth.plan`` (flows), ``synth.packets`` (packets and copies), ``synth.frames``
 (bytes); files are written with ``vspan.pcap.write``.
 """
 

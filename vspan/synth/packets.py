@@ -1,4 +1,4 @@
-"""Packets and observed copies of planned flows, as columns (see ``synth_plan``).
+"""Packets and observed copies of planned flows, as columns (see ``synth.plan``).
 
 A flow's packets get their direction, TCP flags, payload size, sequence numbers, IP ids and
 times from their position in the flow; each packet then becomes one or two frames, with the

@@ -3,7 +3,7 @@
 Everything is drawn per flow as numpy columns from one seeded generator per stage; no bytes
 and no clock here. ``plan_flows`` picks scopes, endpoints, kinds, sizes, IP versions, VLANs
 and 5-tuples (unique, so an analyzer never merges two generated flows);
-``synth_packets.plan_packets`` then expands flows into packets and observed copies.
+``synth.packets.plan_packets`` then expands flows into packets and observed copies.
 """
 
 from __future__ import annotations

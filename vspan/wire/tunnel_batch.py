@@ -1,6 +1,6 @@
 """Encode a whole ``FrameBatch`` of VN-tagged frames into tunnel messages, with numpy.
 
-The columnar twin of ``tunnel_stream.MessageBuilder``: for the same frames, in the same
+The columnar twin of ``wire.tunnel_stream.MessageBuilder``: for the same frames, in the same
 order, with the same ``max_message`` and key, ``encode_batch`` returns byte for byte the
 messages the builder would (the builder is the reference, and the tests hold this one to
 it). Frames are packed greedily in order; a frame too large for an empty message is cut to

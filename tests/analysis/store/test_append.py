@@ -1,4 +1,4 @@
-"""Appends that one bad value cannot fail: the per-column checks (``store_append.prepare``),
+"""Appends that one bad value cannot fail: the per-column checks (``store.append.prepare``),
 the split of refused inserts (``insert_in_parts``), and what the store and its writer count.
 
 Regression (issue 17, point 1): flows of VMs without a UUID (a Linux bridge's) reached the

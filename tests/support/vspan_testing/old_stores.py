@@ -56,7 +56,7 @@ V4_TABLES: Final = {
     PRIMARY KEY ("rule", "vm_uuid")
 )""",
 }
-"""The tables of schema 4 that version 5 changed, as ``store_schema.duckdb_ddl`` made them."""
+"""The tables of schema 4 that version 5 changed, as ``store.schema.duckdb_ddl`` made them."""
 
 
 def as_written_by(path: Path, version: int) -> None:
