@@ -41,7 +41,7 @@ def create_app(
     install_control(
         app,
         analyzer.state,
-        sessions_for=sessions.sessions_for,
+        sessions_for=lambda host, vms: sessions.sessions_for(host, vms, analyzer.profile_of),
         profiles_for=analyzer.profiles_for,
         now=analyzer.clock,
         sessions_total=sessions.count,

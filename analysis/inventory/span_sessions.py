@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,15 +122,35 @@ class SessionStore:
             del self._docs[name], self._parsed[name]
             self._save()
 
-    def sessions_for(self, host: Host, vms: Sequence[Vm]) -> list[dict[str, Any]]:
-        """The sessions that select at least one of ``vms`` (the control plane's provider)."""
-        ports = [Port(f"vm{k}", 0, 1, 0, vm.name, vm.uuid, vm.profile) for k, vm in enumerate(vms)]
+    def sessions_for(
+        self,
+        host: Host,
+        vms: Sequence[Vm],
+        profile_of: Callable[[Vm], str | None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """The sessions that select at least one of ``vms`` (the control plane's provider).
+
+        A VM's port-profile is ``profile_of(vm)`` (the analyzer's: its profiles file binds
+        VMs to profiles), else the inventory's. A collector only knows the profiles its
+        vswitch ports carry, so a session that selects VMs by profile is sent with those VMs
+        also named in its ``vms``: it selects on the collector what it selects here."""
+        ports = [
+            Port(f"vm{k}", 0, 1, 0, vm.name, vm.uuid, (profile_of(vm) if profile_of else None)
+                 or vm.profile)
+            for k, vm in enumerate(vms)
+        ]  # fmt: skip
+        out = []
         with self._lock:
-            return [
-                dict(self._docs[name])
-                for name, session in self._parsed.items()
-                if any(session.matches(port) for port in ports)
-            ]
+            for name, session in self._parsed.items():
+                chosen = [port.vm_name for port in ports if session.matches(port)]
+                if not chosen:
+                    continue
+                doc = dict(self._docs[name])
+                if session.profiles:
+                    named = list(doc.get("vms") or [])
+                    doc["vms"] = named + [vm for vm in chosen if vm not in named]
+                out.append(doc)
+        return out
 
     def _save(self) -> None:
         if self.path is None:

@@ -319,6 +319,13 @@ class Analyzer:
 
     # --- control plane providers ---------------------------------------------------------
 
+    def profile_of(self, vm: Vm) -> str | None:
+        """The port-profile the analyzer's profiles file binds ``vm`` to (None: none)."""
+        if self.policy is None:
+            return None
+        compiled = self._policy_for(self.state.snapshot())
+        return None if compiled is None else compiled.bindings.profile_of(vm.name)
+
     def profiles_for(self, host: Host, vms: Sequence[Vm]) -> list[dict[str, Any]]:
         """The port-profiles bound to ``vms``, as the control plane serves them."""
         if self.policy is None:
