@@ -1,4 +1,5 @@
-"""One (``collector_id``, ``boot_id``) sequence of the accounting: ``StreamStats``.
+"""The accounting's counters: one (``collector_id``, ``boot_id``) sequence
+(``StreamStats``) and one collector over its boots (``CollectorStats``).
 
 Part of ``analysis.accounting`` (import from there; its docstring describes the rules). The
 state is the highest ``seq`` seen and a ring of the last ``WINDOW`` seqs received, indexed
@@ -11,13 +12,24 @@ analyzer's start (``resumed``) charges the gap before its next message to
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Final
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["COUNTS", "HALF", "MOD", "WINDOW", "StreamStats"]
+__all__ = [
+    "COUNTS",
+    "HALF",
+    "MOD",
+    "STREAM_COLUMNS",
+    "WINDOW",
+    "CollectorStats",
+    "StreamStats",
+    "newer_boot",
+]
 
 WINDOW: Final = 1024
 """Seqs behind the highest that are still told apart as duplicate or reordered."""
@@ -67,6 +79,18 @@ class StreamStats:
     missed_gap: tuple[int, int] | None = None
     """(``highest`` when restored, the first seq after it): the seqs counted as missed."""
     seen: npt.NDArray[np.bool_] = field(default_factory=lambda: np.zeros(WINDOW, np.bool_))
+
+    @classmethod
+    def resumed_from(cls, row: Mapping[Any, Any], now: float, seen: float) -> StreamStats:
+        """A sequence as saved before a restart (``accounting.SAVED_COLUMNS``): its highest
+        seq and counters, ``resumed`` (the next gap is ``missed_while_down``)."""
+        stream = cls(int(row["collector_id"]), int(row["boot_id"]), highest=int(row["highest"]),
+                     first_seen=now, last_seen=seen, resumed=True)  # fmt: skip
+        for name in COUNTS:
+            value = row[name]
+            missing = value is None or (isinstance(value, float) and math.isnan(value))
+            setattr(stream, name, 0 if missing else int(value))
+        return stream
 
     def observe(self, seqs: I64) -> Mask:
         """Apply the seqs of one batch, in arrival order; which messages are accepted."""
@@ -152,3 +176,43 @@ COUNTS: Final = (
 """The summable counters of a stream (kept per collector when the stream is forgotten)."""
 if not set(COUNTS) <= {f.name for f in fields(StreamStats)}:  # pragma: no cover - a typo
     raise AssertionError("COUNTS names a field StreamStats does not have")
+
+
+@dataclass(slots=True, eq=False)
+class CollectorStats:
+    """Counters of one collector over all its boots."""
+
+    collector_id: int
+    boot_id: int | None = None
+    """The boot of its latest accepted message."""
+    boots: set[int] = field(default_factory=set)
+    """The boots whose sequences are tracked now."""
+    restarts: int = 0
+    """New ``boot_id`` values after the first."""
+    invalid: dict[str, int] = field(default_factory=dict)
+    """Invalid messages by reason."""
+    last_seen: float | None = None
+    """``now`` of its latest accepted message."""
+    keyed: bool = False
+    """It has a key: its valid messages are authenticated (never forgotten)."""
+    current: int | None = None
+    """Its newest boot: the one whose sequence started last."""
+    current_since: float = 0.0
+    """``now`` when ``current`` started."""
+    stale_boot: int = 0
+    """Authenticated messages of an old boot (not tracked, not newer): replays, dropped."""
+    touched: float = 0.0
+    """``now`` of its latest message, valid or not (what eviction goes by)."""
+    retired: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
+    """The counters of its forgotten sequences."""
+
+
+def newer_boot(boot: int, than: int) -> bool:
+    """Whether ``boot`` comes after ``than`` in modular (serial number) order."""
+    return 0 < (boot - than) % MOD < HALF
+
+
+STREAM_COLUMNS: Final = tuple(
+    f.name for f in fields(StreamStats) if f.name not in {"seen", "span", "resumed", "missed_gap"}
+)
+"""The columns of a sequence in ``Accounting.streams()``."""

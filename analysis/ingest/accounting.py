@@ -69,14 +69,22 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Collection
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from vspan.analysis.ingest._stream import COUNTS, HALF, MOD, WINDOW, StreamStats
+from vspan.analysis.ingest._stream import (
+    COUNTS,
+    MOD,
+    STREAM_COLUMNS,
+    WINDOW,
+    CollectorStats,
+    StreamStats,
+    newer_boot,
+)
 from vspan.analysis.ingest.messages import REASON_CODES, REASON_NAMES, Ingested
 
 __all__ = [
@@ -119,45 +127,8 @@ class AccountingConfig:
             raise ValueError(f"boot_grace_s {self.boot_grace_s}: must not be negative")
 
 
-@dataclass(slots=True, eq=False)
-class CollectorStats:
-    """Counters of one collector over all its boots."""
-
-    collector_id: int
-    boot_id: int | None = None
-    """The boot of its latest accepted message."""
-    boots: set[int] = field(default_factory=set)
-    """The boots whose sequences are tracked now."""
-    restarts: int = 0
-    """New ``boot_id`` values after the first."""
-    invalid: dict[str, int] = field(default_factory=dict)
-    """Invalid messages by reason."""
-    last_seen: float | None = None
-    """``now`` of its latest accepted message."""
-    keyed: bool = False
-    """It has a key: its valid messages are authenticated (never forgotten)."""
-    current: int | None = None
-    """Its newest boot: the one whose sequence started last."""
-    current_since: float = 0.0
-    """``now`` when ``current`` started."""
-    stale_boot: int = 0
-    """Authenticated messages of an old boot (not tracked, not newer): replays, dropped."""
-    touched: float = 0.0
-    """``now`` of its latest message, valid or not (what eviction goes by)."""
-    retired: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
-    """The counters of its forgotten sequences."""
-
-
-_STREAM_COLUMNS: Final = tuple(
-    f.name for f in fields(StreamStats) if f.name not in {"seen", "span", "resumed", "missed_gap"}
-)
 SAVED_COLUMNS: Final = ("collector_id", "boot_id", "highest", "last_seen", *COUNTS)
 """What ``restore`` reads of a saved sequence (``highest`` null: its boot only)."""
-
-
-def _newer(boot: int, than: int) -> bool:
-    """Whether ``boot`` comes after ``than`` in modular (serial number) order."""
-    return 0 < (boot - than) % MOD < HALF
 
 
 class Accounting:
@@ -266,12 +237,7 @@ class Accounting:
                     col.current, col.current_since = boot, now
                 if not stream:
                     continue
-                state = StreamStats(
-                    cid, boot, highest=int(highest), first_seen=now, last_seen=seen, resumed=True
-                )
-                for name in COUNTS:
-                    setattr(state, name, 0 if pd.isna(row[name]) else int(row[name]))
-                self._streams[(cid, boot)] = state
+                self._streams[(cid, boot)] = StreamStats.resumed_from(row, now, seen)
                 col.boots.add(boot)
                 col.boot_id, col.last_seen = boot, seen
                 restored += 1
@@ -352,7 +318,7 @@ class Accounting:
         if stream is not None:
             return stream
         if col.current is not None and boot != col.current:
-            if col.keyed and not _newer(boot, col.current):
+            if col.keyed and not newer_boot(boot, col.current):
                 return None
             col.restarts += 1
         col.boots.add(boot)
@@ -430,8 +396,8 @@ class Accounting:
     def streams(self) -> pd.DataFrame:
         """One row per tracked (``collector_id``, ``boot_id``)."""
         with self._lock:
-            rows = [[getattr(s, c) for c in _STREAM_COLUMNS] for s in self._streams.values()]
-        return pd.DataFrame(rows, columns=list(_STREAM_COLUMNS))
+            rows = [[getattr(s, c) for c in STREAM_COLUMNS] for s in self._streams.values()]
+        return pd.DataFrame(rows, columns=list(STREAM_COLUMNS))
 
     def invalid(self) -> pd.DataFrame:
         """Invalid messages: ``collector_id`` (0: not accepted, or header unreadable),
