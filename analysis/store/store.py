@@ -20,13 +20,14 @@ capture time with ``retention_basis="capture"``, and each deletion is counted an
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -263,21 +264,28 @@ class Store:
         """The rows of the VM ``old`` (a ``vm_key``) moved to the key ``new``, with ``uuid``
         (``store.sql.vm_rekey_sql``), in one transaction; the rows moved per table."""
         moved: dict[str, int] = {}
-        with self._lock:
-            con = self._connection()
-            con.execute("BEGIN")
-            try:
-                for table, sql, params in vm_rekey_sql(old, new, uuid):
-                    row = _one(con.execute(sql, params))
-                    moved[table] = max(moved.get(table, 0), int(row[0]) if row else 0)
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+        with self.transaction() as con:
+            for table, sql, params in vm_rekey_sql(old, new, uuid):
+                row = _one(con.execute(sql, params))
+                moved[table] = max(moved.get(table, 0), int(row[0]) if row else 0)
         if moved := {table: n for table, n in moved.items() if n}:
             rows = ", ".join(f"{table} {n}" for table, n in moved.items())
             log.info("store: VM %s is now %s: its rows moved (%s)", old, new, rows)
         return moved
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The connection under the store's lock, in one transaction: committed at the end,
+        rolled back on an error."""
+        with self._lock:
+            con = self._connection()
+            con.execute("BEGIN")
+            try:
+                yield con
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
 
     def counters(self) -> dict[str, dict[str, dict[str, int]]]:
         """Per kind, table and reason, since ``start``: rows ``written``, values
@@ -310,24 +318,15 @@ class Store:
     def replace_ring_segment(self, segment: Mapping[str, object], keys: pd.DataFrame) -> None:
         """Record a ring segment and its keys (``kind``, ``value`` columns), atomically."""
         names, name = TABLES["ring_segments"].names, str(segment["name"])
-        with self._lock:
-            con = self._connection()
-            con.execute("BEGIN")
-            try:
-                con.execute("DELETE FROM ring_segment_keys WHERE segment = ?", [name])
-                con.execute(
-                    f"INSERT OR REPLACE INTO ring_segments VALUES ({', '.join('?' * len(names))})",
-                    [segment[c] for c in names],
-                )
-                con.register("incoming", keys.assign(segment=name))
-                con.execute(
-                    "INSERT INTO ring_segment_keys SELECT segment, kind, value FROM incoming"
-                )
-                con.unregister("incoming")
-                con.execute("COMMIT")
-            except BaseException:
-                con.execute("ROLLBACK")
-                raise
+        with self.transaction() as con:
+            con.execute("DELETE FROM ring_segment_keys WHERE segment = ?", [name])
+            con.execute(
+                f"INSERT OR REPLACE INTO ring_segments VALUES ({', '.join('?' * len(names))})",
+                [segment[c] for c in names],
+            )
+            con.register("incoming", keys.assign(segment=name))
+            con.execute("INSERT INTO ring_segment_keys SELECT segment, kind, value FROM incoming")
+            con.unregister("incoming")
 
     def forget_ring_segments(self, names: Sequence[str]) -> None:
         """Delete the rows of ring segments whose files were deleted."""
@@ -369,19 +368,12 @@ class Store:
         """Those of ``uids`` that a stored flow has."""
         if not uids:
             return set()
-        with self._lock:
-            cur = self._connection().cursor()
-        try:
-            cur.register("wanted", pd.DataFrame({"u": list(uids)}))
-            rows = cur.sql(
-                "SELECT CAST(f.flow_uid AS VARCHAR) AS u FROM flows AS f "
-                "JOIN wanted AS w ON f.flow_uid = TRY_CAST(w.u AS UUID)"
-            ).fetchall()
-        except duckdb.Error as exc:
-            raise StoreError(f"{self.path}: query failed: {exc}") from exc
-        finally:
-            cur.close()
-        return {str(r[0]) for r in rows}
+        found = self.query(
+            "SELECT CAST(flow_uid AS VARCHAR) AS u FROM flows "
+            "WHERE flow_uid IN (SELECT TRY_CAST(unnest(?) AS UUID))",
+            [list(uids)],
+        )
+        return set(found["u"].astype(str))
 
     @property
     def open_flows(self) -> pd.DataFrame:
