@@ -330,9 +330,7 @@ class Analyzer:
         """The port-profiles bound to ``vms``, as the control plane serves them."""
         if self.policy is None:
             return []
-        compiled = self._policy_for(self.state.snapshot())
-        assert compiled is not None
-        wanted = {compiled.bindings.profile_of(vm.name) for vm in vms}
+        wanted = {self.profile_of(vm) for vm in vms}
         return [
             {"name": p.name, "default": str(p.default), "rules": [format_rule(r) for r in p.rules]}
             for p in self.policy.profiles
