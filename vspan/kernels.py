@@ -31,13 +31,13 @@ two installs of different versions on one machine (two virtual environments) kee
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -108,28 +108,19 @@ def _writable(path: Path) -> bool:
         return False
 
 
-class _Place:
-    lock = threading.Lock()
-    here: Path | None = None
-    tried = False
-
-
+@functools.cache
 def cache_dir() -> Path | None:
     """This digest's cache directory (made on first use, older digests' removed), or None
-    when no place is writable."""
-    with _Place.lock:
-        if not _Place.tried:
-            _Place.tried = True
-            for base in _bases():
-                here = base / DIGEST
-                fresh = not here.is_dir()
-                if _writable(here):
-                    (here / MARKER).touch()
-                    if fresh:
-                        _remove_older(base, here)
-                    _Place.here = here
-                    break
-        return _Place.here
+    when no place is writable. Found once per process."""
+    for base in _bases():
+        here = base / DIGEST
+        fresh = not here.is_dir()
+        if _writable(here):
+            (here / MARKER).touch()
+            if fresh:
+                _remove_older(base, here)
+            return here
+    return None
 
 
 def cache_root() -> Path | None:
